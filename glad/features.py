@@ -1,0 +1,42 @@
+"""Batched feature extraction: RGB images of any size in, per-layer feature tensors out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from glad.backbones import Backbone
+from glad.errors import FeatureError
+from glad.images import as_rgb, resize_square
+
+
+def prepare_batch(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Validate and resize images to one uint8 array (B, size, size, 3)."""
+    return np.stack([resize_square(as_rgb(image), size) for image in images])
+
+
+def iter_features(
+    backbone: Backbone, images: Sequence[np.ndarray], batch_size: int = 8
+) -> Iterator[list[torch.Tensor]]:
+    """Yield per-layer features (B, d, h, w) batch by batch; raise `FeatureError` on NaN/Inf."""
+    size = backbone.spec.input_size
+    for start in range(0, len(images), batch_size):
+        batch = prepare_batch(images[start : start + batch_size], size)
+        features = backbone.extract(batch)
+        for layer, feature in enumerate(features):
+            if not torch.isfinite(feature).all():
+                raise FeatureError(
+                    f"layer {layer + 1} features of images {start}..{start + len(batch) - 1} "
+                    "contain NaN or Inf"
+                )
+        yield features
+
+
+def extract_all(
+    backbone: Backbone, images: Sequence[np.ndarray], batch_size: int = 8
+) -> list[torch.Tensor]:
+    """Features of all images, concatenated per layer: one (N, d, h, w) tensor per layer."""
+    per_batch = list(iter_features(backbone, images, batch_size))
+    return [torch.cat([b[layer] for b in per_batch]) for layer in range(len(per_batch[0]))]

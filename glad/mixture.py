@@ -1,0 +1,394 @@
+"""Global Gaussian mixture of one feature layer: K-MLE with OAS shrinkage (spec §2), EM ablation (§5.1).
+
+Features arrive as float32 rows (N, d). Parameters are estimated in float64; the whitening
+factors used for assignment and scoring are float32 (`MixtureFactors`). The N x K cost matrix is
+never materialised: costs are computed in row chunks sized by a memory budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glad.errors import FeatureError
+
+log = logging.getLogger(__name__)
+
+LOG_2PI = math.log(2.0 * math.pi)
+COST_BUDGET = 1 << 20  # floats in one chunk of whitened features (4 MB: stays in cache)
+KMLEPP_MAX_SEEDING_SAMPLES = 200_000
+
+
+# --- OAS (spec §2.3) ----------------------------------------------------------------------------
+
+
+def oas_shrinkage(scatter: np.ndarray, n: np.ndarray | float, formula: str = "sklearn") -> np.ndarray:
+    """OAS shrinkage intensity rho for MLE covariances `scatter` (..., d, d) of `n` samples each.
+
+    "sklearn" drops the 2/d terms of Chen et al.'s Eq. (9) as scikit-learn does; "paper" keeps them.
+    """
+    d = scatter.shape[-1]
+    tr = np.trace(scatter, axis1=-2, axis2=-1)
+    tr2 = np.sum(scatter * scatter, axis=(-2, -1))  # tr(S^2) = ||S||_F^2 for symmetric S
+    n = np.asarray(n, dtype=np.float64)
+    if formula == "sklearn":
+        num = tr2 + tr**2
+        den = (n + 1.0) * (tr2 - tr**2 / d)
+    elif formula == "paper":
+        num = (1.0 - 2.0 / d) * tr2 + tr**2
+        den = (n + 1.0 - 2.0 / d) * (tr2 - tr**2 / d)
+    else:
+        raise ValueError(f"unknown OAS formula {formula!r}; use 'sklearn' or 'paper'")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(den > 0, np.minimum(num / den, 1.0), 1.0)
+    return rho
+
+
+def oas_covariance(scatter: np.ndarray, n: np.ndarray | float, formula: str = "sklearn") -> np.ndarray:
+    """Shrunk covariance (1 - rho) S + rho tr(S)/d I, plus the 1e-9 relative diagonal floor (§2.6)."""
+    d = scatter.shape[-1]
+    rho = oas_shrinkage(scatter, n, formula)[..., None, None]
+    mu = (np.trace(scatter, axis1=-2, axis2=-1) / d)[..., None, None]
+    eye = np.eye(d)
+    return (1.0 - rho) * scatter + (rho + 1e-9) * mu * eye
+
+
+# --- Mixture parameters and their whitening factors ---------------------------------------------
+
+
+@dataclass
+class MixtureFactors:
+    """What assignment and scoring need: D_k(u) = ||W_k u - b_k||^2, cost c_k = D_k + logdet_k."""
+
+    whiteners: torch.Tensor  # float32 (K, d, d), W_k = L_k^-1
+    offsets: torch.Tensor  # float32 (K, d), b_k = W_k mu_k
+    logdets: torch.Tensor  # float64 (K,), log |Sigma_k|
+    log_weights: torch.Tensor  # float64 (K,), log pi_k
+
+    @property
+    def n_components(self) -> int:
+        return self.whiteners.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.whiteners.shape[1]
+
+    def to(self, device: torch.device | str) -> MixtureFactors:
+        return MixtureFactors(*(t.to(device) for t in
+                                (self.whiteners, self.offsets, self.logdets, self.log_weights)))
+
+
+@dataclass
+class GaussianMixture:
+    """Mixture parameters of one layer (float64), with per-component training support."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, d)
+    covariances: np.ndarray  # (K, d, d)
+    counts: np.ndarray  # (K,) training vectors assigned
+    image_support: np.ndarray  # (K,) distinct training images among them
+
+    @property
+    def n_components(self) -> int:
+        return len(self.weights)
+
+    def factors(self) -> MixtureFactors:
+        """Cholesky-based whitening factors; raises if a covariance is not positive definite."""
+        chol, ok = _cholesky_with_jitter(self.covariances)
+        if not ok.all():
+            raise FeatureError(f"{int((~ok).sum())} mixture covariances are not positive definite")
+        return _factors_from_cholesky(chol, self.means, self.weights)
+
+
+def _cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cholesky factors; failures retried with growing diagonal jitter (§2.6). Returns (L, ok)."""
+    cov_t = torch.from_numpy(cov)
+    chol, info = torch.linalg.cholesky_ex(cov_t)
+    ok = info == 0
+    scale = torch.diagonal(cov_t, dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(cov.shape[-1], dtype=cov_t.dtype)
+    for eps in (1e-10, 1e-8, 1e-6, 1e-4):
+        if ok.all():
+            break
+        bad = torch.nonzero(~ok).flatten()
+        retry, info = torch.linalg.cholesky_ex(cov_t[bad] + eps * scale[bad, None, None] * eye)
+        fixed = info == 0
+        chol[bad[fixed]] = retry[fixed]
+        ok[bad[fixed]] = True
+    return chol.numpy(), ok.numpy()
+
+
+def _factors_from_cholesky(chol: np.ndarray, means: np.ndarray, weights: np.ndarray) -> MixtureFactors:
+    chol_t = torch.from_numpy(chol)
+    eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol_t)
+    whiteners = torch.linalg.solve_triangular(chol_t, eye, upper=False)
+    offsets = torch.einsum("kij,kj->ki", whiteners, torch.from_numpy(means))
+    logdets = 2.0 * torch.log(torch.diagonal(chol_t, dim1=-2, dim2=-1)).sum(-1)
+    return MixtureFactors(
+        whiteners=whiteners.float().contiguous(),
+        offsets=offsets.float().contiguous(),
+        logdets=logdets,
+        log_weights=torch.log(torch.from_numpy(np.asarray(weights, dtype=np.float64))),
+    )
+
+
+# --- Costs --------------------------------------------------------------------------------------
+
+
+def iter_costs(
+    x: torch.Tensor, factors: MixtureFactors, budget: int = COST_BUDGET
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, costs) with costs[i, k] = D_k(x_i) + logdet_k, float32, in row chunks.
+
+    One GEMM per chunk against all whiteners stacked, with -b_k folded in through a constant
+    column, so W_k u - b_k costs no extra pass over memory (the "subtract then multiply" form
+    of §2.6, without the cancellation-prone expanded quadratic).
+    """
+    k, d = factors.n_components, factors.dim
+    stacked = torch.cat([factors.whiteners.reshape(k * d, d),
+                         -factors.offsets.reshape(k * d, 1)], dim=1).t().contiguous()
+    logdets = factors.logdets.to(torch.float32)
+    rows = max(1, budget // (k * d))
+    ones = torch.ones(min(rows, x.shape[0]), 1)
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start : start + rows]
+        y = torch.cat([chunk, ones[: len(chunk)]], dim=1) @ stacked
+        y.mul_(y)
+        yield start, y.view(-1, k, d).sum(-1) + logdets
+
+
+def assign(x: torch.Tensor, factors: MixtureFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard K-MLE assignment (Eq. 1 with the corrected sign, E1): labels and their total costs."""
+    penalty = (-2.0 * factors.log_weights).to(torch.float32)
+    labels = torch.empty(x.shape[0], dtype=torch.int64)
+    best = torch.empty(x.shape[0], dtype=torch.float32)
+    for start, costs in iter_costs(x, factors):
+        values, idx = torch.min(costs + penalty, dim=1)
+        labels[start : start + len(idx)] = idx
+        best[start : start + len(idx)] = values
+    return labels, best
+
+
+# --- K-MLE (spec §2.4) --------------------------------------------------------------------------
+
+
+@dataclass
+class FitReport:
+    """How a mixture fit went: iterations, K per iteration, final log-likelihood, why it stopped."""
+
+    iterations: int
+    n_components: list[int]
+    log_likelihood: float
+    stop_reason: str
+
+
+def fit_kmle(
+    x: torch.Tensor,
+    image_ids: np.ndarray,
+    n_components: int,
+    init: str = "kmle++",
+    max_iter: int = 100,
+    rel_tol: float = 1e-6,
+    n_min: int = 2,
+    min_images: int = 1,
+    oas_formula: str = "sklearn",
+    seed: int = 0,
+) -> tuple[GaussianMixture, FitReport]:
+    """Fit a mixture to rows `x` (N, d) with single-loop K-MLE (hard EM) and OAS covariances.
+
+    `image_ids[i]` is the training image of row i; components supported by fewer than
+    `min_images` distinct images are pruned (§2.5, rule 4).
+    """
+    x = _check_features(x)
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    n_components = min(n_components, n)
+    mean, base_cov = _global_moments(x, oas_formula)
+    means = _initial_means(x, n_components, init, base_cov, mean, rng)
+    k = len(means)
+    mixture = GaussianMixture(
+        weights=np.full(k, 1.0 / k),
+        means=means,
+        covariances=np.repeat(base_cov[None], k, axis=0),
+        counts=np.zeros(k, dtype=np.int64),
+        image_support=np.zeros(k, dtype=np.int64),
+    )
+    global_trace = float(np.trace(base_cov))
+    previous_ll, previous_labels, decreases = None, None, 0
+    history: list[int] = []
+    stop_reason = "max_iter"
+    for iteration in range(max_iter):
+        labels, best = assign(x, mixture.factors())
+        ll = -0.5 * float(best.double().sum() + n * d * LOG_2PI)
+        history.append(mixture.n_components)
+        stop = None
+        if previous_labels is not None and torch.equal(labels, previous_labels):
+            stop = "no label changed"
+        elif previous_ll is not None:
+            decreases = decreases + 1 if ll < previous_ll else 0
+            if abs(ll - previous_ll) <= rel_tol * abs(previous_ll):
+                stop = "converged"
+            elif decreases >= 3:
+                stop = "log-likelihood decreased 3 times"
+                log.warning("K-MLE stopped: complete log-likelihood decreased 3 iterations in a row")
+        mixture = _m_step(x, labels, image_ids, mixture.n_components, n_min, min_images,
+                          oas_formula, global_trace)
+        log.debug("K-MLE iteration %d: ll=%.8g K=%d", iteration, ll, mixture.n_components)
+        if stop is not None:
+            stop_reason = stop
+            break
+        previous_ll, previous_labels = ll, labels
+    report = FitReport(len(history), history, ll, stop_reason)
+    return mixture, report
+
+
+def _check_features(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise FeatureError(f"need at least 2 feature vectors (N, d), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise FeatureError("features contain NaN or Inf")
+    return x
+
+
+def _global_moments(x: torch.Tensor, oas_formula: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and OAS covariance of all rows: the shared start covariance Sigma_0 (§2.2)."""
+    mean = x.double().mean(0)
+    centred = x.double() - mean
+    scatter = (centred.t() @ centred / x.shape[0]).numpy()
+    return mean.numpy(), oas_covariance(scatter, x.shape[0], oas_formula)
+
+
+def _initial_means(
+    x: torch.Tensor, k: int, init: str, base_cov: np.ndarray, mean: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Seeds: uniform random rows ("random") or k-means++ in Sigma_0-whitened space ("kmle++")."""
+    n = x.shape[0]
+    if init == "random":
+        return x[rng.choice(n, size=k, replace=False)].double().numpy()
+    if init != "kmle++":
+        raise ValueError(f"unknown init {init!r}; use 'kmle++' or 'random'")
+    pool = rng.choice(n, size=min(n, KMLEPP_MAX_SEEDING_SAMPLES), replace=False)
+    chol = torch.linalg.cholesky(torch.from_numpy(base_cov))
+    centred = (x[pool].double() - torch.from_numpy(mean)).t()
+    white = torch.linalg.solve_triangular(chol, centred, upper=False).t().float().contiguous()
+    chosen = [int(rng.integers(len(pool)))]
+    dist = ((white - white[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(dist.sum())
+        if total <= 0.0:
+            break  # every remaining row duplicates a seed
+        probs = (dist.double() / total).numpy()
+        choice = int(rng.choice(len(pool), p=probs / probs.sum()))
+        chosen.append(choice)
+        dist = torch.minimum(dist, ((white - white[choice]) ** 2).sum(1))
+    return x[pool[chosen]].double().numpy()
+
+
+def _m_step(
+    x: torch.Tensor, labels: torch.Tensor, image_ids: np.ndarray, k: int, n_min: int,
+    min_images: int, oas_formula: str, global_trace: float,
+) -> GaussianMixture:
+    """Cluster counts, pruning (§2.5), means, MLE scatter in float64, OAS covariances."""
+    labels_np = labels.numpy()
+    counts = np.bincount(labels_np, minlength=k)
+    support = _distinct_images(labels_np, image_ids, k)
+    keep = (counts >= n_min) & (support >= min_images)
+    order = np.argsort(labels_np, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    kept = np.flatnonzero(keep)
+    d = x.shape[1]
+    means = np.empty((len(kept), d))
+    scatter = np.empty((len(kept), d, d))
+    for row, comp in enumerate(kept):
+        members = x[torch.from_numpy(order[bounds[comp] : bounds[comp + 1]])].double()
+        mu = members.mean(0)
+        centred = members - mu
+        means[row] = mu.numpy()
+        scatter[row] = (centred.t() @ centred).numpy() / len(members)
+    not_flat = np.trace(scatter, axis1=1, axis2=2) > 1e-12 * global_trace
+    kept, means, scatter = kept[not_flat], means[not_flat], scatter[not_flat]
+    if len(kept) == 0:
+        raise FeatureError("every mixture component was pruned: features are constant or too few")
+    kept_counts = counts[kept]
+    return GaussianMixture(
+        weights=kept_counts / kept_counts.sum(),
+        means=means,
+        covariances=oas_covariance(scatter, kept_counts.astype(np.float64), oas_formula),
+        counts=kept_counts,
+        image_support=support[kept],
+    )
+
+
+def _distinct_images(labels: np.ndarray, image_ids: np.ndarray, k: int) -> np.ndarray:
+    pairs = np.unique(labels.astype(np.int64) * (int(image_ids.max()) + 1) + image_ids)
+    return np.bincount(pairs // (int(image_ids.max()) + 1), minlength=k)
+
+
+# --- EM ablation (spec §5.1) --------------------------------------------------------------------
+
+
+def fit_em(
+    x: torch.Tensor,
+    image_ids: np.ndarray,
+    n_components: int,
+    init: str = "kmle++",
+    max_iter: int = 100,
+    rel_tol: float = 1e-6,
+    n_min: int = 2,
+    oas_formula: str = "sklearn",
+    seed: int = 0,
+) -> tuple[GaussianMixture, FitReport]:
+    """Soft-assignment EM with OAS (n = N_k, decision E11); the paper's Table 1 ablation."""
+    x = _check_features(x)
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    mean, base_cov = _global_moments(x, oas_formula)
+    means = _initial_means(x, min(n_components, n), init, base_cov, mean, rng)
+    k = len(means)
+    mixture = GaussianMixture(np.full(k, 1.0 / k), means, np.repeat(base_cov[None], k, axis=0),
+                              np.zeros(k, np.int64), np.zeros(k, np.int64))
+    shift = torch.from_numpy(mean)
+    previous_ll, history, stop_reason = None, [], "max_iter"
+    for _ in range(max_iter):
+        factors = mixture.factors()
+        k = mixture.n_components
+        mass = torch.zeros(k, dtype=torch.float64)
+        sums = torch.zeros(k, d, dtype=torch.float64)
+        squares = torch.zeros(k, d, d, dtype=torch.float64)
+        hard = torch.empty(n, dtype=torch.int64)
+        ll = 0.0
+        for start, costs in iter_costs(x, factors):
+            logits = factors.log_weights - 0.5 * (costs.double() + d * LOG_2PI)
+            norm = torch.logsumexp(logits, dim=1, keepdim=True)
+            ll += float(norm.sum())
+            resp = torch.exp(logits - norm)
+            rows = x[start : start + len(resp)].double() - shift
+            mass += resp.sum(0)
+            sums += resp.t() @ rows
+            squares += torch.einsum("nk,nd,ne->kde", resp, rows, rows)
+            hard[start : start + len(resp)] = resp.argmax(1)
+        history.append(k)
+        keep = (mass >= n_min) & (mass / n >= 1e-7)
+        mass, sums, squares = mass[keep], sums[keep], squares[keep]
+        mu = sums / mass[:, None]
+        scatter = (squares / mass[:, None, None] - mu[:, :, None] * mu[:, None, :]).numpy()
+        counts = np.bincount(hard.numpy(), minlength=k)[keep.numpy()]
+        mixture = GaussianMixture(
+            weights=(mass / mass.sum()).numpy(),
+            means=(mu + shift).numpy(),
+            covariances=oas_covariance(scatter, mass.numpy(), oas_formula),
+            counts=counts,
+            image_support=_distinct_images(hard.numpy(), image_ids, k)[keep.numpy()],
+        )
+        if previous_ll is not None and abs(ll - previous_ll) <= rel_tol * abs(previous_ll):
+            stop_reason = "converged"
+            break
+        previous_ll = ll
+    return mixture, FitReport(len(history), history, ll, stop_reason)

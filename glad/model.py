@@ -1,0 +1,312 @@
+"""`GladModel`: the GLAD detector as a scikit-learn-style estimator (fit / score / save / load).
+
+fit: CNN features at three depths -> per layer a global Gaussian mixture (K-MLE + OAS) -> per
+position mixture weights (localized K-MLE) -> a decision threshold from held-back normal images.
+score: per-pixel log-likelihood under the local mixture, summed over layers -> heat map and
+image score (minus a low quantile of the map).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from glad.backbones import Backbone, create_backbone
+from glad.detector import ScoreResult
+from glad.errors import DatasetError, NotFittedError
+from glad.features import iter_features
+from glad.local_weights import LocalWeights, fit_local_weights, top_candidates
+from glad.mixture import FitReport, GaussianMixture, MixtureFactors, fit_em, fit_kmle
+from glad.scoring import (
+    combine_layers,
+    heatmaps,
+    image_scores,
+    layer_loglik_dense,
+    layer_loglik_sparse,
+    roi_mask,
+)
+
+log = logging.getLogger(__name__)
+
+RADIUS_CANDIDATES = (1, 2, 4)
+
+
+@dataclass
+class LayerModel:
+    """Everything GLAD learned about one feature layer."""
+
+    mixture: GaussianMixture
+    factors: MixtureFactors
+    grid: tuple[int, int]
+    local: LocalWeights | None  # None: global mixture weights at every position
+    report: FitReport | None = None
+
+    def loglik(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, HW, d) features -> (B, h, w) log-likelihood map."""
+        if self.local is None:
+            out = layer_loglik_dense(features, self.factors, self.factors.log_weights)
+        else:
+            out = layer_loglik_sparse(features, self.factors, self.local)
+        return out.view(-1, *self.grid)
+
+
+class GladModel:
+    """GLAD anomaly detector (Artola et al., WACV 2023) for one product or texture.
+
+    Parameters are stored as given (scikit-learn convention); learned attributes end in "_".
+    `n_components="auto"` starts K-MLE from min(max_components, N / (2 d)) Gaussians per layer
+    and lets OAS and pruning shrink it. `radius="auto"` picks the localisation radius (or the
+    global mixture) that gives held-back normal images the best image score, so parts that move
+    between images are not punished by over-sharp local weights.
+    """
+
+    def __init__(
+        self,
+        backbone: str | Backbone = "efficientnet_lite0",
+        weights: str = "pretrained",
+        antialiased: bool = False,
+        device: str = "cpu",
+        n_components: int | str = "auto",
+        max_components: int = 256,
+        mixture: str = "kmle",
+        init: str = "kmle++",
+        max_iter: int = 30,
+        rel_tol: float = 1e-6,
+        max_fit_samples: int = 50_000,
+        min_images: int = 3,
+        oas_formula: str = "sklearn",
+        local: bool = True,
+        radius: int | str = "auto",
+        local_mode: str = "blur",
+        neighbourhood: str = "disk",
+        n_candidates: int = 32,
+        quantile: float = 0.005,
+        roi: str | np.ndarray = "full",
+        holdout: float = 0.15,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.antialiased = antialiased
+        self.device = device
+        self.n_components = n_components
+        self.max_components = max_components
+        self.mixture = mixture
+        self.init = init
+        self.max_iter = max_iter
+        self.rel_tol = rel_tol
+        self.max_fit_samples = max_fit_samples
+        self.min_images = min_images
+        self.oas_formula = oas_formula
+        self.local = local
+        self.radius = radius
+        self.local_mode = local_mode
+        self.neighbourhood = neighbourhood
+        self.n_candidates = n_candidates
+        self.quantile = quantile
+        self.roi = roi
+        self.holdout = holdout
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    # --- fitting --------------------------------------------------------------------------------
+
+    def fit(self, images: Sequence[np.ndarray]) -> GladModel:
+        """Learn the model from normal images (RGB uint8, any size; resized to the input size)."""
+        if len(images) < 2:
+            raise DatasetError(f"GLAD needs at least 2 normal training images, got {len(images)}")
+        started = time.perf_counter()
+        self.backbone_ = self._build_backbone()
+        self.roi_ = self._build_roi()
+        features = self._features(images, "features")
+        m = len(images)
+        held = self._holdout_indices(m)
+        fitting = np.setdiff1d(np.arange(m), held)
+        layers = []
+        bar = self._bar(total=len(features), desc="mixtures")
+        for index, layer_features in enumerate(features):
+            mixture, report = self._fit_mixture(layer_features[fitting], index)
+            grid = tuple(layer_features.shape[1:3])
+            layers.append(LayerModel(mixture, mixture.factors(), grid, None, report))
+            log.info("layer %d: K=%d after %d iterations (%s)", index + 1, mixture.n_components,
+                     report.iterations, report.stop_reason)
+            bar.update()
+        bar.close()
+        flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
+        candidates = [top_candidates(f, torch.ones(f.shape[:2], dtype=torch.bool), layer.factors,
+                                     self.n_candidates) for f, layer in zip(flat, layers, strict=True)]
+        self.selection_ = {}
+        radius = self._select_radius(layers, candidates, flat, fitting, held)
+        self.radius_ = radius
+        if len(held):
+            self._set_local(layers, candidates, radius, fitting)
+            self.threshold_ = float(self._scores_of([f[held] for f in flat], layers).max())
+        for layer, cand in zip(layers, candidates, strict=True):
+            layer.local = None if radius is None else self._local(layer, cand, radius)
+        self.layers_ = layers
+        if not len(held):
+            self.threshold_ = float(self._scores_of(flat, layers).max())
+        self.n_train_images_ = m
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+    def _build_backbone(self) -> Backbone:
+        if isinstance(self.backbone, Backbone):
+            return self.backbone
+        return create_backbone(self.backbone, self.weights, self.antialiased, self.device)
+
+    def _build_roi(self) -> torch.Tensor:
+        size = self.backbone_.spec.input_size
+        if isinstance(self.roi, str):
+            return roi_mask(self.roi, size)
+        roi = torch.as_tensor(np.asarray(self.roi) > 0)
+        if roi.shape != (size, size):
+            raise ValueError(f"ROI mask must be {size}x{size}, got {tuple(roi.shape)}")
+        return roi
+
+    def _features(self, images: Sequence[np.ndarray], desc: str) -> list[torch.Tensor]:
+        """Per layer (N, h, w, d) float32 on the CPU."""
+        per_batch = []
+        with self._bar(total=len(images), desc=desc) as bar:
+            for batch in iter_features(self.backbone_, images, self.batch_size):
+                per_batch.append([f.permute(0, 2, 3, 1).cpu() for f in batch])
+                bar.update(len(batch[0]))
+        return [torch.cat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
+
+    def _holdout_indices(self, m: int) -> np.ndarray:
+        if m < 4 or self.holdout <= 0:
+            return np.array([], dtype=np.int64)
+        count = max(2, int(round(self.holdout * m)))
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(m, size=min(count, m - 2), replace=False))
+
+    def _fit_mixture(self, features: torch.Tensor, layer: int) -> tuple[GaussianMixture, FitReport]:
+        m, h, w, d = features.shape
+        x = features.reshape(-1, d)
+        image_ids = np.repeat(np.arange(m), h * w)
+        if len(x) > self.max_fit_samples:
+            rng = np.random.default_rng(self.seed + layer)
+            rows = np.sort(rng.choice(len(x), size=self.max_fit_samples, replace=False))
+            x, image_ids = x[torch.from_numpy(rows)], image_ids[rows]
+        k = self.n_components
+        if k == "auto":
+            k = int(np.clip(m * h * w // (2 * d), 8, self.max_components))
+        common = dict(init=self.init, max_iter=self.max_iter, rel_tol=self.rel_tol,
+                      oas_formula=self.oas_formula, seed=self.seed + layer)
+        if self.mixture == "kmle":
+            return fit_kmle(x, image_ids, int(k), min_images=min(self.min_images, m), **common)
+        if self.mixture == "em":
+            return fit_em(x, image_ids, int(k), **common)
+        raise ValueError(f"unknown mixture {self.mixture!r}; use 'kmle' or 'em'")
+
+    def _local(self, layer: LayerModel, candidates, radius: int) -> LocalWeights:
+        return fit_local_weights(candidates, layer.factors.log_weights, layer.grid, radius,
+                                 self.neighbourhood, self.local_mode)
+
+    def _set_local(self, layers, candidates, radius, images: np.ndarray) -> None:
+        for layer, cand in zip(layers, candidates, strict=True):
+            subset = type(cand)(cand.index[images], cand.cost[images], cand.valid[images])
+            layer.local = None if radius is None else self._local(layer, subset, radius)
+
+    def _select_radius(self, layers, candidates, flat, fitting, held) -> int | None:
+        """The radius (None = global weights) whose held-back normal images score lowest."""
+        if not self.local:
+            return None
+        if self.radius != "auto":
+            return int(self.radius)
+        if not len(held):
+            return RADIUS_CANDIDATES[0]
+        held_features = [f[held] for f in flat]
+        best, best_score = None, math.inf
+        for radius in (*RADIUS_CANDIDATES, None):
+            self._set_local(layers, candidates, radius, fitting)
+            score = float(np.mean(self._scores_of(held_features, layers)))
+            self.selection_["global" if radius is None else f"r={radius}"] = score
+            if score < best_score:
+                best, best_score = radius, score
+        log.info("held-out normal score per localisation: %s -> %s", self.selection_,
+                 "global" if best is None else f"r={best}")
+        return best
+
+    def _scores_of(self, flat_features: list[torch.Tensor], layers) -> np.ndarray:
+        logliks = [layer.loglik(f) for f, layer in zip(flat_features, layers, strict=True)]
+        total = combine_layers(logliks, self.backbone_.spec.input_size)
+        return image_scores(total, self.roi_, self.quantile)
+
+    # --- scoring --------------------------------------------------------------------------------
+
+    def score(self, images: Sequence[np.ndarray]) -> ScoreResult:
+        """Image scores (higher = more anomalous) and heat maps at the input size."""
+        self._check_fitted()
+        if len(images) == 0:
+            size = self.backbone_.spec.input_size
+            return ScoreResult(np.zeros(0), np.zeros((0, size, size), np.float32))
+        scores, maps = [], []
+        with self._bar(total=len(images), desc="scoring") as bar:
+            for batch in iter_features(self.backbone_, images, self.batch_size):
+                total = self.loglik_map(batch)
+                scores.append(image_scores(total, self.roi_, self.quantile))
+                maps.append(heatmaps(total, self.roi_))
+                bar.update(len(total))
+        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+
+    def loglik_map(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Summed log-likelihood map (B, S, S) of backbone features (B, d, h, w) per layer."""
+        flat = [f.flatten(2).transpose(1, 2).cpu().contiguous() for f in features]
+        logliks = [layer.loglik(f) for f, layer in zip(flat, self.layers_, strict=True)]
+        return combine_layers(logliks, self.backbone_.spec.input_size)
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """True where a score exceeds the model's threshold."""
+        self._check_fitted()
+        return np.asarray(scores) > self.threshold_
+
+    def model_bytes(self) -> int:
+        """Bytes of the learned parameters (mixtures and sparse local weights)."""
+        self._check_fitted()
+        total = 0
+        for layer in self.layers_:
+            f = layer.factors
+            total += sum(t.numel() * t.element_size() for t in
+                         (f.whiteners, f.offsets, f.logdets, f.log_weights))
+            if layer.local is not None:
+                total += layer.local.indptr.nbytes + layer.local.components.nbytes
+                total += layer.local.log_weights.nbytes
+        return total
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as a directory of safe files (manifest.json + arrays.safetensors)."""
+        from glad.modelfile import save_model
+
+        self._check_fitted()
+        return save_model(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: str | Backbone | None = None,
+             device: str = "cpu") -> GladModel:
+        """Read a saved model; refuses one whose backbone/preprocessing differs from `backbone`."""
+        from glad.modelfile import load_model
+
+        return load_model(Path(path), backbone=backbone, device=device)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "layers_"):
+            raise NotFittedError("this GladModel is not fitted yet: call fit() or load() first")
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)

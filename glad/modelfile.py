@@ -1,0 +1,192 @@
+"""Model files: one directory holding `manifest.json` and `arrays.safetensors`. No pickle.
+
+The manifest records the schema version, the backbone and preprocessing (with its hash), each
+layer's K and grid, the threshold, the training summary, and the SHA-256 of the array file. Loading
+checks all of it and raises `ModelFileError` / `ModelMismatchError` with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from glad.backbones import Backbone, BackboneSpec, create_backbone
+from glad.errors import ModelFileError, ModelMismatchError
+from glad.local_weights import LocalWeights
+from glad.mixture import GaussianMixture, MixtureFactors
+
+SCHEMA = "glad-model"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.safetensors"
+
+# Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
+_SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size")
+
+
+def save_model(model, path: Path) -> Path:
+    """Write `model` (a fitted GladModel) to directory `path`, atomically replacing its files."""
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {"roi": model.roi_.numpy().astype(np.uint8)}
+    layers = []
+    for index, layer in enumerate(model.layers_):
+        prefix = f"layer{index}."
+        mix, factors = layer.mixture, layer.factors
+        arrays |= {
+            prefix + "weights": mix.weights,
+            prefix + "means": mix.means,
+            prefix + "counts": mix.counts.astype(np.int64),
+            prefix + "image_support": mix.image_support.astype(np.int64),
+            prefix + "whiteners": factors.whiteners.numpy(),
+            prefix + "logdets": factors.logdets.numpy(),
+        }
+        if layer.local is not None:
+            arrays |= {
+                prefix + "local.indptr": layer.local.indptr,
+                prefix + "local.components": layer.local.components,
+                prefix + "local.log_weights": layer.local.log_weights,
+            }
+        layers.append({"index": index + 1, "n_components": mix.n_components,
+                       "dim": int(mix.means.shape[1]), "grid": list(layer.grid),
+                       "local": layer.local is not None})
+    spec = model.backbone_.spec
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "backbone": spec.to_dict(),
+        "preprocessing_hash": spec.preprocessing_hash(),
+        "layers": layers,
+        "radius": model.radius_,
+        "threshold": model.threshold_,
+        "params": {name: getattr(model, name) for name in _SCORING_PARAMS},
+        "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
+                     "radius_selection": model.selection_},
+    }
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        tmp_arrays = Path(tmp) / ARRAYS
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp_arrays))
+        manifest["arrays_sha256"] = _sha256(tmp_arrays)
+        tmp_manifest = Path(tmp) / MANIFEST
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp_arrays, path / ARRAYS)
+        os.replace(tmp_manifest, path / MANIFEST)
+    return path
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the model at `path`, checked for schema and version."""
+    file = path / MANIFEST
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model")
+    if not file.is_file():
+        raise ModelFileError(f"{path}: not a GLAD model directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{file}: corrupt manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ModelFileError(f"{file}: not a GLAD model manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelFileError(
+            f"{path}: model schema version {version} is not supported by this glad-stream "
+            f"(it reads version {SCHEMA_VERSION}); refit the model or use a matching release"
+        )
+    return manifest
+
+
+def load_model(path: Path, backbone: str | Backbone | None = None, device: str = "cpu"):
+    """Load a model; `backbone` (a name or a built `Backbone`) must match the one it was fit with."""
+    from glad.model import GladModel, LayerModel
+
+    manifest = read_manifest(path)
+    arrays_file = path / ARRAYS
+    if not arrays_file.is_file():
+        raise ModelFileError(f"{path}: model arrays file {ARRAYS} is missing")
+    if _sha256(arrays_file) != manifest.get("arrays_sha256"):
+        raise ModelFileError(f"{arrays_file}: content hash does not match the manifest (corrupt?)")
+    spec = BackboneSpec.from_dict(manifest["backbone"])
+    built = _matching_backbone(spec, backbone, device, path)
+    try:
+        arrays = load_file(str(arrays_file))
+    except Exception as error:  # safetensors raises its own error types
+        raise ModelFileError(f"{arrays_file}: unreadable ({error})") from None
+    model = GladModel(backbone=built, weights=spec.weights, antialiased=spec.antialiased,
+                      device=device, **manifest.get("params", {}))
+    model.backbone_ = built
+    model.roi_ = torch.from_numpy(arrays["roi"].astype(bool))
+    model.layers_ = [_layer(arrays, f"layer{i}.", tuple(info["grid"]), info["local"], LayerModel)
+                     for i, info in enumerate(manifest["layers"])]
+    model.radius_ = manifest["radius"]
+    model.threshold_ = manifest["threshold"]
+    model.n_train_images_ = manifest["training"]["n_images"]
+    model.fit_seconds_ = manifest["training"]["fit_seconds"]
+    model.selection_ = manifest["training"].get("radius_selection", {})
+    model.manifest_ = manifest
+    return model
+
+
+def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path) -> Backbone:
+    if backbone is None:
+        weights = spec.weights if spec.weights != "file" else "pretrained"
+        return create_backbone(spec.name, weights, spec.antialiased, device, spec.input_size)
+    if isinstance(backbone, str):
+        if backbone != spec.name:
+            raise ModelMismatchError(
+                f"{path}: model was fitted on backbone {spec.name}, not {backbone}")
+        return create_backbone(backbone, spec.weights if spec.weights != "file" else "pretrained",
+                               spec.antialiased, device, spec.input_size)
+    if backbone.spec.preprocessing_hash() != spec.preprocessing_hash():
+        raise ModelMismatchError(
+            f"{path}: model was fitted on {spec.name} (preprocessing {spec.preprocessing_hash()}); "
+            f"the given backbone is {backbone.spec.name} "
+            f"(preprocessing {backbone.spec.preprocessing_hash()})")
+    return backbone
+
+
+def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool, layer_cls):
+    try:
+        weights = arrays[prefix + "weights"]
+        means = arrays[prefix + "means"]
+        whiteners = torch.from_numpy(arrays[prefix + "whiteners"])
+        factors = MixtureFactors(
+            whiteners=whiteners,
+            offsets=torch.einsum("kij,kj->ki", whiteners.double(),
+                                 torch.from_numpy(means)).float().contiguous(),
+            logdets=torch.from_numpy(arrays[prefix + "logdets"]),
+            log_weights=torch.log(torch.from_numpy(weights)),
+        )
+        mixture = GaussianMixture(weights, means, covariances=_covariances(whiteners),
+                                  counts=arrays[prefix + "counts"],
+                                  image_support=arrays[prefix + "image_support"])
+        sparse = None
+        if local:
+            sparse = LocalWeights(grid, len(weights), arrays[prefix + "local.indptr"],
+                                  arrays[prefix + "local.components"],
+                                  arrays[prefix + "local.log_weights"])
+    except KeyError as error:
+        raise ModelFileError(f"model arrays lack {error.args[0]}") from None
+    return layer_cls(mixture, factors, grid, sparse)
+
+
+def _covariances(whiteners: torch.Tensor) -> np.ndarray:
+    """Sigma_k = (W_k^T W_k)^-1, rebuilt from the stored whiteners."""
+    inverse = torch.linalg.inv(whiteners.double())
+    return (inverse @ inverse.transpose(1, 2)).numpy()
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
