@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 LOG_2PI = math.log(2.0 * math.pi)
 COST_BUDGET = 1 << 20  # floats in one chunk of whitened features (4 MB: stays in cache)
 KMLEPP_MAX_SEEDING_SAMPLES = 200_000
+# K-MLE assigns against every component every FULL_PASS_EVERY iterations; in between, only
+# against each vector's CANDIDATES cheapest components of the last full pass (labels rarely
+# move further), which makes those iterations K / CANDIDATES times cheaper.
+FULL_PASS_EVERY = 4
+CANDIDATES = 8
 
 
 # --- OAS (spec §2.3) ----------------------------------------------------------------------------
@@ -162,15 +167,56 @@ def iter_costs(
         yield start, y.view(-1, k, d).sum(-1) + logdets
 
 
-def assign(x: torch.Tensor, factors: MixtureFactors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard K-MLE assignment (Eq. 1 with the corrected sign, E1): labels and their total costs."""
+def assign(
+    x: torch.Tensor, factors: MixtureFactors, n_candidates: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hard K-MLE assignment (Eq. 1 with the corrected sign, E1) against every component.
+
+    Returns labels, their total costs D + logdet - 2 log pi, and (if `n_candidates`) each row's
+    cheapest components, which `assign_among` reuses to skip most distance computations.
+    """
     penalty = (-2.0 * factors.log_weights).to(torch.float32)
     labels = torch.empty(x.shape[0], dtype=torch.int64)
     best = torch.empty(x.shape[0], dtype=torch.float32)
+    width = min(n_candidates, factors.n_components)
+    candidates = torch.empty(x.shape[0], width, dtype=torch.int64) if width else None
     for start, costs in iter_costs(x, factors):
-        values, idx = torch.min(costs + penalty, dim=1)
-        labels[start : start + len(idx)] = idx
-        best[start : start + len(idx)] = values
+        costs += penalty
+        values, idx = torch.min(costs, dim=1)
+        rows = slice(start, start + len(idx))
+        labels[rows], best[rows] = idx, values
+        if width:
+            candidates[rows] = torch.topk(costs, width, dim=1, largest=False, sorted=False)[1]
+    return labels, best, candidates
+
+
+def assign_among(
+    x: torch.Tensor, factors: MixtureFactors, candidates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assignment restricted to each row's candidate components (-1 = none); Gaussian-grouped.
+
+    Rows whose candidates were all pruned fall back to the full assignment.
+    """
+    n, width = candidates.shape
+    flat = candidates.flatten()
+    slots = torch.nonzero(flat >= 0).flatten()
+    slots = slots[torch.argsort(flat[slots], stable=True)]
+    bounds = torch.bincount(flat[slots], minlength=factors.n_components).cumsum(0).tolist()
+    penalty = (factors.logdets - 2.0 * factors.log_weights).to(torch.float32)
+    totals = torch.full((n * width,), math.inf)
+    start = 0
+    for k, stop in enumerate(bounds):
+        if stop > start:
+            chosen = slots[start:stop]
+            y = x[chosen // width] @ factors.whiteners[k].t()
+            y -= factors.offsets[k]
+            totals[chosen] = torch.einsum("nd,nd->n", y, y) + penalty[k]
+        start = stop
+    best, slot = torch.min(totals.view(n, width), dim=1)
+    labels = torch.gather(candidates, 1, slot[:, None])[:, 0]
+    lost = torch.nonzero(~torch.isfinite(best)).flatten()
+    if len(lost):
+        labels[lost], best[lost], _ = assign(x[lost], factors)
     return labels, best
 
 
@@ -220,10 +266,15 @@ def fit_kmle(
     )
     global_trace = float(np.trace(base_cov))
     previous_ll, previous_labels, decreases = None, None, 0
+    candidates, full_pass = None, True
     history: list[int] = []
     stop_reason = "max_iter"
     for iteration in range(max_iter):
-        labels, best = assign(x, mixture.factors())
+        factors = mixture.factors()
+        if full_pass:
+            labels, best, candidates = assign(x, factors, CANDIDATES)
+        else:
+            labels, best = assign_among(x, factors, candidates)
         ll = -0.5 * float(best.double().sum() + n * d * LOG_2PI)
         history.append(mixture.n_components)
         stop = None
@@ -236,8 +287,13 @@ def fit_kmle(
             elif decreases >= 3:
                 stop = "log-likelihood decreased 3 times"
                 log.warning("K-MLE stopped: complete log-likelihood decreased 3 iterations in a row")
-        mixture = _m_step(x, labels, image_ids, mixture.n_components, n_min, min_images,
-                          oas_formula, global_trace)
+        if stop is not None and not full_pass:
+            stop, full_pass = None, True  # confirm convergence against every component
+        else:
+            full_pass = (iteration + 1) % FULL_PASS_EVERY == 0
+        mixture, kept = _m_step(x, labels, image_ids, mixture.n_components, n_min, min_images,
+                                oas_formula, global_trace)
+        candidates = _renumber(candidates, kept, factors.n_components)
         log.debug("K-MLE iteration %d: ll=%.8g K=%d", iteration, ll, mixture.n_components)
         if stop is not None:
             stop_reason = stop
@@ -245,6 +301,13 @@ def fit_kmle(
         previous_ll, previous_labels = ll, labels
     report = FitReport(len(history), history, ll, stop_reason)
     return mixture, report
+
+
+def _renumber(candidates: torch.Tensor, kept: np.ndarray, k: int) -> torch.Tensor:
+    """Map candidate ids to the components kept by the M-step; pruned ones become -1."""
+    mapping = torch.full((k + 1,), -1, dtype=torch.int64)
+    mapping[torch.from_numpy(kept)] = torch.arange(len(kept))
+    return mapping[candidates]
 
 
 def _check_features(x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +324,8 @@ def _global_moments(x: torch.Tensor, oas_formula: str) -> tuple[np.ndarray, np.n
     mean = x.double().mean(0)
     centred = x.double() - mean
     scatter = (centred.t() @ centred / x.shape[0]).numpy()
+    if not np.trace(scatter) > 0:
+        raise FeatureError("features are constant: every vector is the same, nothing to model")
     return mean.numpy(), oas_covariance(scatter, x.shape[0], oas_formula)
 
 
@@ -294,8 +359,8 @@ def _initial_means(
 def _m_step(
     x: torch.Tensor, labels: torch.Tensor, image_ids: np.ndarray, k: int, n_min: int,
     min_images: int, oas_formula: str, global_trace: float,
-) -> GaussianMixture:
-    """Cluster counts, pruning (§2.5), means, MLE scatter in float64, OAS covariances."""
+) -> tuple[GaussianMixture, np.ndarray]:
+    """Cluster counts, pruning (§2.5), means, MLE scatter, OAS; also the ids of kept components."""
     labels_np = labels.numpy()
     counts = np.bincount(labels_np, minlength=k)
     support = _distinct_images(labels_np, image_ids, k)
@@ -317,13 +382,14 @@ def _m_step(
     if len(kept) == 0:
         raise FeatureError("every mixture component was pruned: features are constant or too few")
     kept_counts = counts[kept]
-    return GaussianMixture(
+    mixture = GaussianMixture(
         weights=kept_counts / kept_counts.sum(),
         means=means,
         covariances=oas_covariance(scatter, kept_counts.astype(np.float64), oas_formula),
         counts=kept_counts,
         image_support=support[kept],
     )
+    return mixture, kept
 
 
 def _distinct_images(labels: np.ndarray, image_ids: np.ndarray, k: int) -> np.ndarray:

@@ -47,7 +47,15 @@ def test_images():
 
 @pytest.fixture(scope="module")
 def padim(backbone, train_images):
-    return PaDiM(backbone).fit(train_images)
+    # PaDiM's fit inverts 4096 small matrices, one LAPACK call each. On a CPU shared with other
+    # jobs, multithreaded LAPACK then waits on descheduled threads at every call (seen here: fit
+    # 4-6 s on one thread, 5-115 s on two); one thread keeps this suite's time predictable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return PaDiM(backbone).fit(train_images)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,187 @@
+"""Unusable images and folders fail with the library's typed errors; odd-but-valid images work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from glad.datasets import find_categories, image_folder
+from glad.errors import DatasetError, GladError, ImageError
+from glad.images import as_rgb, decode_image, read_image
+
+
+def gradient(height: int = 48, width: int = 40) -> np.ndarray:
+    """An RGB uint8 image with distinct channels, so channel-order mistakes show."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 5) % 256, (y * 3) % 256, np.full_like(x, 200)], axis=2).astype(np.uint8)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> Path:
+    bgr = rgb[:, :, ::-1] if rgb.ndim == 3 and rgb.shape[2] == 3 else rgb
+    assert cv2.imwrite(str(path), bgr)
+    return path
+
+
+def test_valid_rgb_png_round_trips(tmp_path: Path) -> None:
+    rgb = gradient()
+    image = read_image(write_png(tmp_path / "ok.png", rgb))
+    assert image.dtype == np.uint8 and image.shape == (48, 40, 3)
+    np.testing.assert_array_equal(image, rgb)
+
+
+def test_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(b"this is not an image at all" * 50)
+    with pytest.raises(ImageError):
+        read_image(path)
+
+
+def test_png_header_then_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    with pytest.raises(ImageError):
+        read_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_file(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8)
+    whole = tmp_path / f"whole{suffix}"
+    assert cv2.imwrite(str(whole), noisy)
+    read_image(whole)  # the complete file is fine
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError):
+        read_image(cut)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError):
+        read_image(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageError):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError):
+        read_image(tmp_path)  # a folder is not an image file
+
+
+def test_errors_are_glad_errors_with_one_line_messages(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(GladError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message and "\n" not in message and "empty.png" in message
+
+
+def test_grayscale_png_becomes_rgb(tmp_path: Path) -> None:
+    gray = gradient()[:, :, 0]
+    path = tmp_path / "gray.png"
+    assert cv2.imwrite(str(path), gray)
+    image = read_image(path)
+    assert image.shape == (48, 40, 3) and image.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(image[:, :, channel], gray)
+
+
+def test_rgba_png_drops_alpha_and_keeps_colour_order(tmp_path: Path) -> None:
+    rgb = gradient()
+    alpha = np.full(rgb.shape[:2], 77, dtype=np.uint8)
+    bgra = np.dstack([rgb[:, :, ::-1], alpha])
+    path = tmp_path / "rgba.png"
+    assert cv2.imwrite(str(path), bgra)
+    image = read_image(path)
+    assert image.shape == (48, 40, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, rgb)
+
+
+def test_sixteen_bit_png(tmp_path: Path) -> None:
+    rgb16 = gradient().astype(np.uint16) * 257 + 3  # 16-bit values whose high byte is the 8-bit one
+    path = tmp_path / "deep.png"
+    assert cv2.imwrite(str(path), rgb16[:, :, ::-1])
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    image = read_image(path)
+    assert image.shape == (48, 40, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, gradient())
+
+
+def test_sixteen_bit_grayscale_png(tmp_path: Path) -> None:
+    gray16 = (np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 30).astype(np.uint16)
+    path = tmp_path / "deep_gray.png"
+    assert cv2.imwrite(str(path), gray16)
+    image = read_image(path)
+    assert image.shape == (48, 40, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[:, :, 1], (gray16 >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(10, 10, 3), (10, 100, 3), (100, 31)])
+def test_too_small_image(tmp_path: Path, shape) -> None:
+    path = tmp_path / "small.png"
+    assert cv2.imwrite(str(path), np.full(shape, 128, dtype=np.uint8))
+    with pytest.raises(ImageError):
+        read_image(path)
+
+
+def test_minimum_side_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "edge.png"
+    assert cv2.imwrite(str(path), np.full((32, 32, 3), 9, dtype=np.uint8))
+    assert read_image(path).shape == (32, 32, 3)
+
+
+def test_decode_image_bytes() -> None:
+    rgb = gradient()
+    ok, buffer = cv2.imencode(".png", rgb[:, :, ::-1])
+    assert ok
+    np.testing.assert_array_equal(decode_image(buffer.tobytes()), rgb)
+    with pytest.raises(ImageError):
+        decode_image(b"")
+    with pytest.raises(ImageError):
+        decode_image(b"not an image")
+
+
+def test_as_rgb_rejects_unusable_arrays() -> None:
+    with pytest.raises(ImageError):
+        as_rgb(np.zeros((64, 64, 2), dtype=np.uint8))
+    with pytest.raises(ImageError):
+        as_rgb(np.zeros((64, 64, 3), dtype=np.int64))
+    with pytest.raises(ImageError):
+        as_rgb(np.full((64, 64, 3), np.nan, dtype=np.float32))
+    floats = as_rgb(np.full((64, 64), 1.0, dtype=np.float32))
+    assert floats.shape == (64, 64, 3) and (floats == 255).all()
+
+
+def test_image_folder_missing_and_empty(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError):
+        image_folder(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError):
+        image_folder(empty)
+
+
+def test_image_folder_lists_images_sorted(tmp_path: Path) -> None:
+    for name in ("b.png", "a.PNG", "c.jpg"):
+        assert cv2.imwrite(str(tmp_path / name), gradient())
+    (tmp_path / "readme.md").write_text("x")
+    assert [p.name for p in image_folder(tmp_path)] == ["a.PNG", "b.png", "c.jpg"]
+
+
+def test_find_categories_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError):
+        find_categories(tmp_path / "missing")
+    with pytest.raises(DatasetError):
+        find_categories(tmp_path)  # exists but holds no <category>/train/good
+    (tmp_path / "nut" / "train" / "good").mkdir(parents=True)
+    assert [c.name for c in find_categories(tmp_path)] == ["nut"]
+    with pytest.raises(DatasetError):
+        find_categories(tmp_path, ["pcb"])

@@ -1,0 +1,225 @@
+"""GladModel end to end on the tiny synthetic "nut": fit, score, decide, save/load and its checks.
+
+One small model is fitted per module (a few seconds on one CPU thread); tests only read it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import glad.errors
+import glad.model
+from glad.backbones import create_backbone
+from glad.datasets import MVTecCategory, image_folder
+from glad.errors import DatasetError, GladError, ModelFileError, ModelMismatchError
+from glad.images import read_image
+from glad.metrics import image_auroc
+from glad.model import GladModel
+from glad.modelfile import ARRAYS, MANIFEST
+
+SETTINGS = dict(max_components=16, max_iter=10)
+
+
+@pytest.fixture(scope="module")
+def nut(tiny_dataset: Path) -> MVTecCategory:
+    return MVTecCategory(tiny_dataset / "nut")
+
+
+@pytest.fixture(scope="module")
+def fitted(nut: MVTecCategory) -> GladModel:
+    model = GladModel(**SETTINGS)
+    train = [read_image(p) for p in nut.train_paths()]
+    returned = model.fit(train)
+    assert returned is model
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_set(nut: MVTecCategory):
+    items = nut.test_items()
+    return [read_image(item.path) for item in items], np.array([item.label for item in items])
+
+
+@pytest.fixture(scope="module")
+def scored(fitted: GladModel, test_set):
+    images, _ = test_set
+    return fitted.score(images)
+
+
+@pytest.fixture(scope="module")
+def saved(fitted: GladModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "nut"
+    assert fitted.save(path) == path
+    return path
+
+
+def copy_of(saved: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(saved, target)
+    return target
+
+
+def test_fit_sets_learned_attributes(fitted: GladModel) -> None:
+    fresh = GladModel(**SETTINGS)
+    assert not [name for name in vars(fresh) if name.endswith("_")]
+    learned = {name for name in vars(fitted) if name.endswith("_") and not name.startswith("_")}
+    assert {"layers_", "threshold_", "radius_", "backbone_", "roi_", "n_train_images_",
+            "fit_seconds_"} <= learned
+    assert fitted.n_train_images_ == 16
+    assert fitted.fit_seconds_ > 0
+    assert np.isfinite(fitted.threshold_)
+    assert len(fitted.layers_) == 3
+    for layer in fitted.layers_:
+        assert 1 <= layer.mixture.n_components <= SETTINGS["max_components"]
+        assert layer.mixture.weights.sum() == pytest.approx(1.0)
+    # constructor parameters are stored as given (scikit-learn convention)
+    assert fitted.max_components == 16 and fitted.max_iter == 10
+
+
+def test_defective_images_score_higher(scored, test_set) -> None:
+    _, labels = test_set
+    assert scored.scores.shape == (len(labels),) and np.isfinite(scored.scores).all()
+    assert labels.sum() and (1 - labels).sum()
+    assert scored.scores[labels == 1].mean() > scored.scores[labels == 0].mean()
+    assert image_auroc(labels, scored.scores) >= 0.75
+
+
+def test_heatmaps_shape(scored, test_set) -> None:
+    images, _ = test_set
+    assert scored.heatmaps.shape == (len(images), 256, 256)
+    assert scored.heatmaps.dtype == np.float32
+    assert np.isfinite(scored.heatmaps).all()
+    assert len(scored) == len(images)
+
+
+def test_score_accepts_any_image_size(fitted: GladModel, test_set) -> None:
+    image = test_set[0][0]
+    big = np.kron(image, np.ones((2, 2, 1), dtype=np.uint8))  # 512x512, same content
+    result = fitted.score([big])
+    assert result.heatmaps.shape == (1, 256, 256) and np.isfinite(result.scores).all()
+    assert len(fitted.score([])) == 0
+
+
+def test_other_product_scores_as_anomalous(fitted: GladModel, scored, test_set,
+                                           tiny_dataset: Path) -> None:
+    """Weave texture images are nothing like a nut: every one scores above the good nuts."""
+    weave = [read_image(p) for p in image_folder(tiny_dataset / "weave" / "test" / "good")]
+    foreign = fitted.score(weave).scores
+    _, labels = test_set
+    assert foreign.min() > scored.scores[labels == 0].max()
+    assert fitted.decide(foreign).all()
+
+
+def test_decide_uses_the_threshold(fitted: GladModel, scored) -> None:
+    decisions = fitted.decide(scored.scores)
+    np.testing.assert_array_equal(decisions, scored.scores > fitted.threshold_)
+    assert fitted.decide(np.array([fitted.threshold_ - 1, fitted.threshold_ + 1])).tolist() == [
+        False, True]
+
+
+def test_model_bytes(fitted: GladModel) -> None:
+    size = fitted.model_bytes()
+    assert size > 0
+    whiteners = sum(4 * layer.mixture.n_components * layer.mixture.means.shape[1] ** 2
+                    for layer in fitted.layers_)
+    assert size >= whiteners
+
+
+def test_save_load_round_trip(fitted: GladModel, saved: Path, scored, test_set) -> None:
+    assert (saved / MANIFEST).is_file() and (saved / ARRAYS).is_file()
+    loaded = GladModel.load(saved)
+    assert loaded.threshold_ == fitted.threshold_
+    assert loaded.radius_ == fitted.radius_
+    assert [layer.mixture.n_components for layer in loaded.layers_] == [
+        layer.mixture.n_components for layer in fitted.layers_]
+    images, _ = test_set
+    again = loaded.score(images[:4])
+    np.testing.assert_allclose(again.scores, scored.scores[:4], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(again.heatmaps, scored.heatmaps[:4], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(loaded.decide(again.scores), fitted.decide(scored.scores[:4]))
+    assert loaded.model_bytes() == fitted.model_bytes()
+
+
+def test_load_with_the_same_built_backbone(fitted: GladModel, saved: Path) -> None:
+    loaded = GladModel.load(saved, backbone=fitted.backbone_)
+    assert loaded.backbone_ is fitted.backbone_
+
+
+def test_load_with_other_backbone_name_is_refused(saved: Path) -> None:
+    with pytest.raises(ModelMismatchError):
+        GladModel.load(saved, backbone="resnet18")
+
+
+def test_load_with_other_preprocessing_is_refused(saved: Path) -> None:
+    other = create_backbone("efficientnet_lite0", "random", input_size=128)
+    with pytest.raises(ModelMismatchError):
+        GladModel.load(saved, backbone=other)
+
+
+def test_tampered_arrays_fail_the_hash_check(saved: Path, tmp_path: Path) -> None:
+    model = copy_of(saved, tmp_path)
+    data = bytearray((model / ARRAYS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (model / ARRAYS).write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="hash"):
+        GladModel.load(model)
+
+
+def test_missing_arrays_file(saved: Path, tmp_path: Path) -> None:
+    model = copy_of(saved, tmp_path)
+    (model / ARRAYS).unlink()
+    with pytest.raises(ModelFileError):
+        GladModel.load(model)
+
+
+def test_unknown_schema_version(saved: Path, tmp_path: Path) -> None:
+    model = copy_of(saved, tmp_path)
+    manifest = json.loads((model / MANIFEST).read_text())
+    manifest["schema_version"] = 999
+    (model / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="999"):
+        GladModel.load(model)
+
+
+def test_corrupt_or_foreign_manifest(saved: Path, tmp_path: Path) -> None:
+    model = copy_of(saved, tmp_path)
+    (model / MANIFEST).write_text("{not json")
+    with pytest.raises(ModelFileError):
+        GladModel.load(model)
+    (model / MANIFEST).write_text(json.dumps({"schema": "something-else", "schema_version": 1}))
+    with pytest.raises(ModelFileError):
+        GladModel.load(model)
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError):
+        GladModel.load(tmp_path / "no-such-model")
+    with pytest.raises(ModelFileError):
+        GladModel.load(tmp_path)  # exists, but is not a model directory
+
+
+def test_use_before_fit() -> None:
+    model = GladModel()
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    with pytest.raises(glad.model.NotFittedError):
+        model.score([image])
+    with pytest.raises(glad.model.NotFittedError):
+        model.model_bytes()
+    with pytest.raises(glad.model.NotFittedError):
+        model.decide(np.zeros(1))
+    with pytest.raises(glad.model.NotFittedError):
+        model.save("unused")
+    assert issubclass(glad.model.NotFittedError, GladError)
+    assert glad.model.NotFittedError is glad.errors.NotFittedError  # one class, not two
+
+
+def test_fit_needs_images() -> None:
+    with pytest.raises(DatasetError):
+        GladModel().fit([])
+    with pytest.raises(DatasetError):
+        GladModel().fit([np.zeros((64, 64, 3), dtype=np.uint8)])

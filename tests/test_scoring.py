@@ -1,0 +1,200 @@
+"""Scoring (spec §4) against float64 references written independently of the library."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+from glad.local_weights import LocalWeights
+from glad.mixture import GaussianMixture
+from glad.scoring import (
+    combine_layers,
+    heatmaps,
+    image_scores,
+    layer_loglik_dense,
+    layer_loglik_sparse,
+    roi_mask,
+)
+
+
+def random_mixture(rng: np.random.Generator, k: int, d: int) -> GaussianMixture:
+    """K random Gaussians with well-conditioned SPD covariances and random weights."""
+    means = rng.normal(scale=2.0, size=(k, d))
+    a = rng.normal(size=(k, d, d))
+    covariances = a @ a.transpose(0, 2, 1) / d + 0.3 * np.eye(d)
+    weights = rng.uniform(0.2, 1.0, size=k)
+    weights /= weights.sum()
+    return GaussianMixture(weights, means, covariances, np.full(k, 10), np.full(k, 3))
+
+
+def random_local_weights(rng: np.random.Generator, hw: int, k: int) -> torch.Tensor:
+    """Dense (HW, K) weights, rows summing to 1, about half the entries exactly zero."""
+    weights = rng.uniform(0.05, 1.0, size=(hw, k)) * (rng.uniform(size=(hw, k)) < 0.5)
+    weights[np.arange(hw), rng.integers(k, size=hw)] = rng.uniform(0.05, 1.0, size=hw)
+    weights /= weights.sum(1, keepdims=True)
+    return torch.from_numpy(weights.astype(np.float32))
+
+
+def reference_loglik(
+    features: np.ndarray, mixture: GaussianMixture, weights: np.ndarray
+) -> np.ndarray:
+    """Naive float64 log sum_k w_k(x) N(u; mu_k, Sigma_k) per (image, position); w (HW, K)."""
+    b, hw, d = features.shape
+    out = np.empty((b, hw))
+    inverses = np.linalg.inv(mixture.covariances)
+    logdets = np.linalg.slogdet(mixture.covariances)[1]
+    for i in range(b):
+        for x in range(hw):
+            u = features[i, x].astype(np.float64)
+            terms = []
+            for k in range(mixture.n_components):
+                if weights[x, k] <= 0:
+                    continue
+                diff = u - mixture.means[k]
+                maha = diff @ inverses[k] @ diff
+                terms.append(math.log(weights[x, k])
+                             - 0.5 * (d * math.log(2 * math.pi) + logdets[k] + maha))
+            out[i, x] = logsumexp(terms)
+    return out
+
+
+def features_near(rng: np.random.Generator, mixture: GaussianMixture, b: int, hw: int):
+    """Features drawn around the mixture's means (so log-likelihoods are moderate)."""
+    comp = rng.integers(mixture.n_components, size=(b, hw))
+    noise = rng.normal(scale=1.5, size=(b, hw, mixture.means.shape[1]))
+    return torch.from_numpy((mixture.means[comp] + noise).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed,k,d,grid", [(0, 5, 4, (3, 4)), (1, 7, 6, (2, 5)), (2, 1, 3, (4, 4))])
+def test_sparse_equals_dense_and_naive_reference(seed, k, d, grid) -> None:
+    rng = np.random.default_rng(seed)
+    mixture = random_mixture(rng, k, d)
+    factors = mixture.factors()
+    hw = grid[0] * grid[1]
+    dense = random_local_weights(rng, hw, k)
+    local = LocalWeights.from_dense(dense, grid)
+    features = features_near(rng, mixture, 3, hw)
+
+    sparse = layer_loglik_sparse(features, factors, local)
+    with torch.no_grad():
+        dense_out = layer_loglik_dense(features, factors, torch.log(local.dense()))
+    reference = reference_loglik(features.numpy(), mixture, local.dense().double().numpy())
+
+    assert sparse.shape == dense_out.shape == (3, hw)
+    assert torch.isfinite(sparse).all()
+    np.testing.assert_allclose(sparse.numpy(), dense_out.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sparse.numpy(), reference, rtol=1e-4, atol=2e-3)
+
+
+def test_dense_with_global_weights_matches_reference() -> None:
+    rng = np.random.default_rng(3)
+    mixture = random_mixture(rng, 6, 5)
+    factors = mixture.factors()
+    features = features_near(rng, mixture, 2, 9)
+    out = layer_loglik_dense(features, factors, factors.log_weights)
+    everywhere = np.repeat(mixture.weights[None], 9, axis=0)
+    np.testing.assert_allclose(out.numpy(), reference_loglik(features.numpy(), mixture, everywhere),
+                               rtol=1e-4, atol=2e-3)
+
+
+def test_sparse_is_stable_far_from_every_gaussian() -> None:
+    """Log-sum-exp must not underflow: exp(-D/2) is 0 in float64 for D ~ 1e4."""
+    rng = np.random.default_rng(4)
+    mixture = random_mixture(rng, 4, 3)
+    factors = mixture.factors()
+    grid = (2, 2)
+    local = LocalWeights.from_dense(random_local_weights(rng, 4, 4), grid)
+    features = torch.full((1, 4, 3), 300.0)
+    out = layer_loglik_sparse(features, factors, local)
+    reference = reference_loglik(features.numpy(), mixture, local.dense().double().numpy())
+    assert torch.isfinite(out).all()
+    assert (reference < -1000).all()
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4)
+
+
+def test_image_scores_is_minus_linear_quantile_over_roi() -> None:
+    rng = np.random.default_rng(5)
+    loglik = rng.normal(size=(3, 32, 32)) * 10.0
+    loglik[1, 3, 4] = np.nan  # an invalid pixel inside the ROI is ignored
+    roi = rng.uniform(size=(32, 32)) < 0.6
+    roi[3, 4] = True
+    for q in (0.0, 0.005, 0.1, 0.5):
+        scores = image_scores(torch.from_numpy(loglik.astype(np.float32)),
+                              torch.from_numpy(roi), q)
+        single = loglik.astype(np.float32).astype(np.float64)
+        expected = [-np.quantile(single[i][roi & np.isfinite(single[i])], q, method="linear")
+                    for i in range(3)]
+        np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_image_scores_ignores_pixels_outside_roi() -> None:
+    loglik = torch.zeros(1, 16, 16)
+    loglik[0, 0, 0] = -1e6  # very anomalous, but outside the ROI
+    roi = torch.ones(16, 16, dtype=torch.bool)
+    roi[0, 0] = False
+    assert image_scores(loglik, roi, 0.0)[0] == pytest.approx(0.0)
+    roi[0, 0] = True
+    assert image_scores(loglik, roi, 0.0)[0] == pytest.approx(1e6)
+
+
+def test_heatmaps_inside_roi_and_floor_outside() -> None:
+    rng = np.random.default_rng(6)
+    loglik = torch.from_numpy(rng.normal(size=(2, 24, 24)).astype(np.float32))
+    roi = roi_mask("margin", 24)
+    assert roi.sum() < 24 * 24
+    heat = heatmaps(loglik, roi)
+    assert heat.shape == (2, 24, 24) and heat.dtype == np.float32
+    inside = roi.numpy()
+    for i in range(2):
+        expected_inside = -loglik[i].numpy()[inside]
+        np.testing.assert_allclose(heat[i][inside], expected_inside)
+        np.testing.assert_array_equal(heat[i][~inside], expected_inside.min())
+
+
+def test_roi_mask_margin_is_one_sixteenth() -> None:
+    roi = roi_mask("margin", 256).numpy()
+    rows = np.flatnonzero(roi.any(1))
+    cols = np.flatnonzero(roi.any(0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (16, 239, 16, 239)
+    assert roi[16:240, 16:240].all()
+    assert roi_mask("full", 8).all()
+    with pytest.raises(ValueError):
+        roi_mask("nope", 8)
+
+
+def bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling with half-pixel centres (align_corners=False), float64, by hand."""
+    h, w = image.shape
+
+    def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = (np.arange(size) + 0.5) * n_in / size - 0.5
+        src = np.maximum(src, 0.0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    y0, y1, fy = taps(h)
+    x0, x1, fx = taps(w)
+    top = image[y0][:, x0] * (1 - fx) + image[y0][:, x1] * fx
+    bottom = image[y1][:, x0] * (1 - fx) + image[y1][:, x1] * fx
+    return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def test_combine_layers_is_sum_of_bilinear_upsamplings() -> None:
+    rng = np.random.default_rng(7)
+    maps = [rng.normal(size=(2, s, s)) * 50 for s in (16, 8, 4)]
+    total = combine_layers([torch.from_numpy(m.astype(np.float32)) for m in maps], 64)
+    assert total.shape == (2, 64, 64)
+    expected = np.stack([sum(bilinear_reference(m[i], 64) for m in maps) for i in range(2)])
+    np.testing.assert_allclose(total.numpy(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_combine_layers_of_constants_is_constant_sum() -> None:
+    layers = [torch.full((1, 5, 5), -3.0), torch.full((1, 2, 2), -7.5)]
+    total = combine_layers(layers, 20)
+    assert total.shape == (1, 20, 20)
+    np.testing.assert_allclose(total.numpy(), -10.5, rtol=1e-6)
