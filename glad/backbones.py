@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glad.errors import BackboneWeightsError, ImageError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,6 +70,7 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.to(self.device)
+        self._frozen: torch.jit.ScriptModule | nn.Module | None = None
         if self.device.type == "cpu":
             self.body = self.body.to(memory_format=torch.channels_last)
 
@@ -83,7 +88,23 @@ class Backbone(nn.Module):
         x = (x - self.mean) / self.std
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        return [f.float().contiguous() for f in self.body(x)]
+        return [f.float().contiguous() for f in self._network(x)(x)]
+
+    def _network(self, example: torch.Tensor) -> nn.Module:
+        """On CPU, a traced and frozen copy (BatchNorm folded into convolutions: about 20 %
+        faster for EfficientNet-Lite0, see bench/); elsewhere, or if tracing fails, the module."""
+        if self.device.type != "cpu":
+            return self.body
+        if self._frozen is None:
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(self.body, example, check_trace=False)
+                    self._frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+            except Exception as error:  # an exotic module the tracer cannot follow
+                log.warning("backbone tracing failed (%s); running it eagerly", error)
+                self._frozen = self.body
+        return self._frozen
 
 
 def create_backbone(

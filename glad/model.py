@@ -8,11 +8,12 @@ image score (minus a low quantile of the map).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from glad.backbones import Backbone, create_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
 from glad.features import iter_features
-from glad.local_weights import LocalWeights, fit_local_weights, top_candidates
+from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import FitReport, GaussianMixture, MixtureFactors, fit_em, fit_kmle
 from glad.scoring import (
     combine_layers,
@@ -133,33 +134,36 @@ class GladModel:
         m = len(images)
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
-        layers = []
-        bar = self._bar(total=len(features), desc="mixtures")
-        for index, layer_features in enumerate(features):
-            mixture, report = self._fit_mixture(layer_features[fitting], index)
-            grid = tuple(layer_features.shape[1:3])
-            layers.append(LayerModel(mixture, mixture.factors(), grid, None, report))
-            log.info("layer %d: K=%d after %d iterations (%s)", index + 1, mixture.n_components,
-                     report.iterations, report.stop_reason)
-            bar.update()
-        bar.close()
+        layers = [self._fit_layer(f[fitting], index) for index, f in enumerate(features)]
         flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
-        candidates = [top_candidates(f, torch.ones(f.shape[:2], dtype=torch.bool), layer.factors,
-                                     self.n_candidates) for f, layer in zip(flat, layers, strict=True)]
         self.selection_ = {}
-        radius = self._select_radius(layers, candidates, flat, fitting, held)
-        self.radius_ = radius
-        if len(held):
-            self._set_local(layers, candidates, radius, fitting)
+        candidates = None
+        if self.local:
+            candidates = [top_candidates(f, torch.ones(f.shape[:2], dtype=torch.bool),
+                                         layer.factors, self.n_candidates)
+                          for f, layer in zip(flat, layers, strict=True)]
+        self.radius_ = self._select_radius(layers, candidates, flat, fitting, held)
+        if len(held):  # threshold from images the local weights have not seen
+            self._localize(layers, candidates, self.radius_, fitting)
             self.threshold_ = float(self._scores_of([f[held] for f in flat], layers).max())
-        for layer, cand in zip(layers, candidates, strict=True):
-            layer.local = None if radius is None else self._local(layer, cand, radius)
-        self.layers_ = layers
+        self._localize(layers, candidates, self.radius_, np.arange(m))
         if not len(held):
             self.threshold_ = float(self._scores_of(flat, layers).max())
+        self.layers_ = layers
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    def without_local_weights(self) -> GladModel:
+        """The paper's global ablation of this fitted model: same mixtures, pi_k(x) = pi_k.
+
+        For comparisons of scores only: its threshold is undefined (NaN).
+        """
+        self._check_fitted()
+        twin = copy.copy(self)
+        twin.local, twin.radius_, twin.threshold_ = False, None, math.nan
+        twin.layers_ = [replace(layer, local=None) for layer in self.layers_]
+        return twin
 
     def _build_backbone(self) -> Backbone:
         if isinstance(self.backbone, Backbone):
@@ -210,14 +214,22 @@ class GladModel:
             return fit_em(x, image_ids, int(k), **common)
         raise ValueError(f"unknown mixture {self.mixture!r}; use 'kmle' or 'em'")
 
-    def _local(self, layer: LayerModel, candidates, radius: int) -> LocalWeights:
-        return fit_local_weights(candidates, layer.factors.log_weights, layer.grid, radius,
-                                 self.neighbourhood, self.local_mode)
+    def _fit_layer(self, features: torch.Tensor, index: int) -> LayerModel:
+        mixture, report = self._fit_mixture(features, index)
+        log.info("layer %d: K=%d after %d iterations (%s)", index + 1, mixture.n_components,
+                 report.iterations, report.stop_reason)
+        return LayerModel(mixture, mixture.factors(), tuple(features.shape[1:3]), None, report)
 
-    def _set_local(self, layers, candidates, radius, images: np.ndarray) -> None:
-        for layer, cand in zip(layers, candidates, strict=True):
-            subset = type(cand)(cand.index[images], cand.cost[images], cand.valid[images])
-            layer.local = None if radius is None else self._local(layer, subset, radius)
+    def _localize(self, layers, candidates, radius: int | None, images: np.ndarray) -> None:
+        """Set each layer's local weights from the given training images (None: global)."""
+        for index, layer in enumerate(layers):
+            if radius is None:
+                layer.local = None
+                continue
+            cand = candidates[index]
+            subset = Candidates(cand.index[images], cand.cost[images], cand.valid[images])
+            layer.local = fit_local_weights(subset, layer.factors.log_weights, layer.grid, radius,
+                                            self.neighbourhood, self.local_mode)
 
     def _select_radius(self, layers, candidates, flat, fitting, held) -> int | None:
         """The radius (None = global weights) whose held-back normal images score lowest."""
@@ -230,7 +242,7 @@ class GladModel:
         held_features = [f[held] for f in flat]
         best, best_score = None, math.inf
         for radius in (*RADIUS_CANDIDATES, None):
-            self._set_local(layers, candidates, radius, fitting)
+            self._localize(layers, candidates, radius, fitting)
             score = float(np.mean(self._scores_of(held_features, layers)))
             self.selection_["global" if radius is None else f"r={radius}"] = score
             if score < best_score:
@@ -270,6 +282,8 @@ class GladModel:
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """True where a score exceeds the model's threshold."""
         self._check_fitted()
+        if math.isnan(self.threshold_):
+            raise ValueError("this model has no decision threshold (an ablation copy)")
         return np.asarray(scores) > self.threshold_
 
     def model_bytes(self) -> int:

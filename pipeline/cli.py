@@ -118,9 +118,17 @@ def _add_fit(commands) -> None:
     parser.add_argument("--global-only", action="store_true",
                         help="no local weights (the paper's global ablation)")
     parser.add_argument("--mixture", choices=("kmle", "em"), default="kmle")
+    _add_fit_budget_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     parser.set_defaults(handler=_fit)
+
+
+def _add_fit_budget_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-components", type=int, default=256,
+                        help="upper bound on Gaussians per layer (default: %(default)s)")
+    parser.add_argument("--max-iter", type=int, default=30,
+                        help="K-MLE iterations at most (default: %(default)s)")
 
 
 def _fit(args) -> int:
@@ -137,6 +145,7 @@ def _fit(args) -> int:
         n_components=_int_or_auto(args.components, "--components"),
         radius=_int_or_auto(args.radius, "--radius"), local=not args.global_only,
         mixture=args.mixture, roi=_roi(args.roi, texture), seed=args.seed,
+        max_components=args.max_components, max_iter=args.max_iter,
         progress=_progress(args),
     ).fit(images)
     model.save(args.out)
@@ -234,8 +243,6 @@ def _score(args) -> int:
 
 
 def _add_eval(commands) -> None:
-    from glad.evaluation import METHODS
-
     parser = commands.add_parser(
         "eval", help="evaluate GLAD and baselines on MVTec-layout data",
         description="Fit each method on <category>/train/good and score <category>/test: image "
@@ -243,9 +250,11 @@ def _add_eval(commands) -> None:
                     "model MB, as tables laid out like the GLAD paper's Table 2.")
     parser.add_argument("root", type=Path, help="dataset root (or one category folder)")
     parser.add_argument("--categories", nargs="+", help="categories to evaluate (default: all)")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated methods (default: %(default)s)")
+    parser.add_argument("--methods", default="glad,glad-global,padim,mahaad",
+                        help="comma-separated methods among glad, glad-global (no local "
+                             "weights), padim, mahaad (default: %(default)s)")
     _add_backbone_options(parser)
+    _add_fit_budget_options(parser)
     parser.add_argument("--json", action="store_true",
                         help='print {"results": [{category, method, image_auroc, ...}]}')
     parser.set_defaults(handler=_eval)
@@ -267,8 +276,9 @@ def _eval(args) -> int:
             print(f"  {record.category:20s} {record.method:12s} image AUROC "
                   f"{record.image_auroc:.3f}", file=sys.stderr)
 
+    glad_params = {"max_components": args.max_components, "max_iter": args.max_iter}
     records = evaluate(categories, methods, args.backbone, args.weights, args.device,
-                       progress=_progress(args), on_record=report)
+                       progress=_progress(args), on_record=report, glad_params=glad_params)
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in records]}))
     else:
