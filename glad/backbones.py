@@ -133,6 +133,16 @@ def create_backbone(
     return Backbone(body, spec, device)
 
 
+def resolve_backbone(
+    backbone: str | Backbone, weights: str | Path = "pretrained", antialiased: bool = False,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Use a built `Backbone` as is (so detectors can share one), or build one by name."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    return create_backbone(backbone, weights, antialiased, device)
+
+
 # --- EfficientNet-Lite0 -------------------------------------------------------------------------
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from glad.backbones import Backbone
 from glad.errors import FeatureError
@@ -34,9 +36,18 @@ def iter_features(
         yield features
 
 
-def extract_all(
-    backbone: Backbone, images: Sequence[np.ndarray], batch_size: int = 8
-) -> list[torch.Tensor]:
-    """Features of all images, concatenated per layer: one (N, d, h, w) tensor per layer."""
-    per_batch = list(iter_features(backbone, images, batch_size))
-    return [torch.cat([b[layer] for b in per_batch]) for layer in range(len(per_batch[0]))]
+def feature_batches(
+    backbone: Backbone,
+    images: Sequence[np.ndarray],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> Iterator[list[torch.Tensor]]:
+    """`iter_features` with an optional progress bar counted in batches."""
+    return tqdm(
+        iter_features(backbone, images, batch_size),
+        total=math.ceil(len(images) / batch_size),
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+    )

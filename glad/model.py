@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from glad.backbones import Backbone, create_backbone
+from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
-from glad.features import iter_features
+from glad.features import feature_batches
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import FitReport, GaussianMixture, MixtureFactors, fit_em, fit_kmle
 from glad.scoring import (
@@ -128,7 +127,7 @@ class GladModel:
         if len(images) < 2:
             raise DatasetError(f"GLAD needs at least 2 normal training images, got {len(images)}")
         started = time.perf_counter()
-        self.backbone_ = self._build_backbone()
+        self.backbone_ = resolve_backbone(self.backbone, self.weights, self.antialiased, self.device)
         self.roi_ = self._build_roi()
         features = self._features(images, "features")
         m = len(images)
@@ -165,11 +164,6 @@ class GladModel:
         twin.layers_ = [replace(layer, local=None) for layer in self.layers_]
         return twin
 
-    def _build_backbone(self) -> Backbone:
-        if isinstance(self.backbone, Backbone):
-            return self.backbone
-        return create_backbone(self.backbone, self.weights, self.antialiased, self.device)
-
     def _build_roi(self) -> torch.Tensor:
         size = self.backbone_.spec.input_size
         if isinstance(self.roi, str):
@@ -181,11 +175,8 @@ class GladModel:
 
     def _features(self, images: Sequence[np.ndarray], desc: str) -> list[torch.Tensor]:
         """Per layer (N, h, w, d) float32 on the CPU."""
-        per_batch = []
-        with self._bar(total=len(images), desc=desc) as bar:
-            for batch in iter_features(self.backbone_, images, self.batch_size):
-                per_batch.append([f.permute(0, 2, 3, 1).cpu() for f in batch])
-                bar.update(len(batch[0]))
+        per_batch = [[f.permute(0, 2, 3, 1).cpu() for f in batch] for batch in feature_batches(
+            self.backbone_, images, self.batch_size, self.progress, desc)]
         return [torch.cat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
 
     def _holdout_indices(self, m: int) -> np.ndarray:
@@ -265,12 +256,11 @@ class GladModel:
             size = self.backbone_.spec.input_size
             return ScoreResult(np.zeros(0), np.zeros((0, size, size), np.float32))
         scores, maps = [], []
-        with self._bar(total=len(images), desc="scoring") as bar:
-            for batch in iter_features(self.backbone_, images, self.batch_size):
-                total = self.loglik_map(batch)
-                scores.append(image_scores(total, self.roi_, self.quantile))
-                maps.append(heatmaps(total, self.roi_))
-                bar.update(len(total))
+        for batch in feature_batches(self.backbone_, images, self.batch_size, self.progress,
+                                     "scoring"):
+            total = self.loglik_map(batch)
+            scores.append(image_scores(total, self.roi_, self.quantile))
+            maps.append(heatmaps(total, self.roi_))
         return ScoreResult(np.concatenate(scores), np.concatenate(maps))
 
     def loglik_map(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -321,6 +311,3 @@ class GladModel:
     def _check_fitted(self) -> None:
         if not hasattr(self, "layers_"):
             raise NotFittedError("this GladModel is not fitted yet: call fit() or load() first")
-
-    def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)

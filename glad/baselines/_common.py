@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from glad.backbones import Backbone, create_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
-from glad.features import iter_features
-
-
-def resolve_backbone(
-    backbone: str | Backbone, weights: str | Path, device: str | torch.device
-) -> Backbone:
-    """Use a built `Backbone` as is (sharing it across detectors), or build one by name."""
-    if isinstance(backbone, Backbone):
-        return backbone
-    return create_backbone(backbone, weights=weights, device=device)
 
 
 def check_training_set(images: Sequence[np.ndarray], minimum: int, method: str) -> None:
@@ -39,23 +25,6 @@ def check_fitted(detector: object, attribute: str) -> None:
     if not hasattr(detector, attribute):
         name = type(detector).__name__
         raise NotFittedError(f"this {name} is not fitted yet; call fit(images) first")
-
-
-def feature_batches(
-    backbone: Backbone,
-    images: Sequence[np.ndarray],
-    batch_size: int,
-    progress: bool,
-    desc: str,
-) -> Iterator[list[torch.Tensor]]:
-    """`glad.features.iter_features`, with an optional tqdm bar counted in batches."""
-    return tqdm(
-        iter_features(backbone, images, batch_size),
-        total=math.ceil(len(images) / batch_size),
-        desc=desc,
-        unit="batch",
-        disable=not progress,
-    )
 
 
 def concat_results(parts: list[tuple[np.ndarray, np.ndarray]], size: int) -> ScoreResult:

@@ -13,17 +13,16 @@ import numpy as np
 import torch
 from scipy.linalg import pinvh
 
-from glad.backbones import Backbone
+from glad.backbones import Backbone, resolve_backbone
 from glad.baselines._common import (
     check_fitted,
     check_training_set,
     concat_results,
-    feature_batches,
-    resolve_backbone,
     tensor_bytes,
 )
 from glad.detector import ScoreResult
 from glad.errors import FeatureError
+from glad.features import feature_batches
 
 
 class MahaAD:
@@ -57,7 +56,7 @@ class MahaAD:
     def fit(self, images: Sequence[np.ndarray]) -> MahaAD:
         """Fit one Gaussian per layer on the pooled features of normal images."""
         check_training_set(images, 2, "MahaAD")
-        backbone = resolve_backbone(self.backbone, self.weights, self.device)
+        backbone = resolve_backbone(self.backbone, self.weights, device=self.device)
         batches = [
             pool(features)
             for features in feature_batches(

@@ -18,17 +18,16 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from glad.backbones import Backbone
+from glad.backbones import Backbone, resolve_backbone
 from glad.baselines._common import (
     check_fitted,
     check_training_set,
     concat_results,
-    feature_batches,
-    resolve_backbone,
     tensor_bytes,
 )
 from glad.detector import ScoreResult
 from glad.errors import FeatureError
+from glad.features import feature_batches
 
 _CHUNK_ELEMENTS = 1 << 24  # float64 covariance entries inverted at once (128 MB)
 
@@ -78,7 +77,7 @@ class PaDiM:
         if self.n_features < 1 or self.epsilon <= 0:
             raise ValueError("n_features must be >= 1 and epsilon > 0")
         check_training_set(images, 2, "PaDiM")
-        backbone = resolve_backbone(self.backbone, self.weights, self.device)
+        backbone = resolve_backbone(self.backbone, self.weights, device=self.device)
         channels = select_channels(sum(backbone.spec.channels), self.n_features, self.seed)
         channels = torch.from_numpy(channels).to(backbone.device)
         stats = None
