@@ -57,7 +57,8 @@ class LocalWeights:
     indptr: np.ndarray  # int64 (HW + 1,)
     components: np.ndarray  # int32 (nnz,)
     log_weights: np.ndarray  # float32 (nnz,), log pi_k(x)
-    _csc: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _csc: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
 
     @classmethod
     def from_dense(cls, weights: torch.Tensor, grid: tuple[int, int]) -> LocalWeights:
@@ -82,17 +83,22 @@ class LocalWeights:
             np.exp(self.log_weights))
         return out
 
-    def csc(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gptr (K+1,), positions (nnz,), log weights (nnz,)) grouped by Gaussian (§3.4)."""
-        if self._csc is None:
+    def csc(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gptr (K+1,), positions (nnz,), log weights (nnz,)) grouped by Gaussian (§3.4).
+
+        `gptr` stays on the CPU (it drives a Python loop); the others live on `device`.
+        """
+        key = str(device)
+        if key not in self._csc:
             hw = len(self.indptr) - 1
             rows = np.repeat(np.arange(hw), np.diff(self.indptr))
             order = np.argsort(self.components, kind="stable")
             gptr = np.zeros(self.n_components + 1, dtype=np.int64)
             np.cumsum(np.bincount(self.components, minlength=self.n_components), out=gptr[1:])
-            self._csc = (torch.from_numpy(gptr), torch.from_numpy(rows[order]).long(),
-                         torch.from_numpy(self.log_weights[order]))
-        return self._csc
+            self._csc[key] = (torch.from_numpy(gptr),
+                              torch.from_numpy(rows[order]).long().to(device),
+                              torch.from_numpy(self.log_weights[order]).to(device))
+        return self._csc[key]
 
     def mean_support(self) -> float:
         """Average number of active Gaussians per position."""

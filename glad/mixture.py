@@ -159,7 +159,7 @@ def iter_costs(
                          -factors.offsets.reshape(k * d, 1)], dim=1).t().contiguous()
     logdets = factors.logdets.to(torch.float32)
     rows = max(1, budget // (k * d))
-    ones = torch.ones(min(rows, x.shape[0]), 1)
+    ones = torch.ones(min(rows, x.shape[0]), 1, device=x.device)
     for start in range(0, x.shape[0], rows):
         chunk = x[start : start + rows]
         y = torch.cat([chunk, ones[: len(chunk)]], dim=1) @ stacked

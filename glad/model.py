@@ -265,9 +265,17 @@ class GladModel:
 
     def loglik_map(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Summed log-likelihood map (B, S, S) of backbone features (B, d, h, w) per layer."""
-        flat = [f.flatten(2).transpose(1, 2).cpu().contiguous() for f in features]
-        logliks = [layer.loglik(f) for f, layer in zip(flat, self.layers_, strict=True)]
+        flat = [f.flatten(2).transpose(1, 2).contiguous() for f in features]
+        logliks = [layer.loglik(f) for f, layer in zip(flat, self._scoring_layers(), strict=True)]
         return combine_layers(logliks, self.backbone_.spec.input_size)
+
+    def _scoring_layers(self) -> list[LayerModel]:
+        """The layers with their factors on the backbone's device (cached per device)."""
+        key = (self.backbone_.device, id(self.layers_))
+        if getattr(self, "_device_layers", (None, None))[0] != key:
+            moved = [replace(layer, factors=layer.factors.to(key[0])) for layer in self.layers_]
+            self._device_layers = (key, moved)
+        return self._device_layers[1]
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """True where a score exceeds the model's threshold."""

@@ -25,9 +25,10 @@ def layer_loglik_sparse(
     a scatter log-sum-exp per position combines the terms.
     """
     b, hw, d = features.shape
-    gptr, positions, log_w = local.csc()
+    device = features.device
+    gptr, positions, log_w = local.csc(device)
     const = (d * LOG_2PI + factors.logdets).to(torch.float32)
-    values = torch.empty(b, len(positions))
+    values = torch.empty(b, len(positions), device=device)
     bounds = gptr.tolist()
     for k in range(factors.n_components):
         start, stop = bounds[k], bounds[k + 1]
@@ -38,8 +39,9 @@ def layer_loglik_sparse(
         values[:, start:stop] = log_w[start:stop] - 0.5 * (torch.einsum("bnd,bnd->bn", y, y)
                                                             + const[k])
     index = positions.expand(b, -1)
-    peak = torch.full((b, hw), -math.inf).scatter_reduce(1, index, values, "amax")
-    total = torch.zeros(b, hw).scatter_add_(1, index, torch.exp(values - peak.gather(1, index)))
+    peak = torch.full((b, hw), -math.inf, device=device).scatter_reduce(1, index, values, "amax")
+    terms = torch.exp(values - peak.gather(1, index))
+    total = torch.zeros(b, hw, device=device).scatter_add_(1, index, terms)
     return peak + torch.log(total)
 
 
@@ -49,12 +51,12 @@ def layer_loglik_dense(
     """log p(u(x) | x) with all K Gaussians; `log_weights` is (K,) global or (HW, K) local (§4.6)."""
     b, hw, d = features.shape
     flat = features.reshape(b * hw, d)
-    out = torch.empty(b * hw)
-    log_weights = log_weights.to(torch.float32)
+    out = torch.empty(b * hw, device=features.device)
+    log_weights = log_weights.to(features.device, torch.float32)
     for start, costs in iter_costs(flat, factors):
         rows = slice(start, start + len(costs))
         weights = log_weights if log_weights.ndim == 1 else log_weights[torch.arange(
-            rows.start, rows.stop) % hw]
+            rows.start, rows.stop, device=features.device) % hw]
         out[rows] = torch.logsumexp(weights - 0.5 * (costs + d * LOG_2PI), dim=1)
     return out.view(b, hw)
 
@@ -71,17 +73,17 @@ def combine_layers(logliks: list[torch.Tensor], size: int) -> torch.Tensor:
 
 def image_scores(loglik: torch.Tensor, roi: torch.Tensor, quantile: float) -> np.ndarray:
     """s = -Q_q(Lambda over the ROI) per image (§4.5); NaN pixels (invalid) are ignored."""
-    masked = torch.where(roi, loglik.double(), torch.tensor(math.nan, dtype=torch.float64))
+    masked = torch.where(roi.to(loglik.device), loglik.double(), math.nan)
     values = torch.nanquantile(masked.flatten(1), quantile, dim=1, interpolation="linear")
-    return (-values).numpy()
+    return (-values).cpu().numpy()
 
 
 def heatmaps(loglik: torch.Tensor, roi: torch.Tensor) -> np.ndarray:
     """h = -Lambda inside the ROI; outside, the least anomalous value inside (§4.5)."""
     heat = -loglik
-    inside = torch.where(roi & torch.isfinite(heat), heat, torch.tensor(math.inf))
-    floor = inside.flatten(1).min(1).values.view(-1, 1, 1)
-    return torch.where(roi & torch.isfinite(heat), heat, floor).numpy().astype(np.float32)
+    usable = roi.to(heat.device) & torch.isfinite(heat)
+    floor = torch.where(usable, heat, math.inf).flatten(1).min(1).values.view(-1, 1, 1)
+    return torch.where(usable, heat, floor).cpu().numpy().astype(np.float32)
 
 
 def roi_mask(kind: str, size: int) -> torch.Tensor:
