@@ -43,7 +43,9 @@ def main() -> None:
         synth_root = Path(tmp) / "synth"
         generate_dataset(synth_root, None, PRESETS[args.preset], seed=0)
         categories += find_categories(synth_root)
-        records = evaluate(categories, methods, progress=sys.stderr.isatty())
+        records = evaluate(categories, methods, progress=sys.stderr.isatty(), on_record=lambda r:
+                           print(f"  {r.category} / {r.method}: {r.image_auroc:.3f}",
+                                 file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in records]}))
         return

@@ -252,18 +252,7 @@ def fit_kmle(
     """
     x = _check_features(x)
     n, d = x.shape
-    rng = np.random.default_rng(seed)
-    n_components = min(n_components, n)
-    mean, base_cov = _global_moments(x, oas_formula)
-    means = _initial_means(x, n_components, init, base_cov, mean, rng)
-    k = len(means)
-    mixture = GaussianMixture(
-        weights=np.full(k, 1.0 / k),
-        means=means,
-        covariances=np.repeat(base_cov[None], k, axis=0),
-        counts=np.zeros(k, dtype=np.int64),
-        image_support=np.zeros(k, dtype=np.int64),
-    )
+    mixture, mean, base_cov = _initial_mixture(x, n_components, init, oas_formula, seed)
     global_trace = float(np.trace(base_cov))
     previous_ll, previous_labels, decreases = None, None, 0
     candidates, full_pass = None, True
@@ -317,6 +306,24 @@ def _check_features(x: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise FeatureError("features contain NaN or Inf")
     return x
+
+
+def _initial_mixture(
+    x: torch.Tensor, n_components: int, init: str, oas_formula: str, seed: int
+) -> tuple[GaussianMixture, np.ndarray, np.ndarray]:
+    """Seeded means sharing Sigma_0 with equal weights (§2.2); also the global mean and Sigma_0."""
+    mean, base_cov = _global_moments(x, oas_formula)
+    rng = np.random.default_rng(seed)
+    means = _initial_means(x, min(n_components, len(x)), init, base_cov, mean, rng)
+    k = len(means)
+    mixture = GaussianMixture(
+        weights=np.full(k, 1.0 / k),
+        means=means,
+        covariances=np.repeat(base_cov[None], k, axis=0),
+        counts=np.zeros(k, dtype=np.int64),
+        image_support=np.zeros(k, dtype=np.int64),
+    )
+    return mixture, mean, base_cov
 
 
 def _global_moments(x: torch.Tensor, oas_formula: str) -> tuple[np.ndarray, np.ndarray]:
@@ -414,12 +421,7 @@ def fit_em(
     """Soft-assignment EM with OAS (n = N_k, decision E11); the paper's Table 1 ablation."""
     x = _check_features(x)
     n, d = x.shape
-    rng = np.random.default_rng(seed)
-    mean, base_cov = _global_moments(x, oas_formula)
-    means = _initial_means(x, min(n_components, n), init, base_cov, mean, rng)
-    k = len(means)
-    mixture = GaussianMixture(np.full(k, 1.0 / k), means, np.repeat(base_cov[None], k, axis=0),
-                              np.zeros(k, np.int64), np.zeros(k, np.int64))
+    mixture, mean, _ = _initial_mixture(x, n_components, init, oas_formula, seed)
     shift = torch.from_numpy(mean)
     previous_ll, history, stop_reason = None, [], "max_iter"
     for _ in range(max_iter):
