@@ -1,8 +1,8 @@
 """The `glad` command: synth, fit, score, eval in-process through `main(argv)`, plus real
 subprocesses for `--help` and for the exit status of an error.
 
-Fitted artifacts are shared through module-scoped fixtures. `glad eval` has no option to shrink
-GLAD's mixtures, so its test swaps in a small-settings GladModel for the evaluation module.
+Fitted artifacts are shared through module-scoped fixtures; fits use the small-budget flags
+(--components, --max-components, --max-iter) to stay fast.
 """
 
 from __future__ import annotations
