@@ -141,11 +141,12 @@ class GladModel:
             candidates = [top_candidates(f, torch.ones(f.shape[:2], dtype=torch.bool),
                                          layer.factors, self.n_candidates)
                           for f, layer in zip(flat, layers, strict=True)]
-        self.radius_ = self._select_radius(layers, candidates, flat, fitting, held)
+        held_features = [f[held] for f in flat]
+        self.radius_, held_out_layers = self._select_radius(layers, candidates, held_features,
+                                                            fitting)
         if len(held):  # threshold from images the local weights have not seen
-            self._localize(layers, candidates, self.radius_, fitting)
-            self.threshold_ = float(self._scores_of([f[held] for f in flat], layers).max())
-        self._localize(layers, candidates, self.radius_, np.arange(m))
+            self.threshold_ = float(self._scores_of(held_features, held_out_layers).max())
+        layers = self._localized(layers, candidates, self.radius_, np.arange(m))
         if not len(held):
             self.threshold_ = float(self._scores_of(flat, layers).max())
         self.layers_ = layers
@@ -211,36 +212,41 @@ class GladModel:
                  report.iterations, report.stop_reason)
         return LayerModel(mixture, mixture.factors(), tuple(features.shape[1:3]), None, report)
 
-    def _localize(self, layers, candidates, radius: int | None, images: np.ndarray) -> None:
-        """Set each layer's local weights from the given training images (None: global)."""
-        for index, layer in enumerate(layers):
-            if radius is None:
-                layer.local = None
-                continue
-            cand = candidates[index]
+    def _localized(self, layers: list[LayerModel], candidates, radius: int | None,
+                   images: np.ndarray) -> list[LayerModel]:
+        """The layers with local weights learned from the given training images (None: global)."""
+        if radius is None:
+            return [replace(layer, local=None) for layer in layers]
+        out = []
+        for layer, cand in zip(layers, candidates, strict=True):
             subset = Candidates(cand.index[images], cand.cost[images], cand.valid[images])
-            layer.local = fit_local_weights(subset, layer.factors.log_weights, layer.grid, radius,
-                                            self.neighbourhood, self.local_mode)
+            local = fit_local_weights(subset, layer.factors.log_weights, layer.grid, radius,
+                                      self.neighbourhood, self.local_mode)
+            out.append(replace(layer, local=local))
+        return out
 
-    def _select_radius(self, layers, candidates, flat, fitting, held) -> int | None:
-        """The radius (None = global weights) whose held-back normal images score lowest."""
+    def _select_radius(self, layers, candidates, held_features, fitting):
+        """The radius (None = global weights) whose held-back normal images score lowest.
+
+        Returns it with the layers localized on the non-held-back images at that radius.
+        """
+        radii = (*RADIUS_CANDIDATES, None) if self.radius == "auto" else (int(self.radius),)
         if not self.local:
-            return None
-        if self.radius != "auto":
-            return int(self.radius)
-        if not len(held):
-            return RADIUS_CANDIDATES[0]
-        held_features = [f[held] for f in flat]
-        best, best_score = None, math.inf
-        for radius in (*RADIUS_CANDIDATES, None):
-            self._localize(layers, candidates, radius, fitting)
-            score = float(np.mean(self._scores_of(held_features, layers)))
+            radii = (None,)
+        elif self.radius == "auto" and not len(held_features[0]):
+            radii = RADIUS_CANDIDATES[:1]
+        best, best_layers, best_score = None, None, math.inf
+        for radius in radii:
+            candidate_layers = self._localized(layers, candidates, radius, fitting)
+            if len(radii) == 1:
+                return radius, candidate_layers
+            score = float(np.mean(self._scores_of(held_features, candidate_layers)))
             self.selection_["global" if radius is None else f"r={radius}"] = score
             if score < best_score:
-                best, best_score = radius, score
+                best, best_layers, best_score = radius, candidate_layers, score
         log.info("held-out normal score per localisation: %s -> %s", self.selection_,
                  "global" if best is None else f"r={best}")
-        return best
+        return best, best_layers
 
     def _scores_of(self, flat_features: list[torch.Tensor], layers) -> np.ndarray:
         logliks = [layer.loglik(f) for f, layer in zip(flat_features, layers, strict=True)]
