@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
@@ -133,7 +134,8 @@ class GladModel:
         m = len(images)
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
-        layers = [self._fit_layer(f[fitting], index) for index, f in enumerate(features)]
+        layers = [self._fit_layer(f[fitting], index) for index, f in enumerate(
+            tqdm(features, desc="mixtures", unit="layer", disable=not self.progress))]
         flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
         self.selection_ = {}
         candidates = None
