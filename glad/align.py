@@ -1,0 +1,534 @@
+"""Registration of object images onto one reference image (spec §6, the "align" stage).
+
+GLAD compares every pixel position with the same position of the training images, so each object
+frame is first warped onto a reference image. The OpenCV route of spec §6.3 is used:
+
+1. both images are resized so that their longest side is `work_size` (the warp is rescaled to full
+   resolution afterwards, §6.5);
+2. a coarse warp comes from ORB features, Lowe's ratio test and a RANSAC similarity
+   (`cv2.estimateAffinePartial2D`), robust to large motion and to defects; with too few inliers it
+   falls back to a `cv2.phaseCorrelate` translation;
+3. pyramidal `cv2.findTransformECC` refines it coarse to fine. OpenCV 4.x has no template-side mask,
+   so the roles are swapped (template = frame, input = reference, input mask = the reference ROI):
+   ECC then estimates V with reference(V y) ≈ frame(y) and the warp is W = V⁻¹;
+4. a robust pass (an emulation of IRLS) masks pixels whose normalised residual is an outlier (a
+   defect, an occluder) and refines the finest level again without them;
+5. quality gates (correlation, rotation, scale, translation, time) turn an implausible result into
+   `ok=False` with a reason: an unexpected pose is itself abnormal and must not be scored.
+
+Warps are 3x3 float64 and map reference pixel coordinates to frame pixel coordinates (x = column,
+y = row, pixel centres at integers): frame(W x) ≈ reference(x).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from glad.errors import ImageError
+
+MOTIONS = ("translation", "euclidean", "similarity", "affine", "homography")
+
+# ECC has no similarity model: similarity runs as MOTION_AFFINE and is projected onto the nearest
+# similarity after every level (least squares on the linear part, keeping the centre's image).
+_ECC_MOTION = {
+    "translation": cv2.MOTION_TRANSLATION,
+    "euclidean": cv2.MOTION_EUCLIDEAN,
+    "similarity": cv2.MOTION_AFFINE,
+    "affine": cv2.MOTION_AFFINE,
+    "homography": cv2.MOTION_HOMOGRAPHY,
+}
+_PARTIAL = ("translation", "euclidean", "similarity")  # motions a RANSAC similarity covers
+MIN_SIDE = 32  # px: smaller images carry too little structure to register
+MIN_STD = 2.0  # grey levels: a flatter image is blank
+MIN_INLIERS = 15  # RANSAC inliers needed to trust the feature-based coarse warp
+ORB_FAST_THRESHOLD = 5  # grey levels; the default 20 finds only ~50 corners on a smooth part
+RATIO = 0.75  # Lowe's ratio test
+RANSAC_THRESHOLD = 3.0  # px at working resolution
+ECC_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 60, 1e-5)
+ECC_BLUR = 5  # gaussFiltSize of findTransformECC; the same blur is used for residuals and the NCC
+OUTLIER_SIGMAS = 3.0
+OUTLIER_DILATION = 5  # px
+MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard deviations
+OUTLIER_FRACTION = (0.002, 0.25)  # robust pass only when this share of the ROI is masked
+MIN_VALID_FRACTION = 0.9
+
+
+@dataclass
+class Alignment:
+    """The result of aligning one frame on the reference.
+
+    `warp` maps reference pixel coordinates to frame pixel coordinates (frame(W x) ≈ reference(x));
+    it is the identity when the frame was rejected before any estimate. `aligned` (RGB uint8) and
+    `valid` (bool, pixels that came from inside the frame, eroded by 1 px) live in the reference
+    frame and size; they are None when no warp could be estimated. `reason` is "" when `ok`.
+    """
+
+    warp: np.ndarray
+    aligned: np.ndarray | None
+    valid: np.ndarray | None
+    correlation: float
+    ok: bool
+    reason: str
+    reference_shape: tuple[int, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Failure(Exception):
+    """Internal: stops an alignment with a reason (never leaves `Aligner.align`)."""
+
+
+class Aligner:
+    """Aligns frames on one reference image; build once per category, call `align` per frame."""
+
+    def __init__(
+        self,
+        reference: np.ndarray,
+        motion: str = "euclidean",
+        mask: np.ndarray | None = None,
+        work_size: int = 256,
+        levels: int = 3,
+        min_correlation: float = 0.8,
+        max_rotation_deg: float = 20.0,
+        scale_range: tuple[float, float] = (0.9, 1.1),
+        max_translation_frac: float = 0.25,
+        robust: bool = True,
+        max_seconds: float = 1.0,
+    ) -> None:
+        if motion not in MOTIONS:
+            raise ValueError(f"unknown motion {motion!r}: one of {MOTIONS}")
+        if work_size < MIN_SIDE or levels < 1:
+            raise ValueError(f"work_size must be >= {MIN_SIDE} and levels >= 1")
+        gray = _gray(_check_reference(reference))
+        if mask is not None and mask.shape != gray.shape:
+            raise ImageError(f"mask shape {mask.shape} differs from the reference {gray.shape}")
+        self.motion = motion
+        self.work_size = work_size
+        self.min_correlation = min_correlation
+        self.max_rotation_deg = max_rotation_deg
+        self.scale_range = scale_range
+        self.max_translation_frac = max_translation_frac
+        self.robust = robust
+        self.max_seconds = max_seconds
+        self.shape = gray.shape
+        self._ref_work, self._ref_scale = _to_work(gray, work_size)
+        self._levels = _usable_levels(self._ref_work.shape, levels)
+        full_roi = np.ones(gray.shape, np.uint8) if mask is None else mask.astype(np.uint8)
+        roi = cv2.resize(full_roi, self._ref_work.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        self._roi = roi.astype(bool)
+        self._ref_pyramid = _pyramid(self._ref_work, self._levels)
+        self._roi_pyramid = _mask_pyramid(self._roi, self._levels)
+        self._ref_smooth = _smooth(self._ref_work)
+        self._orb = cv2.ORB_create(nfeatures=1000, fastThreshold=ORB_FAST_THRESHOLD)
+        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._ref_keypoints, self._ref_descriptors = self._orb.detectAndCompute(
+            _as_uint8(self._ref_work), roi)
+
+    def align(self, frame: np.ndarray) -> Alignment:
+        """Register `frame` (RGB or grey uint8, any size) on the reference; never raises for bad input.
+
+        Rejections before any estimate (bad type, tiny, blank, no convergence, timeout) return the
+        identity warp and no aligned image; gate failures keep the estimate for inspection.
+        """
+        start = time.perf_counter()
+        warnings: list[str] = []
+        try:
+            gray = _gray(_check_frame(frame))
+            work, frame_scale = _to_work(gray, self.work_size)
+            warp_work = self._estimate(work, start, warnings)
+        except _Failure as failure:
+            return Alignment(np.eye(3), None, None, 0.0, False, f"alignment_failed: {failure}",
+                             self.shape, warnings)
+        warp = frame_scale @ warp_work @ np.linalg.inv(self._ref_scale)
+        correlation = self._correlation(work, warp_work)
+        reason = self._gate(warp, gray.shape, correlation)
+        aligned, valid = self._warp_frame(frame, warp, warnings)
+        return Alignment(warp, aligned, valid, correlation, not reason,
+                         f"alignment_failed: {reason}" if reason else "", self.shape, warnings)
+
+    # ---------------------------------------------------------------------------------------
+    # Estimation at working resolution
+    # ---------------------------------------------------------------------------------------
+
+    def _estimate(self, work: np.ndarray, start: float, warnings: list[str]) -> np.ndarray:
+        """Coarse, pyramidal and robust estimation of the working-resolution warp."""
+        warp, trusted = self._coarse(work)
+        self._check_time(start)
+        warp, converged = self._refine_pyramid(work, warp, start)
+        if not converged:
+            if not trusted:
+                raise _Failure("no convergence")
+            warnings.append("ecc_failed: kept the coarse feature-based estimate")
+        if self.robust:
+            warp = self._robust_pass(work, warp, start)
+        return warp
+
+    def _coarse(self, work: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Feature-based warp (reference -> frame) or, failing that, a phase-correlation shift.
+
+        RANSAC fits a similarity for the motions it contains and a full affinity otherwise (shear
+        would cost a similarity its inliers); the result is projected onto the motion family. The
+        flag says whether the estimate rests on enough RANSAC inliers to be kept on its own.
+        """
+        keypoints, descriptors = self._orb.detectAndCompute(_as_uint8(work), None)
+        if descriptors is not None and self._ref_descriptors is not None and len(keypoints) >= 2:
+            pairs = self._matcher.knnMatch(self._ref_descriptors, descriptors, k=2)
+            good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+            if len(good) >= MIN_INLIERS:
+                src = np.float32([self._ref_keypoints[m.queryIdx].pt for m in good])
+                dst = np.float32([keypoints[m.trainIdx].pt for m in good])
+                estimate = cv2.estimateAffinePartial2D if self.motion in _PARTIAL else cv2.estimateAffine2D
+                matrix, inliers = estimate(src, dst, method=cv2.RANSAC,
+                                           ransacReprojThreshold=RANSAC_THRESHOLD)
+                if matrix is not None and int(inliers.sum()) >= MIN_INLIERS:
+                    coarse = self._project(np.vstack([matrix, [0.0, 0.0, 1.0]]))
+                    if _invertible(coarse):
+                        return coarse, True
+        return self._project(self._phase_shift(work)), False
+
+    def _phase_shift(self, work: np.ndarray) -> np.ndarray:
+        """Translation by phase correlation, the frame cropped or zero-padded to the reference's shape."""
+        h, w = self._ref_work.shape
+        canvas = np.zeros((h, w), np.float32)
+        crop = work[:h, :w]
+        canvas[: crop.shape[0], : crop.shape[1]] = crop
+        window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+        (dx, dy), _ = cv2.phaseCorrelate(self._ref_work, canvas, window)
+        return _translation(dx, dy)
+
+    def _refine_pyramid(self, work: np.ndarray, warp: np.ndarray, start: float) -> tuple[np.ndarray, bool]:
+        """ECC from the coarsest to the finest level; a level that fails keeps the current warp."""
+        frame_pyramid = _pyramid(work, self._levels)
+        converged = False
+        for level in reversed(range(self._levels)):
+            refined = self._ecc(frame_pyramid[level], level, warp, self._roi_pyramid[level])
+            if refined is not None:
+                warp, converged = refined, True
+            self._check_time(start)
+        return warp, converged
+
+    def _robust_pass(self, work: np.ndarray, warp: np.ndarray, start: float) -> np.ndarray:
+        """Refine the finest level again without the pixels whose residual is an outlier (defects).
+
+        Skipped when almost nothing or too much is masked (then it is misfit, not a defect); the
+        new warp is kept only if it correlates better on the pixels that are not outliers.
+        """
+        aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
+        region = self._roi & valid
+        outliers = _outliers(self._ref_smooth, _smooth(aligned), region)
+        low, high = OUTLIER_FRACTION
+        if not low * region.sum() <= outliers.sum() <= high * region.sum():
+            return warp
+        keep = self._roi & ~outliers
+        refined = self._ecc(work, 0, warp, keep.astype(np.uint8))
+        self._check_time(start)
+        if refined is None or self._correlation(work, refined, keep) <= self._correlation(work, warp, keep):
+            return warp
+        return refined
+
+    def _ecc(self, frame: np.ndarray, level: int, warp: np.ndarray, roi: np.ndarray) -> np.ndarray | None:
+        """One `findTransformECC` call at pyramid `level` with the reference as the masked input.
+
+        `warp` (reference -> frame, level 0) is inverted into V (frame -> reference) for ECC,
+        conjugated to the level, refined, and returned at level 0; None when ECC raises.
+        """
+        scale = np.diag([2.0**level, 2.0**level, 1.0])
+        inverse = np.linalg.inv(scale) @ np.linalg.inv(warp) @ scale
+        size = 3 if self.motion == "homography" else 2
+        initial = (inverse / inverse[2, 2])[:size].astype(np.float32)
+        try:
+            _, refined = cv2.findTransformECC(frame, self._ref_pyramid[level], initial,
+                                              _ECC_MOTION[self.motion], ECC_CRITERIA,
+                                              roi.astype(np.uint8), ECC_BLUR)
+        except cv2.error:
+            return None
+        full = np.vstack([refined, [0.0, 0.0, 1.0]])[:3].astype(np.float64)
+        if not _invertible(full):
+            return None
+        result = np.linalg.inv(scale @ full @ np.linalg.inv(scale))
+        projected = self._project(result / result[2, 2])
+        return projected if _invertible(projected) else None
+
+    def _project(self, warp: np.ndarray) -> np.ndarray:
+        """The nearest warp of this aligner's motion family (working resolution)."""
+        return _project(warp, self.motion, _centre(self._ref_work.shape))
+
+    def _correlation(self, work: np.ndarray, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
+        """Zero-mean normalised cross-correlation of the aligned and reference greys.
+
+        Computed on the valid pixels of `roi` (default: the reference ROI), after ECC's pre-blur.
+        """
+        aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
+        region = (self._roi if roi is None else roi) & valid
+        if region.sum() < 16:
+            return 0.0
+        return _ncc(self._ref_smooth[region], _smooth(aligned)[region])
+
+    # ---------------------------------------------------------------------------------------
+    # Gates and outputs
+    # ---------------------------------------------------------------------------------------
+
+    def _gate(self, warp: np.ndarray, frame_shape: tuple[int, int], correlation: float) -> str:
+        """The first failed quality gate (rotation, scale, centre shift, correlation), or ""."""
+        rotation, scale = _rotation_scale(warp)
+        low, high = self.scale_range
+        shift = _apply(warp, _centre(self.shape)) - _centre(frame_shape)
+        limit = self.max_translation_frac * np.array(self.shape[::-1], dtype=float)
+        if abs(rotation) > self.max_rotation_deg:
+            return f"rotation {abs(rotation):.1f}° > {self.max_rotation_deg:g}°"
+        if not low <= scale <= high:
+            return f"scale {scale:.2f} outside [{low:g}, {high:g}]"
+        if np.any(np.abs(shift) > limit):
+            return (f"translation ({shift[0]:.0f}, {shift[1]:.0f}) px beyond "
+                    f"{self.max_translation_frac:g} of the reference size")
+        if correlation < self.min_correlation:
+            return f"correlation {correlation:.2f} < {self.min_correlation:.2f}"
+        return ""
+
+    def _check_time(self, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        if elapsed > self.max_seconds:
+            raise _Failure(f"timeout after {elapsed:.2f} s > {self.max_seconds:g} s")
+
+    def _warp_frame(self, frame: np.ndarray, warp: np.ndarray,
+                    warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The frame resampled in the reference frame, and its validity mask (spec §6.4)."""
+        rgb = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame[..., :3]
+        aligned = _warp(np.ascontiguousarray(rgb), warp, self.shape, cv2.INTER_LINEAR)
+        ones = np.ones(frame.shape[:2], np.uint8)
+        valid = cv2.erode(_warp(ones, warp, self.shape, cv2.INTER_NEAREST), np.ones((3, 3), np.uint8))
+        valid = valid.astype(bool)
+        roi = cv2.resize(self._roi.astype(np.uint8), self.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        fraction = valid[roi > 0].mean() if roi.any() else valid.mean()
+        if fraction < MIN_VALID_FRACTION:
+            warnings.append(f"valid ROI fraction {fraction:.2f} < {MIN_VALID_FRACTION}")
+        return aligned, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Public helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def unwarp_heatmap(heatmap: np.ndarray, alignment: Alignment, frame_shape: tuple[int, int],
+                   fill: float | None = None) -> np.ndarray:
+    """Map a heat map of the reference frame back onto the original frame (spec §6.6).
+
+    The map is resized to the reference size first (it may come at feature or 256 resolution);
+    frame pixels without a pre-image in the reference get `fill` (default: the map's minimum, the
+    least anomalous score). Returns float32 (or float64 for a float64 map) of `frame_shape`.
+    """
+    dtype = np.float64 if heatmap.dtype == np.float64 else np.float32
+    h_ref, w_ref = alignment.reference_shape
+    resized = cv2.resize(heatmap.astype(dtype), (w_ref, h_ref), interpolation=cv2.INTER_LINEAR)
+    value = float(np.min(heatmap)) if fill is None else float(fill)
+    # Without WARP_INVERSE_MAP: dst(y) = src(W⁻¹ y), i.e. the frame pixel y shows reference W⁻¹ y.
+    return cv2.warpPerspective(resized, alignment.warp, (frame_shape[1], frame_shape[0]),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=value)
+
+
+def select_reference(images: Sequence[np.ndarray]) -> int:
+    """Index of the training image most similar to the others, the natural alignment target.
+
+    Each image is reduced to a blurred 64x64 grey; the one with the highest normalised
+    correlation to the pixel-wise median of all of them wins. O(n) and cheap.
+    """
+    if len(images) == 0:
+        raise ValueError("select_reference needs at least one image")
+    small = np.stack([_smooth(cv2.resize(_gray(image), (64, 64), interpolation=cv2.INTER_AREA))
+                      for image in images])
+    median = np.median(small, axis=0)
+    scores = [_ncc(s.ravel(), median.ravel()) for s in small]
+    return int(np.argmax(scores))
+
+
+def random_pose(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
+                max_rotation_deg: float = 10.0,
+                max_shift_px: float = 16.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The randomised-pose protocol (spec §8.3): one random rotation about the centre and shift.
+
+    Rotation ~ U[-max_rotation_deg, max_rotation_deg], shift ~ U[-s, s]² with s = max_shift_px
+    scaled by size/256. The image uses bilinear interpolation and border replication; the mask
+    (same transform) nearest interpolation and a zero border, and keeps its dtype.
+    """
+    h, w = image.shape[:2]
+    angle = rng.uniform(-max_rotation_deg, max_rotation_deg)
+    shift = rng.uniform(-1.0, 1.0, size=2) * max_shift_px * max(h, w) / 256.0
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
+    matrix[:, 2] += shift
+    moved = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if mask is None:
+        return moved, None
+    moved_mask = cv2.warpAffine(mask.astype(np.uint8), matrix, (w, h), flags=cv2.INTER_NEAREST,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return moved, moved_mask.astype(mask.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image and warp utilities
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_reference(reference: np.ndarray) -> np.ndarray:
+    """Raise ImageError when the reference cannot anchor an alignment."""
+    try:
+        return _check_frame(reference)
+    except _Failure as failure:
+        raise ImageError(f"unusable reference image: {failure}") from None
+
+
+def _check_frame(frame: np.ndarray) -> np.ndarray:
+    """Reject frames that are not uint8 images, too small or blank."""
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
+        raise _Failure(f"unsupported image type {getattr(frame, 'dtype', type(frame))} (need uint8)")
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] not in (1, 3, 4)):
+        raise _Failure(f"unsupported image shape {frame.shape}")
+    if min(frame.shape[:2]) < MIN_SIDE:
+        raise _Failure(f"image too small {frame.shape[1]}x{frame.shape[0]} (< {MIN_SIDE} px)")
+    if float(_gray(frame).std()) < MIN_STD:
+        raise _Failure("blank frame")
+    return frame
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """Grey float32 in 0-255 (the same conversion for reference and frames)."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return image.reshape(image.shape[:2]).astype(np.float32)
+    return cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2GRAY).astype(np.float32)
+
+
+def _as_uint8(gray: np.ndarray) -> np.ndarray:
+    return np.clip(gray, 0, 255).astype(np.uint8)
+
+
+def _smooth(gray: np.ndarray) -> np.ndarray:
+    """The same Gaussian pre-blur as ECC's gaussFiltSize, so residuals and NCC match its view."""
+    return cv2.GaussianBlur(gray, (ECC_BLUR, ECC_BLUR), 0)
+
+
+def _to_work(gray: np.ndarray, work_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize so that the longest side is `work_size`; also return T with full = T · work (§6.5).
+
+    T includes cv2.resize's pixel-centre convention: x_full = f·x_work + (f − 1)/2 per axis.
+    """
+    h, w = gray.shape
+    factor = work_size / max(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    work = gray if size == (w, h) else cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    fx, fy = w / size[0], h / size[1]
+    return work, np.array([[fx, 0.0, (fx - 1) / 2], [0.0, fy, (fy - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def _usable_levels(shape: tuple[int, int], levels: int) -> int:
+    """At most `levels` pyramid levels, keeping the coarsest side at >= 32 px."""
+    return max(1, min(levels, 1 + int(math.log2(min(shape) / MIN_SIDE))))
+
+
+def _pyramid(gray: np.ndarray, levels: int) -> list[np.ndarray]:
+    """cv2.pyrDown pyramid: coarse pixel c is fine pixel 2c (spec §6.3 step 3)."""
+    pyramid = [gray]
+    for _ in range(levels - 1):
+        pyramid.append(cv2.pyrDown(pyramid[-1]))
+    return pyramid
+
+
+def _mask_pyramid(mask: np.ndarray, levels: int) -> list[np.ndarray]:
+    """The ROI at each level (even samples, as pyrDown keeps), uint8 for ECC."""
+    return [mask[:: 2**level, :: 2**level].astype(np.uint8) for level in range(levels)]
+
+
+def _centre(shape: tuple[int, ...]) -> np.ndarray:
+    return np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
+
+
+def _apply(warp: np.ndarray, point: np.ndarray) -> np.ndarray:
+    x, y, z = warp @ np.array([point[0], point[1], 1.0])
+    return np.array([x / z, y / z])
+
+
+def _translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def _invertible(warp: np.ndarray) -> bool:
+    """Finite and far from singular (a collapsed warp is no registration)."""
+    return bool(np.all(np.isfinite(warp)) and abs(np.linalg.det(warp[:2, :2])) > 1e-3 and warp[2, 2] != 0)
+
+
+def _rotation_scale(warp: np.ndarray) -> tuple[float, float]:
+    """Rotation (degrees) and isotropic scale of the linear part of a warp."""
+    linear = warp[:2, :2] / warp[2, 2]
+    angle = math.degrees(math.atan2(linear[1, 0] - linear[0, 1], linear[0, 0] + linear[1, 1]))
+    return angle, math.sqrt(abs(np.linalg.det(linear)))
+
+
+def _project(warp: np.ndarray, motion: str, centre: np.ndarray) -> np.ndarray:
+    """The nearest warp of the motion family, keeping the image of `centre`."""
+    if motion == "homography":
+        return warp
+    if motion == "affine":
+        return np.vstack([warp[:2] / warp[2, 2], [0.0, 0.0, 1.0]])
+    linear = warp[:2, :2] / warp[2, 2]
+    if motion == "translation":
+        linear = np.eye(2)
+    else:
+        a = (linear[0, 0] + linear[1, 1]) / 2
+        b = (linear[1, 0] - linear[0, 1]) / 2
+        if motion == "euclidean":
+            norm = math.hypot(a, b)
+            a, b = (a / norm, b / norm) if norm > 0 else (1.0, 0.0)
+        linear = np.array([[a, -b], [b, a]])
+    shift = _apply(warp, centre) - linear @ centre
+    return np.vstack([np.hstack([linear, shift[:, None]]), [0.0, 0.0, 1.0]])
+
+
+def _warp(image: np.ndarray, warp: np.ndarray, shape: tuple[int, int], interpolation: int) -> np.ndarray:
+    """Resample `image` (frame) in the reference frame: out(x) = image(W x), zero outside."""
+    return cv2.warpPerspective(image, warp, (shape[1], shape[0]),
+                               flags=interpolation | cv2.WARP_INVERSE_MAP,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _warp_gray(work: np.ndarray, warp: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A working-resolution frame warped onto the reference, with its eroded validity mask."""
+    aligned = _warp(work, warp, shape, cv2.INTER_LINEAR)
+    ones = _warp(np.ones(work.shape, np.uint8), warp, shape, cv2.INTER_NEAREST)
+    valid = cv2.erode(ones, np.ones((2 * ECC_BLUR + 1,) * 2, np.uint8)) > 0
+    return aligned, valid
+
+
+def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Blobs whose normalised residual exceeds 3 robust sigmas (1.4826·MAD), dilated by 5 px.
+
+    The sigma is floored at `MIN_OUTLIER_Z` (z units of the reference) because flat backgrounds make
+    the MAD tiny; a 3x3 opening drops the thin residual lines that sub-pixel misfit leaves on edges,
+    so that only defect-like blobs are masked.
+    """
+    if region.sum() < 16:
+        return np.zeros(region.shape, bool)
+    residual = _zscore(reference, region) - _zscore(aligned, region)
+    values = residual[region]
+    centre = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - centre)))
+    threshold = max(OUTLIER_SIGMAS * sigma, MIN_OUTLIER_Z)
+    outliers = ((np.abs(residual - centre) > threshold) & region).astype(np.uint8)
+    outliers = cv2.morphologyEx(outliers, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * OUTLIER_DILATION + 1,) * 2)
+    return cv2.dilate(outliers, kernel) > 0
+
+
+def _zscore(gray: np.ndarray, region: np.ndarray) -> np.ndarray:
+    values = gray[region]
+    return (gray - values.mean()) / (values.std() + 1e-6)
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64) - a.mean()
+    b = b.astype(np.float64) - b.mean()
+    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0

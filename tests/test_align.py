@@ -1,0 +1,170 @@
+"""Registration on a reference image (glad.align): accuracy, robustness, gates and helpers."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from glad import synth
+from glad.align import MOTIONS, Aligner, random_pose, select_reference, unwarp_heatmap
+from glad.errors import ImageError
+
+SIZE = 256
+CORNERS = np.array([[0, 0, 1], [SIZE - 1, 0, 1], [0, SIZE - 1, 1], [SIZE - 1, SIZE - 1, 1]], float).T
+
+
+def part(category: str, seed: int) -> np.ndarray:
+    return synth.render_normal(category, np.random.default_rng(seed))
+
+
+def known_warp(motion: str, rng: np.random.Generator) -> np.ndarray:
+    """A random reference -> frame warp of `motion` within ±8°, ±12 px, ±4 % scale (about the centre)."""
+    angle = 0.0 if motion == "translation" else np.radians(rng.uniform(-8, 8))
+    scale = rng.uniform(0.96, 1.04) if motion in ("similarity", "affine", "homography") else 1.0
+    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    if motion in ("affine", "homography"):
+        linear = linear @ (np.eye(2) + rng.uniform(-0.03, 0.03, (2, 2)))
+    centre = np.full(2, (SIZE - 1) / 2)
+    warp = np.eye(3)
+    warp[:2, :2] = linear
+    warp[:2, 2] = centre + rng.uniform(-12, 12, 2) - linear @ centre
+    if motion == "homography":
+        warp[2, :2] = rng.uniform(-1e-4, 1e-4, 2)
+    return warp
+
+
+def move(image: np.ndarray, warp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The frame that `warp` relates to `image` (frame(W x) = image(x)), with sensor noise."""
+    frame = cv2.warpPerspective(image, warp, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
+    return np.clip(frame + rng.normal(0, 2, frame.shape), 0, 255).astype(np.uint8)
+
+
+def corner_error(true: np.ndarray, estimate: np.ndarray) -> float:
+    """Mean distance (px) between the frame positions of the reference corners under two warps."""
+    a, b = true @ CORNERS, estimate @ CORNERS
+    return float(np.linalg.norm(a[:2] / a[2] - b[:2] / b[2], axis=0).mean())
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_recovers_known_transforms(motion: str) -> None:
+    errors = []
+    for seed, category in zip(range(3), ("pcb", "nut", "pcb"), strict=True):
+        rng = np.random.default_rng(100 + seed)
+        reference = part(category, seed)
+        warp = known_warp(motion, rng)
+        result = Aligner(reference, motion=motion).align(move(reference, warp, rng))
+        assert result.ok, result.reason
+        assert result.reason == ""
+        assert result.warp.shape == (3, 3) and result.warp.dtype == np.float64
+        assert result.correlation >= 0.8
+        errors.append(corner_error(warp, result.warp))
+    assert np.median(errors) < 1.0, errors
+
+
+@pytest.mark.parametrize("category", ["nut", "pcb"])
+def test_pasted_defect_does_not_bias_the_warp(category: str) -> None:
+    errors = []
+    for seed in range(3):
+        rng = np.random.default_rng(200 + seed)
+        reference = part(category, seed)
+        defect = synth.defect_types(category)[seed % len(synth.defect_types(category))]
+        damaged, mask = synth.add_defect(reference, category, defect, rng)
+        assert mask.any()
+        warp = known_warp("euclidean", rng)
+        result = Aligner(reference, motion="euclidean").align(move(damaged, warp, rng))
+        assert result.ok, result.reason
+        errors.append(corner_error(warp, result.warp))
+    assert max(errors) < 2.0, errors
+
+
+def test_validity_mask_marks_pixels_outside_the_frame() -> None:
+    reference = part("pcb", 1)
+    shift = 40  # frame(x + 40) = reference(x): reference columns >= 216 have no source pixel
+    warp = np.array([[1.0, 0.0, shift], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    frame = cv2.warpAffine(reference, warp[:2], (SIZE, SIZE), borderMode=cv2.BORDER_CONSTANT)
+    result = Aligner(reference, motion="translation").align(frame)
+    assert result.ok, result.reason
+    assert result.valid is not None and result.aligned is not None
+    assert result.valid.shape == reference.shape[:2] and result.valid.dtype == bool
+    assert result.aligned.shape == reference.shape and result.aligned.dtype == np.uint8
+    edge = SIZE - shift
+    assert not result.valid[:, edge - 1:].any()  # outside, plus the 1 px erosion
+    assert result.valid[1:-1, 1:edge - 2].all()
+    assert any("valid ROI fraction" in w for w in result.warnings)
+    inside = result.valid
+    assert np.abs(result.aligned[inside].astype(int) - reference[inside]).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "frame, words",
+    [
+        (np.full((SIZE, SIZE, 3), 90, np.uint8), "blank"),
+        (part("weave", 3), "alignment_failed"),
+        (np.random.default_rng(4).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "alignment_failed"),
+        (np.rot90(part("pcb", 0)).copy(), "rotation"),
+        (part("pcb", 0)[:20, :20].copy(), "too small"),
+        (cv2.resize(part("pcb", 0), (2000, 2000), interpolation=cv2.INTER_LINEAR), "scale"),
+        (np.zeros((SIZE, SIZE, 3), np.float32), "unsupported"),
+    ],
+    ids=["blank", "other_product", "noise", "rotated_90", "tiny", "huge", "float"],
+)
+def test_gates_reject_bad_frames(frame: np.ndarray, words: str) -> None:
+    result = Aligner(part("pcb", 0)).align(frame)
+    assert not result.ok
+    assert result.reason.startswith("alignment_failed: ")
+    assert words in result.reason
+
+
+def test_heavy_blur_does_not_raise() -> None:
+    reference = part("nut", 2)
+    result = Aligner(reference).align(cv2.GaussianBlur(reference, (0, 0), 8))
+    assert result.ok == (result.reason == "")
+    assert np.all(np.isfinite(result.warp))
+
+
+@pytest.mark.parametrize("image", [np.full((SIZE, SIZE, 3), 128, np.uint8), np.zeros((16, 16, 3), np.uint8)])
+def test_unusable_reference_raises(image: np.ndarray) -> None:
+    with pytest.raises(ImageError):
+        Aligner(image)
+
+
+def test_random_pose_moves_image_and_mask_identically() -> None:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[60:150, 90:200] = True
+    image = np.where(mask[..., None], 220, 30).astype(np.uint8).repeat(3, axis=2)
+    moved, moved_mask = random_pose(image, mask, np.random.default_rng(7))
+    assert moved_mask is not None and moved_mask.dtype == bool and moved.shape == image.shape
+    assert (moved_mask != mask).mean() > 0.01  # it did move
+    agreement = ((moved[..., 0] > 125) == moved_mask).mean()
+    assert agreement > 0.995
+    assert moved.min() == 30  # border replication, no black corners
+    again, _ = random_pose(image, None, np.random.default_rng(7))
+    assert np.array_equal(again, moved)
+
+
+def test_unwarp_heatmap_puts_a_blob_back_in_the_frame() -> None:
+    reference = part("pcb", 5)
+    rng = np.random.default_rng(5)
+    warp = known_warp("euclidean", rng)
+    frame = move(reference, warp, rng)
+    result = Aligner(reference).align(frame)
+    assert result.ok, result.reason
+    heat = np.zeros((64, 64), np.float32)
+    heat[40, 20] = 1.0  # reference pixel (20.5 * 4 - 0.5, 40.5 * 4 - 0.5) = (81.5, 161.5)
+    heat = cv2.GaussianBlur(heat, (0, 0), 1.5)
+    back = unwarp_heatmap(heat, result, frame.shape[:2])
+    assert back.shape == frame.shape[:2]
+    peak = np.unravel_index(np.argmax(back), back.shape)[::-1]
+    expected = (warp @ [81.5, 161.5, 1.0])[:2]
+    assert np.linalg.norm(np.array(peak) - expected) < 3.0
+    outside = unwarp_heatmap(heat, result, (400, 400), fill=-1.0)
+    assert outside[399, 399] == -1.0
+
+
+def test_select_reference_prefers_a_typical_image() -> None:
+    images = [part("nut", seed) for seed in range(4)]
+    images.insert(1, np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    assert select_reference(images) != 1
+    twin = part("pcb", 0)
+    assert select_reference([part("pcb", 1), twin, twin, twin]) in (1, 2, 3)
