@@ -12,7 +12,10 @@ frame is first warped onto a reference image. The OpenCV route of spec §6.3 is 
    so the roles are swapped (template = frame, input = reference, input mask = the reference ROI):
    ECC then estimates V with reference(V y) ≈ frame(y) and the warp is W = V⁻¹;
 4. a robust pass (an emulation of IRLS) masks pixels whose normalised residual is an outlier (a
-   defect, an occluder) and refines the finest level again without them;
+   defect, an occluder) and refines the finest level without them (with the robust pass on, the
+   pyramid of step 3 stops one level above the finest, which then runs once, masked); when the
+   result strays far from a trusted feature-based warp, the robust refinement is also run from that
+   warp and the better correlated result (outside the outliers) is kept;
 5. quality gates (correlation, rotation, scale, translation, time) turn an implausible result into
    `ok=False` with a reason: an unexpected pose is itself abnormal and must not be scored.
 
@@ -48,15 +51,22 @@ MIN_SIDE = 32  # px: smaller images carry too little structure to register
 MIN_STD = 2.0  # grey levels: a flatter image is blank
 MIN_INLIERS = 15  # RANSAC inliers needed to trust the feature-based coarse warp
 ORB_FAST_THRESHOLD = 5  # grey levels; the default 20 finds only ~50 corners on a smooth part
+ORB_FEATURES = 300  # enough for RANSAC; brute-force matching costs O(n²)
 RATIO = 0.75  # Lowe's ratio test
 RANSAC_THRESHOLD = 3.0  # px at working resolution
 ECC_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 60, 1e-5)
+# The finest level after the pyramid starts within a fraction of a working pixel (the next level's
+# estimate); a few Gauss-Newton steps reach the same accuracy there (each costs 1.5-4 ms at 256²).
+ECC_FINE_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 2, 1e-5)
 ECC_BLUR = 5  # gaussFiltSize of findTransformECC; the same blur is used for residuals and the NCC
 OUTLIER_SIGMAS = 3.0
 OUTLIER_DILATION = 5  # px
 MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard deviations
 OUTLIER_FRACTION = (0.002, 0.25)  # robust pass only when this share of the ROI is masked
 MIN_VALID_FRACTION = 0.9
+# px at working resolution (largest corner distance): ECC this far from a trusted coarse warp gets a
+# second opinion, the robust refinement started from the coarse warp (see `Aligner._estimate`)
+DIVERGENCE = 10.0
 
 
 @dataclass
@@ -121,11 +131,13 @@ class Aligner:
         full_roi = np.ones(gray.shape, np.uint8) if mask is None else mask.astype(np.uint8)
         roi = cv2.resize(full_roi, self._ref_work.shape[::-1], interpolation=cv2.INTER_NEAREST)
         self._roi = roi.astype(bool)
+        self._full_roi = cv2.resize(roi, gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         self._ref_pyramid = _pyramid(self._ref_work, self._levels)
         self._roi_pyramid = _mask_pyramid(self._roi, self._levels)
         self._ref_smooth = _smooth(self._ref_work)
-        self._orb = cv2.ORB_create(nfeatures=1000, fastThreshold=ORB_FAST_THRESHOLD)
+        self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._cache: dict[tuple[str, bytes], object] = {}
         self._ref_keypoints, self._ref_descriptors = self._orb.detectAndCompute(
             _as_uint8(self._ref_work), roi)
 
@@ -137,15 +149,18 @@ class Aligner:
         """
         start = time.perf_counter()
         warnings: list[str] = []
+        self._cache = {}
         try:
             gray = _gray(_check_frame(frame))
             work, frame_scale = _to_work(gray, self.work_size)
             warp_work = self._estimate(work, start, warnings)
         except _Failure as failure:
+            self._cache = {}
             return Alignment(np.eye(3), None, None, 0.0, False, f"alignment_failed: {failure}",
                              self.shape, warnings)
         warp = frame_scale @ warp_work @ np.linalg.inv(self._ref_scale)
         correlation = self._correlation(work, warp_work)
+        self._cache = {}
         reason = self._gate(warp, gray.shape, correlation)
         aligned, valid = self._warp_frame(frame, warp, warnings)
         return Alignment(warp, aligned, valid, correlation, not reason,
@@ -156,16 +171,50 @@ class Aligner:
     # ---------------------------------------------------------------------------------------
 
     def _estimate(self, work: np.ndarray, start: float, warnings: list[str]) -> np.ndarray:
-        """Coarse, pyramidal and robust estimation of the working-resolution warp."""
-        warp, trusted = self._coarse(work)
+        """Coarse, pyramidal and robust estimation of the working-resolution warp.
+
+        With the robust pass on, the pyramid stops one level above the finest and the finest level
+        runs once, masked by the outliers found at that level's estimate (or unmasked when the pass
+        is skipped), which halves the cost of full-resolution ECC. When the result strays far from a
+        trusted feature-based estimate (a defect can drag the first ECC levels), the robust
+        refinement is also started from the coarse estimate and the better correlated one is kept.
+        """
+        coarse, trusted = self._coarse(work)
         self._check_time(start)
-        warp, converged = self._refine_pyramid(work, warp, start)
+        pyramid = _pyramid(work, self._levels)
+        split = self.robust and self._levels > 1
+        warp, converged = self._refine_pyramid(pyramid, coarse, start, 1 if split else 0)
+        strayed = _corner_shift(coarse, warp, work.shape)
+        if split:
+            robust, _ = self._robust_pass(work, warp, start, criteria=ECC_FINE_CRITERIA)
+            if robust is None:
+                robust = self._ecc(work, 0, warp, self._roi_pyramid[0], ECC_FINE_CRITERIA)
+            if robust is not None:
+                warp, converged = robust, True
         if not converged:
             if not trusted:
                 raise _Failure("no convergence")
             warnings.append("ecc_failed: kept the coarse feature-based estimate")
-        if self.robust:
-            warp = self._robust_pass(work, warp, start)
+        if self.robust and not split:
+            robust, _ = self._robust_pass(work, warp, start)
+            warp = warp if robust is None else robust
+        strayed = max(strayed, _corner_shift(coarse, warp, work.shape))
+        if self.robust and trusted and strayed > DIVERGENCE:
+            warp = self._second_opinion(work, coarse, warp, start)
+        return warp
+
+    def _second_opinion(self, work: np.ndarray, coarse: np.ndarray, warp: np.ndarray,
+                        start: float) -> np.ndarray:
+        """Robust refinement started from the coarse estimate; the better of the two is kept.
+
+        The comparison uses the correlation outside the outliers of both estimates.
+        """
+        alternative, outliers = self._robust_pass(work, coarse, start, pyramid=True)
+        if alternative is None:
+            return warp
+        keep = self._roi & ~(outliers | self._outlier_mask(work, warp))
+        if self._correlation(work, alternative, keep) > self._correlation(work, warp, keep):
+            return alternative
         return warp
 
     def _coarse(self, work: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -201,37 +250,46 @@ class Aligner:
         (dx, dy), _ = cv2.phaseCorrelate(self._ref_work, canvas, window)
         return _translation(dx, dy)
 
-    def _refine_pyramid(self, work: np.ndarray, warp: np.ndarray, start: float) -> tuple[np.ndarray, bool]:
-        """ECC from the coarsest to the finest level; a level that fails keeps the current warp."""
-        frame_pyramid = _pyramid(work, self._levels)
+    def _refine_pyramid(self, pyramid: list[np.ndarray], warp: np.ndarray, start: float,
+                        finest: int = 0, rois: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
+        """ECC from the coarsest level down to `finest`; a level that fails keeps the current warp."""
+        rois = self._roi_pyramid if rois is None else rois
         converged = False
-        for level in reversed(range(self._levels)):
-            refined = self._ecc(frame_pyramid[level], level, warp, self._roi_pyramid[level])
+        for level in reversed(range(finest, self._levels)):
+            refined = self._ecc(pyramid[level], level, warp, rois[level])
             if refined is not None:
                 warp, converged = refined, True
             self._check_time(start)
         return warp, converged
 
-    def _robust_pass(self, work: np.ndarray, warp: np.ndarray, start: float) -> np.ndarray:
-        """Refine the finest level again without the pixels whose residual is an outlier (defects).
+    def _robust_pass(self, work: np.ndarray, warp: np.ndarray, start: float, pyramid: bool = False,
+                     criteria: tuple[int, int, float] = ECC_CRITERIA) -> tuple[np.ndarray | None, np.ndarray]:
+        """Refine the finest level without the pixels whose residual is an outlier (defects).
 
-        Skipped when almost nothing or too much is masked (then it is misfit, not a defect); the
-        new warp is kept only if it correlates better on the pixels that are not outliers.
+        Returns (refined warp or None, outlier mask). None when almost nothing or too much is
+        masked (then it is misfit, not a defect), when ECC fails, or when the new warp does not
+        correlate better than `warp` on the pixels that are not outliers. With `pyramid`, every
+        level runs masked (for a start that may be a few pixels off).
         """
-        aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
-        region = self._roi & valid
-        outliers = _outliers(self._ref_smooth, _smooth(aligned), region)
+        region = self._roi & self._view(work, warp)[1]
+        outliers = self._outlier_mask(work, warp)
         low, high = OUTLIER_FRACTION
         if not low * region.sum() <= outliers.sum() <= high * region.sum():
-            return warp
+            return None, outliers
         keep = self._roi & ~outliers
-        refined = self._ecc(work, 0, warp, keep.astype(np.uint8))
+        if pyramid:
+            rois = _mask_pyramid(keep, self._levels)
+            refined, converged = self._refine_pyramid(_pyramid(work, self._levels), warp, start, 0, rois)
+            refined = refined if converged else None
+        else:
+            refined = self._ecc(work, 0, warp, keep.astype(np.uint8), criteria)
         self._check_time(start)
         if refined is None or self._correlation(work, refined, keep) <= self._correlation(work, warp, keep):
-            return warp
-        return refined
+            return None, outliers
+        return refined, outliers
 
-    def _ecc(self, frame: np.ndarray, level: int, warp: np.ndarray, roi: np.ndarray) -> np.ndarray | None:
+    def _ecc(self, frame: np.ndarray, level: int, warp: np.ndarray, roi: np.ndarray,
+             criteria: tuple[int, int, float] = ECC_CRITERIA) -> np.ndarray | None:
         """One `findTransformECC` call at pyramid `level` with the reference as the masked input.
 
         `warp` (reference -> frame, level 0) is inverted into V (frame -> reference) for ECC,
@@ -243,7 +301,7 @@ class Aligner:
         initial = (inverse / inverse[2, 2])[:size].astype(np.float32)
         try:
             _, refined = cv2.findTransformECC(frame, self._ref_pyramid[level], initial,
-                                              _ECC_MOTION[self.motion], ECC_CRITERIA,
+                                              _ECC_MOTION[self.motion], criteria,
                                               roi.astype(np.uint8), ECC_BLUR)
         except cv2.error:
             return None
@@ -258,16 +316,35 @@ class Aligner:
         """The nearest warp of this aligner's motion family (working resolution)."""
         return _project(warp, self.motion, _centre(self._ref_work.shape))
 
+    def _view(self, work: np.ndarray, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The frame warped onto the reference after ECC's pre-blur, and its validity mask.
+
+        Cached per `align` call (keyed by the warp), since gates and comparisons revisit warps.
+        """
+        key = ("view", warp.tobytes())
+        if key not in self._cache:
+            aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
+            self._cache[key] = (_smooth(aligned), valid)
+        return self._cache[key]
+
+    def _outlier_mask(self, work: np.ndarray, warp: np.ndarray) -> np.ndarray:
+        """Outlier blobs of the residual under `warp` (see `_outliers`), cached like `_view`."""
+        key = ("outliers", warp.tobytes())
+        if key not in self._cache:
+            smooth, valid = self._view(work, warp)
+            self._cache[key] = _outliers(self._ref_smooth, smooth, self._roi & valid)
+        return self._cache[key]
+
     def _correlation(self, work: np.ndarray, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
         """Zero-mean normalised cross-correlation of the aligned and reference greys.
 
         Computed on the valid pixels of `roi` (default: the reference ROI), after ECC's pre-blur.
         """
-        aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
+        smooth, valid = self._view(work, warp)
         region = (self._roi if roi is None else roi) & valid
         if region.sum() < 16:
             return 0.0
-        return _ncc(self._ref_smooth[region], _smooth(aligned)[region])
+        return _ncc(self._ref_smooth[region], smooth[region])
 
     # ---------------------------------------------------------------------------------------
     # Gates and outputs
@@ -303,8 +380,8 @@ class Aligner:
         ones = np.ones(frame.shape[:2], np.uint8)
         valid = cv2.erode(_warp(ones, warp, self.shape, cv2.INTER_NEAREST), np.ones((3, 3), np.uint8))
         valid = valid.astype(bool)
-        roi = cv2.resize(self._roi.astype(np.uint8), self.shape[::-1], interpolation=cv2.INTER_NEAREST)
-        fraction = valid[roi > 0].mean() if roi.any() else valid.mean()
+        roi = self._full_roi
+        fraction = valid[roi].mean() if roi.any() else valid.mean()
         if fraction < MIN_VALID_FRACTION:
             warnings.append(f"valid ROI fraction {fraction:.2f} < {MIN_VALID_FRACTION}")
         return aligned, valid
@@ -453,6 +530,14 @@ def _apply(warp: np.ndarray, point: np.ndarray) -> np.ndarray:
 
 def _translation(dx: float, dy: float) -> np.ndarray:
     return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def _corner_shift(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
+    """Largest distance between the images of the four corners of `shape` under two warps."""
+    h, w = shape
+    corners = np.array([[0, w - 1, 0, w - 1], [0, 0, h - 1, h - 1], [1, 1, 1, 1]], float)
+    pa, pb = a @ corners, b @ corners
+    return float(np.max(np.linalg.norm(pa[:2] / pa[2] - pb[:2] / pb[2], axis=0)))
 
 
 def _invertible(warp: np.ndarray) -> bool:
