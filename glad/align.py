@@ -232,6 +232,7 @@ class Aligner:
                 src = np.float32([self._ref_keypoints[m.queryIdx].pt for m in good])
                 dst = np.float32([keypoints[m.trainIdx].pt for m in good])
                 estimate = cv2.estimateAffinePartial2D if self.motion in _PARTIAL else cv2.estimateAffine2D
+                cv2.setRNGSeed(0)  # RANSAC draws from OpenCV's global RNG: same frame, same warp
                 matrix, inliers = estimate(src, dst, method=cv2.RANSAC,
                                            ransacReprojThreshold=RANSAC_THRESHOLD)
                 if matrix is not None and int(inliers.sum()) >= MIN_INLIERS:
@@ -247,7 +248,8 @@ class Aligner:
         crop = work[:h, :w]
         canvas[: crop.shape[0], : crop.shape[1]] = crop
         window = cv2.createHanningWindow((w, h), cv2.CV_32F)
-        (dx, dy), _ = cv2.phaseCorrelate(self._ref_work, canvas, window)
+        # a copy: cv2.phaseCorrelate applies the window to its inputs in place
+        (dx, dy), _ = cv2.phaseCorrelate(self._ref_work.copy(), canvas, window)
         return _translation(dx, dy)
 
     def _refine_pyramid(self, pyramid: list[np.ndarray], warp: np.ndarray, start: float,

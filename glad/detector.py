@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -13,8 +13,9 @@ import numpy as np
 class ScoreResult:
     """Image anomaly scores (higher = more anomalous) and heat maps at the model's input size."""
 
-    scores: np.ndarray  # float64 (B,)
-    heatmaps: np.ndarray  # float32 (B, S, S), higher = more anomalous
+    scores: np.ndarray  # float64 (B,); +inf for a frame that could not be aligned
+    heatmaps: np.ndarray  # float32 (B, S, S), higher = more anomalous, in the (resized) frame
+    status: list[str] = field(default_factory=list)  # per image: "ok" or why it was not scored
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from glad.backbones import Backbone
@@ -51,3 +52,21 @@ def feature_batches(
         unit="batch",
         disable=not progress,
     )
+
+
+def layer_validity(valid: np.ndarray, grids: Sequence[tuple[int, int]], erosion: int = 1,
+                   ) -> list[torch.Tensor]:
+    """Per-layer validity (B, h*w) from pixel validity (B, S, S) (spec §1.3 step 5, §6.4).
+
+    A cell is valid when every pixel of its stride x stride block is, and stays valid after
+    eroding the invalid region by `erosion` cells (receptive fields reaching out of the frame).
+    """
+    invalid = torch.from_numpy(~np.asarray(valid, dtype=bool)).float()[:, None]
+    out = []
+    for h, w in grids:
+        stride = invalid.shape[-1] // w
+        cells = F.max_pool2d(invalid, stride, stride)
+        if erosion:
+            cells = F.max_pool2d(cells, 2 * erosion + 1, 1, erosion)
+        out.append((cells[:, 0] == 0).reshape(len(cells), h * w))
+    return out

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from glad.align import Aligner, select_reference, unwarp_heatmap
 from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
-from glad.features import feature_batches
+from glad.features import feature_batches, layer_validity
+from glad.images import as_rgb, resize_square
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import FitReport, GaussianMixture, MixtureFactors, fit_em, fit_kmle
 from glad.scoring import (
@@ -50,12 +52,14 @@ class LayerModel:
     local: LocalWeights | None  # None: global mixture weights at every position
     report: FitReport | None = None
 
-    def loglik(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, HW, d) features -> (B, h, w) log-likelihood map."""
+    def loglik(self, features: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, HW, d) features -> (B, h, w) log-likelihood map, NaN where `valid` is False."""
         if self.local is None:
             out = layer_loglik_dense(features, self.factors, self.factors.log_weights)
         else:
             out = layer_loglik_sparse(features, self.factors, self.local)
+        if valid is not None:
+            out = out.masked_fill(~valid.to(out.device), math.nan)
         return out.view(-1, *self.grid)
 
 
@@ -63,6 +67,9 @@ class GladModel:
     """GLAD anomaly detector (Artola et al., WACV 2023) for one product or texture.
 
     Parameters are stored as given (scikit-learn convention); learned attributes end in "_".
+    `align="auto"` registers every image on a reference training image (spec §6) unless the ROI
+    is the texture margin; frames that cannot be aligned are left out of training and reported,
+    never scored, at test time (score +inf, status says why).
     `n_components="auto"` starts K-MLE from min(max_components, N / (2 d)) Gaussians per layer
     and lets OAS and pruning shrink it. `radius="auto"` picks the localisation radius (or the
     global mixture) that gives held-back normal images the best image score, so parts that move
@@ -91,6 +98,8 @@ class GladModel:
         n_candidates: int = 32,
         quantile: float = 0.005,
         roi: str | np.ndarray = "full",
+        align: bool | str = "auto",
+        motion: str = "euclidean",
         holdout: float = 0.15,
         batch_size: int = 8,
         seed: int = 0,
@@ -116,6 +125,8 @@ class GladModel:
         self.n_candidates = n_candidates
         self.quantile = quantile
         self.roi = roi
+        self.align = align
+        self.motion = motion
         self.holdout = holdout
         self.batch_size = batch_size
         self.seed = seed
@@ -130,27 +141,31 @@ class GladModel:
         started = time.perf_counter()
         self.backbone_ = resolve_backbone(self.backbone, self.weights, self.antialiased, self.device)
         self.roi_ = self._build_roi()
+        self._fit_aligner(images)
+        images, valid, _ = self._register(images, training=True)
         features = self._features(images, "features")
         m = len(images)
+        valid = layer_validity(valid, [f.shape[1:3] for f in features])
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
-        layers = [self._fit_layer(f[fitting], index) for index, f in enumerate(
-            tqdm(features, desc="mixtures", unit="layer", disable=not self.progress))]
+        layers = [self._fit_layer(f[fitting], v[fitting], index) for index, (f, v) in enumerate(
+            tqdm(list(zip(features, valid, strict=True)), desc="mixtures", unit="layer",
+                 disable=not self.progress))]
         flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
         self.selection_ = {}
         candidates = None
         if self.local:
-            candidates = [top_candidates(f, torch.ones(f.shape[:2], dtype=torch.bool),
-                                         layer.factors, self.n_candidates)
-                          for f, layer in zip(flat, layers, strict=True)]
-        held_features = [f[held] for f in flat]
+            candidates = [top_candidates(f, v, layer.factors, self.n_candidates)
+                          for f, v, layer in zip(flat, valid, layers, strict=True)]
+        held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
         self.radius_, held_out_layers = self._select_radius(layers, candidates, held_features,
                                                             fitting)
         if len(held):  # threshold from images the local weights have not seen
             self.threshold_ = float(self._scores_of(held_features, held_out_layers).max())
         layers = self._localized(layers, candidates, self.radius_, np.arange(m))
         if not len(held):
-            self.threshold_ = float(self._scores_of(flat, layers).max())
+            self.threshold_ = float(self._scores_of(list(zip(flat, valid, strict=True)),
+                                                    layers).max())
         self.layers_ = layers
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
@@ -189,10 +204,12 @@ class GladModel:
         rng = np.random.default_rng(self.seed)
         return np.sort(rng.choice(m, size=min(count, m - 2), replace=False))
 
-    def _fit_mixture(self, features: torch.Tensor, layer: int) -> tuple[GaussianMixture, FitReport]:
+    def _fit_mixture(self, features: torch.Tensor, valid: torch.Tensor,
+                     layer: int) -> tuple[GaussianMixture, FitReport]:
         m, h, w, d = features.shape
-        x = features.reshape(-1, d)
-        image_ids = np.repeat(np.arange(m), h * w)
+        keep = valid.flatten()
+        x = features.reshape(-1, d)[keep]
+        image_ids = np.repeat(np.arange(m), h * w)[keep.numpy()]
         if len(x) > self.max_fit_samples:
             rng = np.random.default_rng(self.seed + layer)
             rows = np.sort(rng.choice(len(x), size=self.max_fit_samples, replace=False))
@@ -208,8 +225,8 @@ class GladModel:
             return fit_em(x, image_ids, int(k), **common)
         raise ValueError(f"unknown mixture {self.mixture!r}; use 'kmle' or 'em'")
 
-    def _fit_layer(self, features: torch.Tensor, index: int) -> LayerModel:
-        mixture, report = self._fit_mixture(features, index)
+    def _fit_layer(self, features: torch.Tensor, valid: torch.Tensor, index: int) -> LayerModel:
+        mixture, report = self._fit_mixture(features, valid, index)
         log.info("layer %d: K=%d after %d iterations (%s)", index + 1, mixture.n_components,
                  report.iterations, report.stop_reason)
         return LayerModel(mixture, mixture.factors(), tuple(features.shape[1:3]), None, report)
@@ -235,7 +252,7 @@ class GladModel:
         radii = (*RADIUS_CANDIDATES, None) if self.radius == "auto" else (int(self.radius),)
         if not self.local:
             radii = (None,)
-        elif self.radius == "auto" and not len(held_features[0]):
+        elif self.radius == "auto" and not len(held_features[0][0]):
             radii = RADIUS_CANDIDATES[:1]
         best, best_layers, best_score = None, None, math.inf
         for radius in radii:
@@ -250,10 +267,56 @@ class GladModel:
                  "global" if best is None else f"r={best}")
         return best, best_layers
 
-    def _scores_of(self, flat_features: list[torch.Tensor], layers) -> np.ndarray:
-        logliks = [layer.loglik(f) for f, layer in zip(flat_features, layers, strict=True)]
+    def _scores_of(self, features: list[tuple[torch.Tensor, torch.Tensor]], layers) -> np.ndarray:
+        """Image scores of (features (B, HW, d), validity (B, HW)) per layer."""
+        logliks = [layer.loglik(f, v) for (f, v), layer in zip(features, layers, strict=True)]
         total = combine_layers(logliks, self.backbone_.spec.input_size)
         return image_scores(total, self.roi_, self.quantile)
+
+    # --- alignment ------------------------------------------------------------------------------
+
+    def _aligning(self) -> bool:
+        if self.align == "auto":
+            return not (isinstance(self.roi, str) and self.roi == "margin")
+        return bool(self.align)
+
+    def _fit_aligner(self, images: Sequence[np.ndarray]) -> None:
+        """Pick the reference among the training images and build the aligner (or none)."""
+        self.reference_, self.aligner_ = None, None
+        if self._aligning():
+            size = self.backbone_.spec.input_size
+            resized = [resize_square(as_rgb(image), size) for image in images]
+            self.reference_ = resized[select_reference(resized)]
+            self.aligner_ = Aligner(self.reference_, motion=self.motion)
+
+    def _register(self, images: Sequence[np.ndarray], training: bool = False):
+        """Images at the input size, aligned on the reference when aligning; their validity
+        (B, S, S) and alignments (None when not aligning).
+
+        At training time frames that fail alignment are dropped (logged); at scoring time they
+        stay in place (validity all False) and their alignments carry the reason.
+        """
+        size = self.backbone_.spec.input_size
+        resized = [resize_square(as_rgb(image), size) for image in images]
+        if self.aligner_ is None:
+            return resized, np.ones((len(resized), size, size), dtype=bool), [None] * len(resized)
+        out, valid, alignments = [], [], []
+        for image in resized:
+            result = self.aligner_.align(image)
+            if not result.ok and training:
+                log.warning("training image left out: %s", result.reason)
+                continue
+            alignments.append(result)
+            if result.ok:  # out-of-frame pixels show the reference, and are masked anyway
+                out.append(np.where(result.valid[..., None], result.aligned, self.reference_))
+                valid.append(result.valid)
+            else:
+                out.append(image)
+                valid.append(np.zeros((size, size), dtype=bool))
+        if training and len(out) < 2:
+            raise DatasetError(f"only {len(out)} of {len(resized)} training images could be "
+                               "aligned on the reference; use align=False for this product")
+        return out, np.stack(valid), alignments
 
     # --- scoring --------------------------------------------------------------------------------
 
@@ -263,18 +326,35 @@ class GladModel:
         if len(images) == 0:
             size = self.backbone_.spec.input_size
             return ScoreResult(np.zeros(0), np.zeros((0, size, size), np.float32))
-        scores, maps = [], []
-        for batch in feature_batches(self.backbone_, images, self.batch_size, self.progress,
+        aligned, valid, alignments = self._register(images)
+        roi = self.roi_ & torch.from_numpy(valid)
+        scores, maps, start = [], [], 0
+        for batch in feature_batches(self.backbone_, aligned, self.batch_size, self.progress,
                                      "scoring"):
-            total = self.loglik_map(batch)
-            scores.append(image_scores(total, self.roi_, self.quantile))
-            maps.append(heatmaps(total, self.roi_))
-        return ScoreResult(np.concatenate(scores), np.concatenate(maps))
+            rows = slice(start, start + len(batch[0]))
+            grids = [f.shape[2:] for f in batch]
+            total = self.loglik_map(batch, layer_validity(valid[rows], grids))
+            scores.append(image_scores(total, roi[rows], self.quantile))
+            maps.append(heatmaps(total, roi[rows]))
+            start = rows.stop
+        scores, maps = np.concatenate(scores), np.concatenate(maps)
+        status = []
+        for index, alignment in enumerate(alignments):
+            if alignment is not None and not alignment.ok:
+                scores[index], maps[index] = math.inf, 0.0
+            elif alignment is not None:  # back to the frame, for display and pixel metrics
+                maps[index] = unwarp_heatmap(maps[index], alignment, maps[index].shape)
+            status.append("ok" if alignment is None or alignment.ok else alignment.reason)
+        return ScoreResult(scores, maps, status)
 
-    def loglik_map(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Summed log-likelihood map (B, S, S) of backbone features (B, d, h, w) per layer."""
+    def loglik_map(self, features: list[torch.Tensor],
+                   valid: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Summed log-likelihood map (B, S, S) of backbone features (B, d, h, w) per layer;
+        `valid` (B, h*w) per layer marks the cells to score (others are NaN)."""
         flat = [f.flatten(2).transpose(1, 2).contiguous() for f in features]
-        logliks = [layer.loglik(f) for f, layer in zip(flat, self._scoring_layers(), strict=True)]
+        valid = valid or [None] * len(flat)
+        logliks = [layer.loglik(f, v) for f, v, layer in zip(flat, valid, self._scoring_layers(),
+                                                              strict=True)]
         return combine_layers(logliks, self.backbone_.spec.input_size)
 
     def _scoring_layers(self) -> list[LayerModel]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from glad.align import Aligner
 from glad.backbones import Backbone, BackboneSpec, create_backbone
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.local_weights import LocalWeights
@@ -29,13 +30,15 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
 
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
-_SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size")
+_SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
 
 
 def save_model(model, path: Path) -> Path:
     """Write `model` (a fitted GladModel) to directory `path`, atomically replacing its files."""
     path.mkdir(parents=True, exist_ok=True)
     arrays = {"roi": model.roi_.numpy().astype(np.uint8)}
+    if model.reference_ is not None:
+        arrays["reference"] = model.reference_
     layers = []
     for index, layer in enumerate(model.layers_):
         prefix = f"layer{index}."
@@ -66,6 +69,7 @@ def save_model(model, path: Path) -> Path:
         "preprocessing_hash": spec.preprocessing_hash(),
         "layers": layers,
         "radius": model.radius_,
+        "alignment": {"enabled": model.reference_ is not None, "motion": model.motion},
         "threshold": model.threshold_,
         "params": {name: getattr(model, name) for name in _SCORING_PARAMS},
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
@@ -124,6 +128,8 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
                       device=device, **manifest.get("params", {}))
     model.backbone_ = built
     model.roi_ = torch.from_numpy(arrays["roi"].astype(bool))
+    model.reference_ = arrays.get("reference")
+    model.aligner_ = None if model.reference_ is None else Aligner(model.reference_, model.motion)
     model.layers_ = [_layer(arrays, f"layer{i}.", tuple(info["grid"]), info["local"], LayerModel)
                      for i, info in enumerate(manifest["layers"])]
     model.radius_ = manifest["radius"]

@@ -168,3 +168,16 @@ def test_select_reference_prefers_a_typical_image() -> None:
     assert select_reference(images) != 1
     twin = part("pcb", 0)
     assert select_reference([part("pcb", 1), twin, twin, twin]) in (1, 2, 3)
+
+
+def test_alignment_does_not_depend_on_earlier_frames() -> None:
+    """The aligner keeps no state between frames: OpenCV calls that write into their inputs
+    (phaseCorrelate windows them) or draw from OpenCV's global RNG (RANSAC) must not leak."""
+    reference = synth.render_normal("nut", np.random.default_rng(1))
+    frame = synth.add_defect(synth.render_normal("nut", np.random.default_rng(5)), "nut", "hole",
+                       np.random.default_rng(1))[0]
+    aligner = Aligner(reference)
+    first = aligner.align(frame).warp
+    for seed in range(10, 14):
+        aligner.align(synth.render_normal("nut", np.random.default_rng(seed)))
+    np.testing.assert_array_equal(aligner.align(frame).warp, first)
