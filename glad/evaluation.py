@@ -1,7 +1,11 @@
 """Evaluation on MVTec-layout data: GLAD and the baselines side by side (spec §8.2, Table 2 layout).
 
-Pixel metrics are computed at the model input size (256x256): ground-truth masks are resized with
-nearest interpolation, heat maps are used as the detectors produce them.
+Pixel metrics are computed at the model input size (256x256) in the frame of the test image:
+ground-truth masks are resized with nearest interpolation; GLAD's heat maps come back from the
+reference frame by the inverse alignment warp (spec §6.6).
+
+Randomized pose (paper Table 4, spec §8.3): `randomize_seeds` adds, per object category and seed,
+a copy whose train and test images (and masks, identically) get a random rotation and shift.
 """
 
 from __future__ import annotations
@@ -9,15 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from glad.align import random_pose
 from glad.backbones import Backbone, create_backbone
 from glad.baselines import MahaAD, PaDiM
 from glad.datasets import MVTecCategory, read_mask
 from glad.detector import Detector
-from glad.images import read_image
+from glad.images import read_image, resize_square
 from glad.metrics import au_pro, image_auroc, pixel_auroc
 from glad.model import GladModel
 
@@ -38,6 +43,7 @@ class EvalRecord:
     fit_s: float
     score_ms: float
     model_mb: float
+    randomize_seed: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,22 +66,53 @@ def make_detector(method: str, backbone: Backbone, texture: bool, progress: bool
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+@dataclass
+class CategoryData:
+    """One category in memory at the input size: training images, test images, labels, masks."""
+
+    name: str
+    is_texture: bool
+    train: list[np.ndarray]
+    test: list[np.ndarray]
+    labels: np.ndarray
+    masks: np.ndarray  # bool (N, S, S)
+    has_masks: bool
+
+
+def load_category(category: MVTecCategory, size: int) -> CategoryData:
+    """Read a category folder, resizing every image and mask to size x size."""
+    items = category.test_items()
+    return CategoryData(
+        name=category.name,
+        is_texture=category.is_texture,
+        train=[resize_square(read_image(p), size) for p in category.train_paths()],
+        test=[resize_square(read_image(item.path), size) for item in items],
+        labels=np.array([item.label for item in items]),
+        masks=np.stack([read_mask(item.mask_path, (size, size)) for item in items]),
+        has_masks=any(item.mask_path is not None for item in items),
+    )
+
+
+def randomized(data: CategoryData, seed: int) -> CategoryData:
+    """A copy with a random pose per image (rotation within ±10°, shift within ±16 px at 256)."""
+    rng = np.random.default_rng(seed)
+    train = [random_pose(image, None, rng)[0] for image in data.train]
+    moved = [random_pose(image, mask, rng) for image, mask in zip(data.test, data.masks, strict=True)]
+    return replace(data, train=train, test=[image for image, _ in moved],
+                   masks=np.stack([mask for _, mask in moved]))
+
+
 def evaluate_category(
-    category: MVTecCategory, methods: Sequence[str], backbone: Backbone, progress: bool = False,
+    data: CategoryData, methods: Sequence[str], backbone: Backbone, progress: bool = False,
     on_record: Callable[[EvalRecord], None] | None = None, glad_params: dict | None = None,
+    randomize_seed: int | None = None,
 ) -> list[EvalRecord]:
-    """Fit every method on train/good and score test/*; one record per method.
+    """Fit every method on the training images and score the test images; one record per method.
 
     When both "glad" and "glad-global" are asked for, the global ablation reuses GLAD's mixtures
     (listed after "glad" in `methods`) and reports the same fit time.
     """
-    train = [read_image(p) for p in category.train_paths()]
-    items = category.test_items()
-    test = [read_image(item.path) for item in items]
-    labels = np.array([item.label for item in items])
-    size = backbone.spec.input_size
-    masks = np.stack([read_mask(item.mask_path, (size, size)) for item in items])
-    has_masks = any(item.mask_path is not None for item in items)
+    train, test, labels, masks = data.train, data.test, data.labels, data.masks
     records = []
     fitted: dict[str, tuple[Detector, float]] = {}
     for method in methods:
@@ -84,7 +121,7 @@ def evaluate_category(
             glad, fit_s = fitted["glad"]
             detector = glad.without_local_weights()
         else:
-            detector = make_detector(method, backbone, category.is_texture, progress, glad_params)
+            detector = make_detector(method, backbone, data.is_texture, progress, glad_params)
             started = time.perf_counter()
             detector.fit(train)
             fit_s = time.perf_counter() - started
@@ -92,9 +129,9 @@ def evaluate_category(
         started = time.perf_counter()
         result = detector.score(test)
         score_ms = 1000.0 * (time.perf_counter() - started) / len(test)
-        localizes = method != "mahaad" and has_masks
+        localizes = method != "mahaad" and data.has_masks
         record = EvalRecord(
-            category=category.name,
+            category=data.name,
             method=method,
             image_auroc=image_auroc(labels, result.scores),
             pixel_auroc=pixel_auroc(masks, result.heatmaps) if localizes else None,
@@ -102,8 +139,10 @@ def evaluate_category(
             fit_s=fit_s,
             score_ms=score_ms,
             model_mb=detector.model_bytes() / 1e6,
+            randomize_seed=randomize_seed,
         )
-        log.info("%s / %s: image AUROC %.3f", category.name, method, record.image_auroc)
+        log.info("%s / %s (randomize %s): image AUROC %.3f", data.name, method, randomize_seed,
+                 record.image_auroc)
         if on_record is not None:
             on_record(record)
         records.append(record)
@@ -114,18 +153,26 @@ def evaluate(
     categories: Sequence[MVTecCategory], methods: Sequence[str] = METHODS,
     backbone: str = "efficientnet_lite0", weights: str = "pretrained", device: str = "cpu",
     progress: bool = False, on_record: Callable[[EvalRecord], None] | None = None,
-    glad_params: dict | None = None,
+    glad_params: dict | None = None, randomize_seeds: Sequence[int] = (),
 ) -> list[EvalRecord]:
-    """Evaluate `methods` on every category with one shared backbone."""
+    """Evaluate `methods` on every category with one shared backbone; with `randomize_seeds`,
+    also on a randomized-pose copy of each object category per seed."""
     built = create_backbone(backbone, weights, device=device)
     records = []
     for category in categories:
-        records += evaluate_category(category, methods, built, progress, on_record, glad_params)
+        data = load_category(category, built.spec.input_size)
+        records += evaluate_category(data, methods, built, progress, on_record, glad_params)
+        for seed in () if data.is_texture else randomize_seeds:
+            records += evaluate_category(randomized(data, seed), methods, built, progress,
+                                         on_record, glad_params, seed)
     return records
 
 
 def format_table(records: Sequence[EvalRecord]) -> str:
-    """Paper-style tables: image AUROC (%) per category x method, then pixel AUROC, then cost."""
+    """Paper-style tables: image AUROC (%) per category x method, then pixel AUROC, then cost;
+    with randomized copies, a last table of normal vs randomized AUROC and the drop (Table 4)."""
+    robustness = robustness_table(records)
+    records = [r for r in records if r.randomize_seed is None]
     methods = list(dict.fromkeys(r.method for r in records))
     categories = list(dict.fromkeys(r.category for r in records))
     by_key = {(r.category, r.method): r for r in records}
@@ -151,16 +198,39 @@ def format_table(records: Sequence[EvalRecord]) -> str:
             values = [getattr(by_key[(c, method)], field) for c in categories
                       if (c, method) in by_key and getattr(by_key[(c, method)], field) is not None]
             means.append(fmt.format(np.mean(values) * scale) if values else "-")
-        rows.append(["mean", *means])
-        blocks.append(_render(title, ["category", *methods], rows))
+        blocks.append(_render(title, ["category", *methods], rows, ["mean", *means]))
+    if robustness:
+        blocks.append(robustness)
     return "\n\n".join(blocks)
 
 
-def _render(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+def robustness_table(records: Sequence[EvalRecord]) -> str:
+    """Per method: image AUROC (%) on the original and randomized copies of the categories that
+    have randomized copies, averaged over categories and seeds, and the drop; "" without any."""
+    randomized_records = [r for r in records if r.randomize_seed is not None]
+    if not randomized_records:
+        return ""
+    categories = {r.category for r in randomized_records}
+    rows = []
+    for method in dict.fromkeys(r.method for r in randomized_records):
+        normal = [r.image_auroc for r in records if r.method == method
+                  and r.category in categories and r.randomize_seed is None]
+        moved = [r.image_auroc for r in randomized_records if r.method == method]
+        drop = 100.0 * (np.mean(normal) - np.mean(moved))
+        rows.append([method, f"{100.0 * np.mean(normal):.1f}", f"{100.0 * np.mean(moved):.1f}",
+                     f"{drop:.1f}"])
+    seeds = sorted({r.randomize_seed for r in randomized_records})
+    title = f"randomized pose: image AUROC (%), {len(categories)} categories x seeds {seeds}"
+    return _render(title, ["method", "normal", "randomized", "drop"], rows)
+
+
+def _render(title: str, header: list[str], rows: list[list[str]],
+            footer: list[str] | None = None) -> str:
+    every = [header, *rows, *([footer] if footer else [])]
+    widths = [max(len(str(row[i])) for row in every) for i in range(len(header))]
     line = lambda cells: "  ".join(  # noqa: E731
         str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(
             zip(cells, widths, strict=True)))
     rule = "-" * len(line(header))
-    return "\n".join([title, rule, line(header), rule, *map(line, rows[:-1]), rule,
-                      line(rows[-1])])
+    tail = [rule, line(footer)] if footer else []
+    return "\n".join([title, rule, line(header), rule, *map(line, rows), *tail])

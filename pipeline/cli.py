@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -117,6 +118,12 @@ def _add_fit(commands) -> None:
                              "normal images; may pick the global mixture)")
     parser.add_argument("--global-only", action="store_true",
                         help="no local weights (the paper's global ablation)")
+    parser.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
+                        help="register images on a reference training image (default: on for "
+                             "objects, off for textures)")
+    parser.add_argument("--motion", default="euclidean",
+                        choices=("translation", "euclidean", "similarity", "affine", "homography"),
+                        help="alignment motion model (default: %(default)s)")
     parser.add_argument("--mixture", choices=("kmle", "em"), default="kmle")
     _add_fit_budget_options(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -146,6 +153,7 @@ def _fit(args) -> int:
         radius=_int_or_auto(args.radius, "--radius"), local=not args.global_only,
         mixture=args.mixture, roi=_roi(args.roi, texture), seed=args.seed,
         max_components=args.max_components, max_iter=args.max_iter,
+        align="auto" if args.align is None else args.align, motion=args.motion,
         progress=_progress(args),
     ).fit(images)
     model.save(args.out)
@@ -154,6 +162,7 @@ def _fit(args) -> int:
         "images": len(images),
         "components": [layer.mixture.n_components for layer in model.layers_],
         "radius": model.radius_,
+        "aligned": model.reference_ is not None,
         "threshold": model.threshold_,
         "fit_s": round(model.fit_seconds_, 2),
         "model_mb": round(model.model_bytes() / 1e6, 3),
@@ -221,8 +230,9 @@ def _score(args) -> int:
     anomalous = model.decide(result.scores)
     rows = []
     for index, path in enumerate(paths):
-        row = {"image": str(path), "score": float(result.scores[index]),
-               "anomalous": bool(anomalous[index])}
+        score = float(result.scores[index])
+        row = {"image": str(path), "score": score if math.isfinite(score) else None,
+               "anomalous": bool(anomalous[index]), "status": result.status[index]}
         if args.heatmaps:
             row["heatmap"] = str(save_overlay(args.heatmaps / f"{index:04d}_{path.stem}.png",
                                               images[index], result.heatmaps[index],
@@ -234,7 +244,9 @@ def _score(args) -> int:
     else:
         for row in rows:
             verdict = "ANOMALOUS" if row["anomalous"] else "normal"
-            print(f"{row['score']:10.3f}  {verdict:9s}  {row['image']}")
+            score = "-" if row["score"] is None else f"{row['score']:.3f}"
+            note = "" if row["status"] == "ok" else f"  ({row['status']})"
+            print(f"{score:>10s}  {verdict:9s}  {row['image']}{note}")
         print(f"threshold {model.threshold_:.3f}: {int(anomalous.sum())} of {len(rows)} anomalous")
     return 0
 
@@ -255,8 +267,12 @@ def _add_eval(commands) -> None:
                              "weights), padim, mahaad (default: %(default)s)")
     _add_backbone_options(parser)
     _add_fit_budget_options(parser)
+    parser.add_argument("--randomize", type=int, nargs="+", default=[], metavar="SEED",
+                        help="also evaluate a randomized-pose copy of each object category per "
+                             "seed (rotation ±10°, shift ±16 px; paper Table 4)")
     parser.add_argument("--json", action="store_true",
-                        help='print {"results": [{category, method, image_auroc, ...}]}')
+                        help='print {"results": [{category, method, image_auroc, ..., '
+                             'randomize_seed}]}')
     parser.set_defaults(handler=_eval)
 
 
@@ -273,12 +289,14 @@ def _eval(args) -> int:
 
     def report(record) -> None:
         if not args.json:
+            seed = "" if record.randomize_seed is None else f" (randomized, seed {record.randomize_seed})"
             print(f"  {record.category:20s} {record.method:12s} image AUROC "
-                  f"{record.image_auroc:.3f}", file=sys.stderr)
+                  f"{record.image_auroc:.3f}{seed}", file=sys.stderr)
 
     glad_params = {"max_components": args.max_components, "max_iter": args.max_iter}
     records = evaluate(categories, methods, args.backbone, args.weights, args.device,
-                       progress=_progress(args), on_record=report, glad_params=glad_params)
+                       progress=_progress(args), on_record=report, glad_params=glad_params,
+                       randomize_seeds=args.randomize)
     if args.json:
         print(json.dumps({"results": [r.to_dict() for r in records]}))
     else:

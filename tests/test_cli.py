@@ -225,3 +225,14 @@ def test_error_exit_status_in_a_subprocess(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("glad: error:")
     assert done.stdout == ""
+
+
+def test_eval_randomize_adds_randomized_records(nut_root: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", str(nut_root.parent), "--categories", "nut", "--methods", "glad,padim",
+                 "--max-components", "8", "--max-iter", "5", "--randomize", "3", "--json"])
+    assert code == 0
+    records = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["randomize_seed"]) for r in records] == [
+        ("glad", None), ("padim", None), ("glad", 3), ("padim", 3)]
+    assert all(0.0 <= r["image_auroc"] <= 1.0 for r in records)

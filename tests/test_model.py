@@ -223,3 +223,10 @@ def test_fit_needs_images() -> None:
         GladModel().fit([])
     with pytest.raises(DatasetError):
         GladModel().fit([np.zeros((64, 64, 3), dtype=np.uint8)])
+
+
+def test_a_frame_that_cannot_be_aligned_is_reported_not_scored(fitted: GladModel) -> None:
+    blank = np.full((256, 256, 3), 128, dtype=np.uint8)
+    result = fitted.score([blank])
+    assert result.status[0].startswith("alignment_failed")
+    assert np.isinf(result.scores[0]) and fitted.decide(result.scores)[0]
