@@ -426,6 +426,32 @@ def select_reference(images: Sequence[np.ndarray]) -> int:
     return int(np.argmax(scores))
 
 
+def object_mask(reference: np.ndarray, dilation: int = 12,
+                fraction_range: tuple[float, float] = (0.05, 0.98)) -> np.ndarray:
+    """Automatic object ROI in the reference frame (spec §4.4): the part against its background.
+
+    The background level is the median of the image border; pixels that differ from it (Otsu on
+    the blurred absolute difference) form the part, whose holes are filled before it is dilated
+    by `dilation` px. When the part is indistinct (outside `fraction_range` of the image), the
+    whole image is returned.
+    """
+    gray = _gray(reference)
+    border = np.concatenate([gray[:2].ravel(), gray[-2:].ravel(), gray[:, :2].ravel(),
+                             gray[:, -2:].ravel()])
+    difference = cv2.GaussianBlur(np.abs(gray - np.median(border)), (5, 5), 0)
+    _, part = cv2.threshold(_as_uint8(difference), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    part = cv2.morphologyEx(part, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    outside = np.zeros((part.shape[0] + 2, part.shape[1] + 2), np.uint8)
+    filled = part.copy()
+    cv2.floodFill(filled, outside, (0, 0), 1)  # what the flood reaches from the corner is outside
+    part = part | (1 - filled)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
+    mask = cv2.dilate(part, kernel) > 0
+    if not fraction_range[0] <= mask.mean() <= fraction_range[1]:
+        return np.ones(mask.shape, dtype=bool)
+    return mask
+
+
 def random_pose(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
                 max_rotation_deg: float = 10.0,
                 max_shift_px: float = 16.0) -> tuple[np.ndarray, np.ndarray | None]:

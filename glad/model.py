@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from glad.align import Aligner, select_reference, unwarp_heatmap
+from glad.align import Aligner, object_mask, select_reference, unwarp_heatmap
 from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
@@ -140,8 +140,10 @@ class GladModel:
             raise DatasetError(f"GLAD needs at least 2 normal training images, got {len(images)}")
         started = time.perf_counter()
         self.backbone_ = resolve_backbone(self.backbone, self.weights, self.antialiased, self.device)
-        self.roi_ = self._build_roi()
-        self._fit_aligner(images)
+        reference = self._reference(images)
+        self.roi_ = self._build_roi(reference)
+        self.reference_ = reference if self._aligning() else None
+        self.aligner_ = self._build_aligner()
         images, valid, _ = self._register(images, training=True)
         features = self._features(images, "features")
         m = len(images)
@@ -182,8 +184,12 @@ class GladModel:
         twin.layers_ = [replace(layer, local=None) for layer in self.layers_]
         return twin
 
-    def _build_roi(self) -> torch.Tensor:
+    def _build_roi(self, reference: np.ndarray) -> torch.Tensor:
+        """The ROI at the input size: "full", "margin" (textures), "auto" (the part in the
+        reference, spec §4.4) or a given mask."""
         size = self.backbone_.spec.input_size
+        if isinstance(self.roi, str) and self.roi == "auto":
+            return torch.from_numpy(object_mask(reference))
         if isinstance(self.roi, str):
             return roi_mask(self.roi, size)
         roi = torch.as_tensor(np.asarray(self.roi) > 0)
@@ -280,14 +286,19 @@ class GladModel:
             return not (isinstance(self.roi, str) and self.roi == "margin")
         return bool(self.align)
 
-    def _fit_aligner(self, images: Sequence[np.ndarray]) -> None:
-        """Pick the reference among the training images and build the aligner (or none)."""
-        self.reference_, self.aligner_ = None, None
-        if self._aligning():
-            size = self.backbone_.spec.input_size
-            resized = [resize_square(as_rgb(image), size) for image in images]
-            self.reference_ = resized[select_reference(resized)]
-            self.aligner_ = Aligner(self.reference_, motion=self.motion)
+    def _reference(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The training image most like the others, at the input size: the alignment target."""
+        size = self.backbone_.spec.input_size
+        resized = [resize_square(as_rgb(image), size) for image in images]
+        return resized[select_reference(resized)]
+
+    def _build_aligner(self) -> Aligner | None:
+        """An aligner on `reference_` (None when not aligning), confined to an automatic ROI."""
+        if self.reference_ is None:
+            return None
+        auto_roi = isinstance(self.roi, str) and self.roi == "auto"
+        return Aligner(self.reference_, motion=self.motion,
+                       mask=self.roi_.numpy() if auto_roi else None)
 
     def _register(self, images: Sequence[np.ndarray], training: bool = False):
         """Images at the input size, aligned on the reference when aligning; their validity

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from glad.align import Aligner
 from glad.backbones import Backbone, BackboneSpec, create_backbone
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.local_weights import LocalWeights
@@ -31,6 +30,7 @@ ARRAYS = "arrays.safetensors"
 
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
 _SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
+# The ROI mode, when it is a name ("auto" confines alignment to the part); masks travel as arrays.
 
 
 def save_model(model, path: Path) -> Path:
@@ -71,7 +71,8 @@ def save_model(model, path: Path) -> Path:
         "radius": model.radius_,
         "alignment": {"enabled": model.reference_ is not None, "motion": model.motion},
         "threshold": model.threshold_,
-        "params": {name: getattr(model, name) for name in _SCORING_PARAMS},
+        "params": {name: getattr(model, name) for name in _SCORING_PARAMS}
+        | ({"roi": model.roi} if isinstance(model.roi, str) else {}),
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
                      "radius_selection": model.selection_},
     }
@@ -129,7 +130,7 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
     model.backbone_ = built
     model.roi_ = torch.from_numpy(arrays["roi"].astype(bool))
     model.reference_ = arrays.get("reference")
-    model.aligner_ = None if model.reference_ is None else Aligner(model.reference_, model.motion)
+    model.aligner_ = model._build_aligner()
     model.layers_ = [_layer(arrays, f"layer{i}.", tuple(info["grid"]), info["local"], LayerModel)
                      for i, info in enumerate(manifest["layers"])]
     model.radius_ = manifest["radius"]

@@ -109,8 +109,9 @@ def _add_fit(commands) -> None:
     parser.add_argument("--texture", action="store_true",
                         help="texture product: ignore a 1/16 margin on each side")
     parser.add_argument("--roi", default=None,
-                        help="region of interest: 'full', 'margin', or a mask image (white = "
-                             "inspect)")
+                        help="region of interest: 'full' (objects' default), 'margin' (textures' "
+                             "default), 'auto' (the part found in the reference image), or a mask "
+                             "image (white = inspect)")
     parser.add_argument("--components", default="auto",
                         help="Gaussians to start K-MLE from per layer, or 'auto' (default)")
     parser.add_argument("--radius", default="auto",
@@ -191,7 +192,7 @@ def _int_or_auto(value: str, flag: str) -> int | str:
 def _roi(value: str | None, texture: bool):
     if value is None:
         return "margin" if texture else "full"
-    if value in ("full", "margin"):
+    if value in ("full", "margin", "auto"):
         return value
     from glad.images import read_image, resize_square
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from glad import synth
+from glad import align, synth
 from glad.align import MOTIONS, Aligner, random_pose, select_reference, unwarp_heatmap
 from glad.errors import ImageError
 
@@ -181,3 +181,15 @@ def test_alignment_does_not_depend_on_earlier_frames() -> None:
     for seed in range(10, 14):
         aligner.align(synth.render_normal("nut", np.random.default_rng(seed)))
     np.testing.assert_array_equal(aligner.align(frame).warp, first)
+
+
+def test_object_mask_covers_the_part_and_not_the_background() -> None:
+    part = synth.render_normal("nut", np.random.default_rng(0))
+    mask = align.object_mask(part)
+    assert mask.shape == part.shape[:2] and mask.dtype == bool
+    assert mask[128, 128] and not mask[0, 0] and not mask[-1, -1]
+    assert 0.1 < mask.mean() < 0.9
+
+
+def test_object_mask_of_a_texture_is_the_whole_image() -> None:
+    assert align.object_mask(synth.render_normal("weave", np.random.default_rng(0))).all()
