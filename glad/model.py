@@ -40,6 +40,7 @@ from glad.scoring import (
 log = logging.getLogger(__name__)
 
 RADIUS_CANDIDATES = (1, 2, 4)
+AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
 
 
 @dataclass
@@ -144,7 +145,7 @@ class GladModel:
         self.roi_ = self._build_roi(reference)
         self.reference_ = reference if self._aligning() else None
         self.aligner_ = self._build_aligner()
-        images, valid, _ = self._register(images, training=True)
+        images, valid = self._register_training(images)
         features = self._features(images, "features")
         m = len(images)
         valid = layer_validity(valid, [f.shape[1:3] for f in features])
@@ -300,13 +301,10 @@ class GladModel:
         return Aligner(self.reference_, motion=self.motion,
                        mask=self.roi_.numpy() if auto_roi else None)
 
-    def _register(self, images: Sequence[np.ndarray], training: bool = False):
+    def _register(self, images: Sequence[np.ndarray]):
         """Images at the input size, aligned on the reference when aligning; their validity
-        (B, S, S) and alignments (None when not aligning).
-
-        At training time frames that fail alignment are dropped (logged); at scoring time they
-        stay in place (validity all False) and their alignments carry the reason.
-        """
+        (B, S, S) and alignments (None when not aligning). A frame that fails alignment stays in
+        place with validity all False; its alignment carries the reason."""
         size = self.backbone_.spec.input_size
         resized = [resize_square(as_rgb(image), size) for image in images]
         if self.aligner_ is None:
@@ -314,9 +312,6 @@ class GladModel:
         out, valid, alignments = [], [], []
         for image in resized:
             result = self.aligner_.align(image)
-            if not result.ok and training:
-                log.warning("training image left out: %s", result.reason)
-                continue
             alignments.append(result)
             if result.ok:  # out-of-frame pixels show the reference, and are masked anyway
                 out.append(np.where(result.valid[..., None], result.aligned, self.reference_))
@@ -324,10 +319,31 @@ class GladModel:
             else:
                 out.append(image)
                 valid.append(np.zeros((size, size), dtype=bool))
-        if training and len(out) < 2:
-            raise DatasetError(f"only {len(out)} of {len(resized)} training images could be "
-                               "aligned on the reference; use align=False for this product")
         return out, np.stack(valid), alignments
+
+    def _register_training(self, images: Sequence[np.ndarray]):
+        """Registered training images and validity, without the frames that failed alignment.
+
+        With align="auto", a product whose normal images often fail alignment (more than
+        AUTO_ALIGN_MAX_FAILURES of them: their pose varies beyond the gates, e.g. parts swinging
+        on a hook) is modelled without alignment instead, and the log says so.
+        """
+        registered, valid, alignments = self._register(images)
+        failed = [a.reason for a in alignments if a is not None and not a.ok]
+        if failed and self.align == "auto" and len(failed) > AUTO_ALIGN_MAX_FAILURES * len(images):
+            log.warning("%d of %d training images failed alignment (e.g. %s): the pose varies "
+                        "beyond the gates, so this model does not align", len(failed),
+                        len(images), failed[0])
+            self.reference_, self.aligner_ = None, None
+            registered, valid, alignments = self._register(images)
+        keep = [i for i, a in enumerate(alignments) if a is None or a.ok]
+        for alignment in alignments:
+            if alignment is not None and not alignment.ok:
+                log.warning("training image left out: %s", alignment.reason)
+        if len(keep) < 2:
+            raise DatasetError(f"only {len(keep)} of {len(images)} training images could be "
+                               "aligned on the reference; fit with align=False for this product")
+        return [registered[i] for i in keep], valid[keep]
 
     # --- scoring --------------------------------------------------------------------------------
 

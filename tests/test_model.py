@@ -230,3 +230,22 @@ def test_a_frame_that_cannot_be_aligned_is_reported_not_scored(fitted: GladModel
     result = fitted.score([blank])
     assert result.status[0].startswith("alignment_failed")
     assert np.isinf(result.scores[0]) and fitted.decide(result.scores)[0]
+
+
+def test_auto_alignment_turns_itself_off_when_poses_vary_beyond_the_gates() -> None:
+    """Parts swinging on a hook (MPDD metal plate) rotate far past the 20° gate: with
+    align="auto" the model is fitted without alignment instead of dropping most images."""
+    import cv2
+
+    from glad.synth import render_normal
+
+    rng = np.random.default_rng(0)
+    images = []
+    for seed in range(10):
+        part = render_normal("nut", np.random.default_rng(seed))
+        turn = cv2.getRotationMatrix2D((127.5, 127.5), float(rng.uniform(-90, 90)), 1.0)
+        images.append(cv2.warpAffine(part, turn, (256, 256), borderMode=cv2.BORDER_REPLICATE))
+    model = GladModel(**SETTINGS).fit(images)
+    assert model.reference_ is None and model.aligner_ is None
+    assert model.n_train_images_ == len(images)
+    assert model.score(images[:2]).status == ["ok", "ok"]
