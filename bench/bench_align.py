@@ -23,27 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glad import synth  # noqa: E402
-from glad.align import Aligner  # noqa: E402
+from glad.align import Aligner, random_warp  # noqa: E402
 
 SIZE = 256
 MOTIONS = ("euclidean", "similarity", "affine", "homography")
 CORNERS = np.array([[0, 0, 1], [SIZE - 1, 0, 1], [0, SIZE - 1, 1], [SIZE - 1, SIZE - 1, 1]], float).T
-
-
-def known_warp(motion: str, rng: np.random.Generator) -> np.ndarray:
-    """A random reference -> frame warp of `motion`, about the image centre."""
-    angle = np.radians(rng.uniform(-8, 8))
-    scale = rng.uniform(0.96, 1.04) if motion != "euclidean" else 1.0
-    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    if motion in ("affine", "homography"):
-        linear = linear @ (np.eye(2) + rng.uniform(-0.03, 0.03, (2, 2)))
-    centre = np.full(2, (SIZE - 1) / 2)
-    warp = np.eye(3)
-    warp[:2, :2] = linear
-    warp[:2, 2] = centre + rng.uniform(-12, 12, 2) - linear @ centre
-    if motion == "homography":
-        warp[2, :2] = rng.uniform(-1e-4, 1e-4, 2)
-    return warp
 
 
 def case(motion: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +37,7 @@ def case(motion: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     reference = synth.render_normal(category, rng)
     defects = synth.defect_types(category)
     damaged, _ = synth.add_defect(reference, category, defects[index % len(defects)], rng)
-    warp = known_warp(motion, rng)
+    warp = random_warp(motion, rng)
     frame = cv2.warpPerspective(damaged, warp, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
     frame = np.clip(frame + rng.normal(0, 2, frame.shape), 0, 255).astype(np.uint8)
     return reference, frame, warp

@@ -452,6 +452,24 @@ def object_mask(reference: np.ndarray, dilation: int = 12,
     return mask
 
 
+def random_warp(motion: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A random reference -> frame warp of `motion` about the image centre: within ±8°, ±12 px,
+    ±4 % scale (similarity and up), ±3 % shear (affine, homography) and a slight perspective;
+    the known transforms that tests and bench/bench_align.py recover."""
+    angle = 0.0 if motion == "translation" else np.radians(rng.uniform(-8, 8))
+    scale = rng.uniform(0.96, 1.04) if motion in ("similarity", "affine", "homography") else 1.0
+    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    if motion in ("affine", "homography"):
+        linear = linear @ (np.eye(2) + rng.uniform(-0.03, 0.03, (2, 2)))
+    centre = np.full(2, (size - 1) / 2)
+    warp = np.eye(3)
+    warp[:2, :2] = linear
+    warp[:2, 2] = centre + rng.uniform(-12, 12, 2) - linear @ centre
+    if motion == "homography":
+        warp[2, :2] = rng.uniform(-1e-4, 1e-4, 2)
+    return warp
+
+
 def random_pose(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
                 max_rotation_deg: float = 10.0,
                 max_shift_px: float = 16.0) -> tuple[np.ndarray, np.ndarray | None]:

@@ -18,22 +18,6 @@ def part(category: str, seed: int) -> np.ndarray:
     return synth.render_normal(category, np.random.default_rng(seed))
 
 
-def known_warp(motion: str, rng: np.random.Generator) -> np.ndarray:
-    """A random reference -> frame warp of `motion` within ±8°, ±12 px, ±4 % scale (about the centre)."""
-    angle = 0.0 if motion == "translation" else np.radians(rng.uniform(-8, 8))
-    scale = rng.uniform(0.96, 1.04) if motion in ("similarity", "affine", "homography") else 1.0
-    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    if motion in ("affine", "homography"):
-        linear = linear @ (np.eye(2) + rng.uniform(-0.03, 0.03, (2, 2)))
-    centre = np.full(2, (SIZE - 1) / 2)
-    warp = np.eye(3)
-    warp[:2, :2] = linear
-    warp[:2, 2] = centre + rng.uniform(-12, 12, 2) - linear @ centre
-    if motion == "homography":
-        warp[2, :2] = rng.uniform(-1e-4, 1e-4, 2)
-    return warp
-
-
 def move(image: np.ndarray, warp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The frame that `warp` relates to `image` (frame(W x) = image(x)), with sensor noise."""
     frame = cv2.warpPerspective(image, warp, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
@@ -52,7 +36,7 @@ def test_recovers_known_transforms(motion: str) -> None:
     for seed, category in zip(range(3), ("pcb", "nut", "pcb"), strict=True):
         rng = np.random.default_rng(100 + seed)
         reference = part(category, seed)
-        warp = known_warp(motion, rng)
+        warp = align.random_warp(motion, rng)
         result = Aligner(reference, motion=motion).align(move(reference, warp, rng))
         assert result.ok, result.reason
         assert result.reason == ""
@@ -71,7 +55,7 @@ def test_pasted_defect_does_not_bias_the_warp(category: str) -> None:
         defect = synth.defect_types(category)[seed % len(synth.defect_types(category))]
         damaged, mask = synth.add_defect(reference, category, defect, rng)
         assert mask.any()
-        warp = known_warp("euclidean", rng)
+        warp = align.random_warp("euclidean", rng)
         result = Aligner(reference, motion="euclidean").align(move(damaged, warp, rng))
         assert result.ok, result.reason
         errors.append(corner_error(warp, result.warp))
@@ -146,7 +130,7 @@ def test_random_pose_moves_image_and_mask_identically() -> None:
 def test_unwarp_heatmap_puts_a_blob_back_in_the_frame() -> None:
     reference = part("pcb", 5)
     rng = np.random.default_rng(5)
-    warp = known_warp("euclidean", rng)
+    warp = align.random_warp("euclidean", rng)
     frame = move(reference, warp, rng)
     result = Aligner(reference).align(frame)
     assert result.ok, result.reason
