@@ -204,23 +204,32 @@ def format_table(records: Sequence[EvalRecord]) -> str:
     return "\n\n".join(blocks)
 
 
-def robustness_table(records: Sequence[EvalRecord]) -> str:
-    """Per method: image AUROC (%) on the original and randomized copies of the categories that
-    have randomized copies, averaged over categories and seeds, and the drop; "" without any."""
+def robustness_summary(records: Sequence[EvalRecord]) -> dict[str, tuple[float, float, float]]:
+    """Per method: mean image AUROC (%) on the original and on the randomized copies of the
+    categories that have randomized copies (over categories and seeds), and the drop."""
     randomized_records = [r for r in records if r.randomize_seed is not None]
-    if not randomized_records:
-        return ""
     categories = {r.category for r in randomized_records}
-    rows = []
+    summary = {}
     for method in dict.fromkeys(r.method for r in randomized_records):
         normal = [r.image_auroc for r in records if r.method == method
                   and r.category in categories and r.randomize_seed is None]
         moved = [r.image_auroc for r in randomized_records if r.method == method]
-        drop = 100.0 * (np.mean(normal) - np.mean(moved))
-        rows.append([method, f"{100.0 * np.mean(normal):.1f}", f"{100.0 * np.mean(moved):.1f}",
-                     f"{drop:.1f}"])
+        summary[method] = (100.0 * np.mean(normal), 100.0 * np.mean(moved),
+                           100.0 * (np.mean(normal) - np.mean(moved)))
+    return summary
+
+
+def robustness_table(records: Sequence[EvalRecord]) -> str:
+    """The randomized-pose table (paper Table 4 layout); "" without randomized records."""
+    summary = robustness_summary(records)
+    if not summary:
+        return ""
+    randomized_records = [r for r in records if r.randomize_seed is not None]
+    categories = sorted({r.category for r in randomized_records})
     seeds = sorted({r.randomize_seed for r in randomized_records})
-    title = f"randomized pose: image AUROC (%), {len(categories)} categories x seeds {seeds}"
+    rows = [[method, f"{normal:.1f}", f"{moved:.1f}", f"{drop:.1f}"]
+            for method, (normal, moved, drop) in summary.items()]
+    title = f"randomized pose: image AUROC (%) over {', '.join(categories)} x seeds {seeds}"
     return _render(title, ["method", "normal", "randomized", "drop"], rows)
 
 
