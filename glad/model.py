@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -187,13 +188,17 @@ class GladModel:
 
     def _build_roi(self, reference: np.ndarray) -> torch.Tensor:
         """The ROI at the input size: "full", "margin" (textures), "auto" (the part in the
-        reference, spec §4.4) or a given mask."""
+        reference, spec §4.4), a polygon [(x, y), ...] in reference pixels, or a mask."""
         size = self.backbone_.spec.input_size
         if isinstance(self.roi, str) and self.roi == "auto":
             return torch.from_numpy(object_mask(reference))
         if isinstance(self.roi, str):
             return roi_mask(self.roi, size)
-        roi = torch.as_tensor(np.asarray(self.roi) > 0)
+        roi = np.asarray(self.roi)
+        if roi.ndim == 2 and roi.shape[1] == 2 and roi.shape != (size, size):  # a polygon
+            points = np.round(roi).astype(np.int32)
+            roi = cv2.fillPoly(np.zeros((size, size), np.uint8), [points], 1)
+        roi = torch.as_tensor(roi > 0)
         if roi.shape != (size, size):
             raise ValueError(f"ROI mask must be {size}x{size}, got {tuple(roi.shape)}")
         return roi

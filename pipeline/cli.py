@@ -110,8 +110,9 @@ def _add_fit(commands) -> None:
                         help="texture product: ignore a 1/16 margin on each side")
     parser.add_argument("--roi", default=None,
                         help="region of interest: 'full' (objects' default), 'margin' (textures' "
-                             "default), 'auto' (the part found in the reference image), or a mask "
-                             "image (white = inspect)")
+                             "default), 'auto' (the part found in the reference image), a mask "
+                             "image (white = inspect), or a polygon 'x,y x,y x,y ...' in 256x256 "
+                             "reference pixels")
     parser.add_argument("--components", default="auto",
                         help="Gaussians to start K-MLE from per layer, or 'auto' (default)")
     parser.add_argument("--radius", default="auto",
@@ -194,6 +195,14 @@ def _roi(value: str | None, texture: bool):
         return "margin" if texture else "full"
     if value in ("full", "margin", "auto"):
         return value
+    if "," in value and not Path(value).exists():
+        try:
+            points = [tuple(float(c) for c in point.split(",")) for point in value.split()]
+        except ValueError:
+            points = []
+        if len(points) < 3 or any(len(p) != 2 for p in points):
+            raise GladError(f"--roi polygon needs at least 3 'x,y' points, got {value!r}")
+        return points
     from glad.images import read_image, resize_square
 
     return resize_square(read_image(value), 256)[:, :, 0] > 127

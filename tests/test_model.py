@@ -249,3 +249,25 @@ def test_auto_alignment_turns_itself_off_when_poses_vary_beyond_the_gates() -> N
     assert model.reference_ is None and model.aligner_ is None
     assert model.n_train_images_ == len(images)
     assert model.score(images[:2]).status == ["ok", "ok"]
+
+
+def test_layer_validity_follows_the_pixel_mask_per_stride() -> None:
+    from glad.features import layer_validity
+
+    valid = np.ones((1, 256, 256), dtype=bool)
+    valid[0, :, :64] = False  # the left quarter came from outside the frame
+    layers = layer_validity(valid, [(64, 64), (32, 32), (16, 16)])
+    assert [tuple(v.shape) for v in layers] == [(1, 4096), (1, 1024), (1, 256)]
+    for v, (h, w) in zip(layers, [(64, 64), (32, 32), (16, 16)], strict=True):
+        grid = v.reshape(h, w).numpy()
+        first_valid = w // 4 + 1  # the invalid quarter plus the one-cell erosion
+        assert not grid[:, :first_valid].any() and grid[:, first_valid:].all()
+
+
+def test_polygon_roi_is_rasterised_in_reference_pixels(nut: MVTecCategory) -> None:
+    images = [read_image(p) for p in nut.train_paths()[:6]]
+    square = [(64, 64), (192, 64), (192, 192), (64, 192)]
+    model = GladModel(max_components=8, max_iter=3, radius=1, roi=square).fit(images)
+    roi = model.roi_.numpy()
+    assert roi[128, 128] and not roi[10, 10] and not roi[128, 250]
+    assert abs(roi.mean() - (129 * 129) / 256**2) < 0.01
