@@ -354,7 +354,7 @@ class Aligner:
 
     def _gate(self, warp: np.ndarray, frame_shape: tuple[int, int], correlation: float) -> str:
         """The first failed quality gate (rotation, scale, centre shift, correlation), or ""."""
-        rotation, scale = _rotation_scale(warp)
+        rotation, scale = rotation_and_scale(warp)
         low, high = self.scale_range
         shift = _apply(warp, _centre(self.shape)) - _centre(frame_shape)
         limit = self.max_translation_frac * np.array(self.shape[::-1], dtype=float)
@@ -591,7 +591,7 @@ def _invertible(warp: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(warp)) and abs(np.linalg.det(warp[:2, :2])) > 1e-3 and warp[2, 2] != 0)
 
 
-def _rotation_scale(warp: np.ndarray) -> tuple[float, float]:
+def rotation_and_scale(warp: np.ndarray) -> tuple[float, float]:
     """Rotation (degrees) and isotropic scale of the linear part of a warp."""
     linear = warp[:2, :2] / warp[2, 2]
     angle = math.degrees(math.atan2(linear[1, 0] - linear[0, 1], linear[0, 0] + linear[1, 1]))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from glad.align import Aligner, object_mask, select_reference, unwarp_heatmap
+from glad.align import Aligner, object_mask, rotation_and_scale, select_reference, unwarp_heatmap
 from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
@@ -41,6 +41,11 @@ from glad.scoring import (
 log = logging.getLogger(__name__)
 
 RADIUS_CANDIDATES = (1, 2, 4)
+# Alignment gates (spec §6.3 step 5) are calibrated on the training frames: they are first aligned
+# with the permissive gates, then the model keeps max(default, 1.5 x the largest training
+# rotation) and min(default, 0.95 x the lowest training correlation), within these bounds.
+PERMISSIVE_GATES = {"max_rotation_deg": 45.0, "min_correlation": 0.5}
+DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
 AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
 
 
@@ -145,6 +150,7 @@ class GladModel:
         reference = self._reference(images)
         self.roi_ = self._build_roi(reference)
         self.reference_ = reference if self._aligning() else None
+        self.align_gates_ = dict(PERMISSIVE_GATES)
         self.aligner_ = self._build_aligner()
         images, valid = self._register_training(images)
         features = self._features(images, "features")
@@ -304,7 +310,22 @@ class GladModel:
             return None
         auto_roi = isinstance(self.roi, str) and self.roi == "auto"
         return Aligner(self.reference_, motion=self.motion,
-                       mask=self.roi_.numpy() if auto_roi else None)
+                       mask=self.roi_.numpy() if auto_roi else None, **self.align_gates_)
+
+    def _calibrate_gates(self, alignments: list) -> None:
+        """Widen the default gates to the pose spread of the (aligned) training frames."""
+        accepted = [a for a in alignments if a is not None and a.ok]
+        if not accepted:
+            return
+        rotation = max(abs(rotation_and_scale(a.warp)[0]) for a in accepted)
+        correlation = min(a.correlation for a in accepted)
+        self.align_gates_ = {
+            "max_rotation_deg": float(np.clip(1.5 * rotation, DEFAULT_GATES["max_rotation_deg"],
+                                              PERMISSIVE_GATES["max_rotation_deg"])),
+            "min_correlation": float(np.clip(0.95 * correlation, PERMISSIVE_GATES["min_correlation"],
+                                             DEFAULT_GATES["min_correlation"])),
+        }
+        self.aligner_ = self._build_aligner()
 
     def _register(self, images: Sequence[np.ndarray]):
         """Images at the input size, aligned on the reference when aligning; their validity
@@ -341,6 +362,7 @@ class GladModel:
                         len(images), failed[0])
             self.reference_, self.aligner_ = None, None
             registered, valid, alignments = self._register(images)
+        self._calibrate_gates(alignments)
         keep = [i for i, a in enumerate(alignments) if a is None or a.ok]
         for alignment in alignments:
             if alignment is not None and not alignment.ok:

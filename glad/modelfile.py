@@ -69,7 +69,8 @@ def save_model(model, path: Path) -> Path:
         "preprocessing_hash": spec.preprocessing_hash(),
         "layers": layers,
         "radius": model.radius_,
-        "alignment": {"enabled": model.reference_ is not None, "motion": model.motion},
+        "alignment": {"enabled": model.reference_ is not None, "motion": model.motion,
+                      "gates": model.align_gates_},
         "threshold": model.threshold_,
         "params": {name: getattr(model, name) for name in _SCORING_PARAMS}
         | ({"roi": model.roi} if isinstance(model.roi, str) else {}),
@@ -130,6 +131,7 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
     model.backbone_ = built
     model.roi_ = torch.from_numpy(arrays["roi"].astype(bool))
     model.reference_ = arrays.get("reference")
+    model.align_gates_ = manifest.get("alignment", {}).get("gates", {})
     model.aligner_ = model._build_aligner()
     model.layers_ = [_layer(arrays, f"layer{i}.", tuple(info["grid"]), info["local"], LayerModel)
                      for i, info in enumerate(manifest["layers"])]
