@@ -59,10 +59,6 @@ class MVTecCategory:
             raise DatasetError(f"{test_root}: no test images")
         return items
 
-    @property
-    def has_masks(self) -> bool:
-        return any(item.mask_path is not None for item in self.test_items())
-
 
 def image_folder(folder: str | Path) -> list[Path]:
     """The images of a plain folder; `DatasetError` if it is missing or holds none."""

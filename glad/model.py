@@ -147,7 +147,8 @@ class GladModel:
             raise DatasetError(f"GLAD needs at least 2 normal training images, got {len(images)}")
         started = time.perf_counter()
         self.backbone_ = resolve_backbone(self.backbone, self.weights, self.antialiased, self.device)
-        reference = self._reference(images)
+        images = self._resized(images)
+        reference = images[select_reference(images)]
         self.roi_ = self._build_roi(reference)
         self.reference_ = reference if self._aligning() else None
         self.align_gates_ = dict(PERMISSIVE_GATES)
@@ -298,11 +299,10 @@ class GladModel:
             return not (isinstance(self.roi, str) and self.roi == "margin")
         return bool(self.align)
 
-    def _reference(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The training image most like the others, at the input size: the alignment target."""
+    def _resized(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Validated RGB images at the input size."""
         size = self.backbone_.spec.input_size
-        resized = [resize_square(as_rgb(image), size) for image in images]
-        return resized[select_reference(resized)]
+        return [resize_square(as_rgb(image), size) for image in images]
 
     def _build_aligner(self) -> Aligner | None:
         """An aligner on `reference_` (None when not aligning), confined to an automatic ROI."""
@@ -332,7 +332,7 @@ class GladModel:
         (B, S, S) and alignments (None when not aligning). A frame that fails alignment stays in
         place with validity all False; its alignment carries the reason."""
         size = self.backbone_.spec.input_size
-        resized = [resize_square(as_rgb(image), size) for image in images]
+        resized = self._resized(images)
         if self.aligner_ is None:
             return resized, np.ones((len(resized), size, size), dtype=bool), [None] * len(resized)
         out, valid, alignments = [], [], []

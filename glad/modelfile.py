@@ -145,15 +145,12 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
 
 
 def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path) -> Backbone:
-    if backbone is None:
-        weights = spec.weights if spec.weights != "file" else "pretrained"
-        return create_backbone(spec.name, weights, spec.antialiased, device, spec.input_size)
-    if isinstance(backbone, str):
-        if backbone != spec.name:
+    if backbone is None or isinstance(backbone, str):
+        if backbone not in (None, spec.name):
             raise ModelMismatchError(
                 f"{path}: model was fitted on backbone {spec.name}, not {backbone}")
-        return create_backbone(backbone, spec.weights if spec.weights != "file" else "pretrained",
-                               spec.antialiased, device, spec.input_size)
+        weights = spec.weights if spec.weights != "file" else "pretrained"
+        return create_backbone(spec.name, weights, spec.antialiased, device, spec.input_size)
     if backbone.spec.preprocessing_hash() != spec.preprocessing_hash():
         raise ModelMismatchError(
             f"{path}: model was fitted on {spec.name} (preprocessing {spec.preprocessing_hash()}); "
