@@ -24,7 +24,7 @@ def read_image(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
-    if _looks_truncated(data, path):
+    if _looks_truncated(data, path.suffix.lower()):
         raise ImageError(f"{path}: image file is truncated")
     try:
         return as_rgb(image, assume_bgr=True)
@@ -38,6 +38,8 @@ def decode_image(data: bytes) -> np.ndarray:
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
     if image is None:
         raise ImageError("bytes are not a readable image (corrupt, truncated or unknown format)")
+    if _looks_truncated(buffer):
+        raise ImageError("image bytes are truncated")
     return as_rgb(image, assume_bgr=True)
 
 
@@ -83,10 +85,9 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _looks_truncated(data: np.ndarray, path: Path) -> bool:
+def _looks_truncated(data: np.ndarray, suffix: str = "") -> bool:
     """OpenCV decodes truncated PNG/JPEG files partially without complaint; check the end markers."""
     tail = data[-12:].tobytes()
-    suffix = path.suffix.lower()
     if suffix == ".png" or data[:8].tobytes() == b"\x89PNG\r\n\x1a\n":
         return b"IEND" not in tail
     if suffix in (".jpg", ".jpeg") or data[:2].tobytes() == b"\xff\xd8":

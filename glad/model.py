@@ -327,7 +327,7 @@ class GladModel:
         }
         self.aligner_ = self._build_aligner()
 
-    def _register(self, images: Sequence[np.ndarray]):
+    def register(self, images: Sequence[np.ndarray]):
         """Images at the input size, aligned on the reference when aligning; their validity
         (B, S, S) and alignments (None when not aligning). A frame that fails alignment stays in
         place with validity all False; its alignment carries the reason."""
@@ -354,14 +354,14 @@ class GladModel:
         AUTO_ALIGN_MAX_FAILURES of them: their pose varies beyond the gates, e.g. parts swinging
         on a hook) is modelled without alignment instead, and the log says so.
         """
-        registered, valid, alignments = self._register(images)
+        registered, valid, alignments = self.register(images)
         failed = [a.reason for a in alignments if a is not None and not a.ok]
         if failed and self.align == "auto" and len(failed) > AUTO_ALIGN_MAX_FAILURES * len(images):
             log.warning("%d of %d training images failed alignment (e.g. %s): the pose varies "
                         "beyond the gates, so this model does not align", len(failed),
                         len(images), failed[0])
             self.reference_, self.aligner_ = None, None
-            registered, valid, alignments = self._register(images)
+            registered, valid, alignments = self.register(images)
         self._calibrate_gates(alignments)
         keep = [i for i, a in enumerate(alignments) if a is None or a.ok]
         for alignment in alignments:
@@ -380,16 +380,14 @@ class GladModel:
         if len(images) == 0:
             size = self.backbone_.spec.input_size
             return ScoreResult(np.zeros(0), np.zeros((0, size, size), np.float32))
-        aligned, valid, alignments = self._register(images)
-        roi = self.roi_ & torch.from_numpy(valid)
+        aligned, valid, alignments = self.register(images)
         scores, maps, start = [], [], 0
         for batch in feature_batches(self.backbone_, aligned, self.batch_size, self.progress,
                                      "scoring"):
             rows = slice(start, start + len(batch[0]))
-            grids = [f.shape[2:] for f in batch]
-            total = self.loglik_map(batch, layer_validity(valid[rows], grids))
-            scores.append(image_scores(total, roi[rows], self.quantile))
-            maps.append(heatmaps(total, roi[rows]))
+            batch_scores, batch_maps = self.score_features(batch, valid[rows])
+            scores.append(batch_scores)
+            maps.append(batch_maps)
             start = rows.stop
         scores, maps = np.concatenate(scores), np.concatenate(maps)
         status = []
@@ -400,6 +398,16 @@ class GladModel:
                 maps[index] = unwarp_heatmap(maps[index], alignment, maps[index].shape)
             status.append("ok" if alignment is None or alignment.ok else alignment.reason)
         return ScoreResult(scores, maps, status)
+
+    def score_features(self, features: list[torch.Tensor],
+                       valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (B,) and heat maps (B, S, S) in the reference frame, from backbone
+        features (B, d, h, w) per layer of registered images and their pixel validity (B, S, S)."""
+        self._check_fitted()
+        grids = [f.shape[2:] for f in features]
+        total = self.loglik_map(features, layer_validity(valid, grids))
+        roi = self.roi_ & torch.from_numpy(np.asarray(valid, dtype=bool))
+        return image_scores(total, roi, self.quantile), heatmaps(total, roi)
 
     def loglik_map(self, features: list[torch.Tensor],
                    valid: list[torch.Tensor] | None = None) -> torch.Tensor:

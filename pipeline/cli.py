@@ -1,4 +1,5 @@
-"""The `glad` command: fit, score, evaluate and synthesise data (streaming commands join later).
+"""The `glad` command: fit, score, evaluate and synthesise data; the streaming commands (run,
+stage, status, models) live in `pipeline.stream_commands`.
 
 Every failure a user can cause prints one line, `glad: error: ...`, and exits with status 2.
 """
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from glad.errors import GladError
+from pipeline.stream_commands import add_commands
 
 EXIT_USAGE = 2
 
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_score(commands)
     _add_eval(commands)
+    add_commands(commands)
     return parser
 
 

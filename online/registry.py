@@ -1,0 +1,130 @@
+"""Versioned models of a production line: immutable artifacts on disk, the current pointer in Redis.
+
+Versions are numbered 1, 2, ... per line and stored under `{root}/{line}/v{N:04d}/` (the model
+directory, content-hashed by its manifest). Publishing writes the artifact first, then flips
+`glad:{line}:model:current` (one atomic SET) and announces the version on the line's events
+stream, so a scorer never sees a pointer to a half-written model. Workers on other hosts need
+the same `root` (a shared volume).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import msgpack
+import redis
+
+from glad.modelfile import read_manifest
+from pipeline.errors import PipelineError
+from pipeline.streams import Streams, publish_event
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path(os.environ.get("GLAD_MODELS", "glad-data/models"))
+
+
+class ModelRegistry:
+    """The model versions of one line."""
+
+    def __init__(self, root: str | Path, client: redis.Redis, streams: Streams):
+        self.root = Path(root)
+        self.client = client
+        self.streams = streams
+        self.folder = self.root / streams.line
+
+    @property
+    def _current_key(self) -> str:
+        return f"glad:{self.streams.line}:model:current"
+
+    @property
+    def _versions_key(self) -> str:
+        return f"glad:{self.streams.line}:model:versions"
+
+    def publish(self, model_dir: str | Path, note: str = "") -> int:
+        """Copy a saved model in as the next version, make it current, announce it."""
+        source = Path(model_dir)
+        manifest = read_manifest(source)  # refuses anything that is not a GLAD model
+        version = int(self.client.incr(f"glad:{self.streams.line}:model:next"))
+        target = self.path(version, must_exist=False)
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        staging.replace(target)
+        record = {"version": version, "sha256": manifest.get("arrays_sha256"),
+                  "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
+                  "created": time.time(), "note": note, "path": str(target)}
+        self.client.hset(self._versions_key, str(version), msgpack.packb(record))
+        self.set_current(version)
+        log.info("line %s: model version %d published (%s)", self.streams.line, version, note)
+        return version
+
+    def set_current(self, version: int) -> None:
+        """Point the line at `version` (which must exist) and announce it."""
+        self.path(version)
+        self.client.set(self._current_key, version)
+        publish_event(self.client, self.streams, "model_current", version=version)
+
+    def current(self) -> int | None:
+        """The line's current version, None when none was published."""
+        value = self.client.get(self._current_key)
+        return int(value) if value is not None else None
+
+    def versions(self) -> list[dict]:
+        """Every published version's record, oldest first."""
+        records = [msgpack.unpackb(v, raw=False) for v in self.client.hvals(self._versions_key)]
+        return sorted(records, key=lambda r: r["version"])
+
+    def path(self, version: int, must_exist: bool = True) -> Path:
+        path = self.folder / f"v{version:04d}"
+        if must_exist and not (path / "manifest.json").is_file():
+            known = [r["version"] for r in self.versions()]
+            raise PipelineError(f"line {self.streams.line} has no model version {version} under "
+                                f"{self.folder} (known: {known or 'none'})")
+        return path
+
+
+class ModelFollower:
+    """Keeps a worker on its line's current model: checks the pointer between batches (one GET)
+    and loads a new version when it changes; the old one serves until the new one is ready."""
+
+    def __init__(self, registry: ModelRegistry, device: str = "cpu"):
+        self.registry = registry
+        self.device = device
+        self.model = None
+        self.version: int | None = None
+        self._rejected: int | None = None
+
+    def refresh(self) -> bool:
+        """True when a model is loaded (possibly a new version just now)."""
+        current = self.registry.current()
+        if current is None or current in (self.version, self._rejected):
+            return self.model is not None
+        try:
+            model = self._load(current)
+        except Exception as error:  # a bad version must not stop a worker that is serving
+            if self.model is None:
+                raise
+            log.error("model version %s cannot be loaded (%s); staying on version %s", current,
+                      error, self.version)
+            self._rejected = current
+            return True
+        previous, self.model, self.version = self.version, model, current
+        log.info("line %s: now on model version %d (was %s)", self.registry.streams.line, current,
+                 previous)
+        return True
+
+    def _load(self, version: int):
+        """Load `version`, reusing the loaded backbone when the preprocessing is the same."""
+        from glad.model import GladModel
+
+        path = self.registry.path(version)
+        backbone = None
+        if self.model is not None:
+            same = read_manifest(path)["preprocessing_hash"] == \
+                self.model.backbone_.spec.preprocessing_hash()
+            backbone = self.model.backbone_ if same else None
+        return GladModel.load(path, backbone=backbone, device=self.device)

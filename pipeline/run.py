@@ -1,0 +1,292 @@
+"""`glad run`: the whole pipeline on one machine, from one command.
+
+Starts (or connects to) Redis, makes sure the line has a model (publishes `--model`, or fits one
+on the source's first normal frames), starts one worker process per stage (`glad stage NAME`,
+exactly what compose.yaml runs), writes results to the output directory and shows a live summary
+until the source ends (or Ctrl-C). Workers' logs go to `OUT/logs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from glad.images import decode_image
+from online.registry import ModelRegistry
+from pipeline.connection import connect, redact, redis_url
+from pipeline.embedded import EmbeddedRedis
+from pipeline.errors import PipelineError
+from pipeline.results import ResultWriter
+from pipeline.runner import RunnerConfig, StageRunner
+from pipeline.streams import Streams, read_events
+from stages.sources import open_source
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "synth://nut?defect_rate=0.1&seed=0"
+PIPELINE_STAGES = ("align", "extract", "score")
+DRAIN_TIMEOUT = 120.0  # s to wait for in-flight frames after the source ended
+
+
+@dataclass
+class RunOptions:
+    source: str = DEFAULT_SOURCE
+    model: Path | None = None
+    line: str = "line1"
+    out: Path = Path("glad-data/run")
+    models: Path = Path("glad-data/models")
+    frames: int = 300  # frames to capture (0 = until the source ends / Ctrl-C)
+    fps: float = 0.0
+    loop: bool = False
+    fit_frames: int = 40
+    redis_url: str | None = None
+    persist: bool = False
+    device: str = "cpu"
+    scale: dict[str, int] = field(default_factory=dict)
+    encoding: str = "png"
+    quiet: bool = False
+
+
+@dataclass
+class Baseline:
+    """Counts of the line before this run started (a line's streams outlive runs)."""
+
+    added: int
+    deadletters: int
+    last_event: str
+
+    @classmethod
+    def now(cls, client, streams: Streams) -> Baseline:
+        events = client.xrevrange(streams.key("events"), count=1)
+        return cls(int(client.hget(streams.counters, "frames:added") or 0),
+                   int(client.xlen(streams.key("deadletter"))),
+                   events[0][0].decode() if events else "0")
+
+
+@dataclass
+class Summary:
+    """What the live terminal line and the final report show."""
+
+    published: int = 0
+    scored: int = 0
+    anomalies: int = 0
+    deadletters: int = 0
+    latencies: list[float] = field(default_factory=list)
+    model: int | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def fps(self) -> float:
+        return self.scored / max(1e-9, time.monotonic() - self.started)
+
+    def percentile(self, q: float) -> float:
+        recent = self.latencies[-2000:]
+        return float(np.percentile(recent, q)) if recent else float("nan")
+
+    def line(self) -> str:
+        return (f"frames {self.published}  scored {self.scored}  {self.fps():.1f} fps  "
+                f"latency p50 {self.percentile(50):.0f} ms p99 {self.percentile(99):.0f} ms  "
+                f"anomalies {self.anomalies}  dead-letter {self.deadletters}  model v{self.model}")
+
+    def to_dict(self) -> dict:
+        return {"frames": self.published, "scored": self.scored, "anomalies": self.anomalies,
+                "deadletter": self.deadletters, "fps": round(self.fps(), 2),
+                "latency_p50_ms": round(self.percentile(50), 1),
+                "latency_p99_ms": round(self.percentile(99), 1), "model_version": self.model,
+                "seconds": round(time.monotonic() - self.started, 1)}
+
+
+def run_pipeline(options: RunOptions) -> Summary:
+    """Run everything until the source ends (or Ctrl-C); returns the final summary."""
+    if options.model is not None and not options.model.exists():
+        raise PipelineError(f"model {options.model} does not exist (fit one with `glad fit`)")
+    options.out.mkdir(parents=True, exist_ok=True)
+    url = redis_url(options.redis_url)
+    embedded = None
+    if url is None:
+        embedded = EmbeddedRedis(persist=options.persist).start()
+        url = embedded.url
+        _say(options, f"embedded Redis at {url}")
+    workers: list[subprocess.Popen] = []
+    try:
+        client = connect(url)
+        streams = Streams(options.line)
+        registry = ModelRegistry(options.models, client, streams)
+        skip = _ensure_model(options, registry)
+        baseline = Baseline.now(client, streams)
+        workers = _start_workers(options, url, skip)
+        return _follow(options, client, streams, url, registry, workers, baseline)
+    finally:
+        _stop_workers(workers)
+        if embedded is not None:
+            embedded.close()
+
+
+def _ensure_model(options: RunOptions, registry: ModelRegistry) -> int:
+    """Publish `--model`, keep the line's current model, or fit one on the first normal frames;
+    returns how many source frames were used for fitting (capture skips them)."""
+    if options.model is not None:
+        version = registry.publish(options.model, note=f"glad run --model {options.model}")
+        _say(options, f"model {options.model} published as version {version} of line "
+                      f"{options.line}")
+        return 0
+    if registry.current() is not None:
+        _say(options, f"line {options.line} serves model version {registry.current()}")
+        return 0
+    from glad.model import GladModel
+
+    images, used = _first_normal_frames(options.source, options.fit_frames)
+    _say(options, f"fitting a model on the first {len(images)} normal frames of {options.source} "
+                  "(pass --model to use your own)")
+    model = GladModel(device=options.device, progress=not options.quiet).fit(images)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "model")
+        version = registry.publish(Path(tmp) / "model", note=f"fitted by glad run on {len(images)} "
+                                                             f"frames of {options.source}")
+    _say(options, f"model version {version} published (threshold {model.threshold_:.2f}, "
+                  f"fit {model.fit_seconds_:.0f} s)")
+    return used
+
+
+def _first_normal_frames(source: str, count: int) -> tuple[list[np.ndarray], int]:
+    """Up to `count` frames not labelled as defects, and how many frames were read."""
+    images, used = [], 0
+    with open_source(source) as frames:
+        for frame in frames:
+            used += 1
+            if frame.label not in (None, "normal"):
+                continue
+            images.append(frame.image if frame.image is not None else decode_image(frame.encoded))
+            if len(images) >= count:
+                break
+    if len(images) < 2:
+        raise PipelineError(f"{source} gave {len(images)} normal frames: not enough to fit a model")
+    return images, used
+
+
+def _start_workers(options: RunOptions, url: str, skip: int) -> list[subprocess.Popen]:
+    """One process per stage (more with --scale), each `glad stage NAME`."""
+    logs = options.out / "logs"
+    logs.mkdir(exist_ok=True)
+    heavy = sum(options.scale.get(s, 1) for s in PIPELINE_STAGES)
+    threads = max(1, (os.cpu_count() or 1) // heavy)
+    common = ["--line", options.line, "--redis-url", url]
+    model_args = ["--models", str(options.models), "--device", options.device,
+                  "--threads", str(threads)]
+    capture = ["--source", options.source, "--frames", str(options.frames), "--skip", str(skip),
+               "--fps", str(options.fps), "--encoding", options.encoding] + \
+        (["--loop"] if options.loop else [])
+    commands = [("capture", common + capture)]
+    for stage in PIPELINE_STAGES:
+        for replica in range(options.scale.get(stage, 1)):
+            commands.append((stage + (f"-{replica}" if replica else ""), common + model_args))
+    processes = []
+    for name, args in commands:
+        stage = name.split("-")[0]
+        log_file = (logs / f"{name}.log").open("w")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "-v", "stage", stage, *args],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log_file.close()
+    return processes
+
+
+def _follow(options: RunOptions, client, streams: Streams, url: str, registry: ModelRegistry,
+            workers: list[subprocess.Popen], baseline: Baseline) -> Summary:
+    """Write results and show the summary until every captured frame is accounted for."""
+    writer = ResultWriter(options.out, client, streams)
+    runner = StageRunner(writer, client, streams, url, RunnerConfig(batch_size=32, block_ms=200),
+                         consumer="results-run")
+    thread = threading.Thread(target=runner.run, daemon=True, name="results")
+    thread.start()
+    summary = Summary()
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    ended_at, interrupted = None, False
+    _say(options, f"running line {options.line}: results in {options.out} "
+                  f"(Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(0.5)
+            _update(summary, writer, client, streams, registry, baseline)
+            _show(options, summary)
+            if ended_at is None and _source_ended(client, streams, baseline):
+                ended_at = time.monotonic()
+            if ended_at is not None and summary.scored + summary.deadletters >= summary.published:
+                break
+            if ended_at is not None and time.monotonic() - ended_at > DRAIN_TIMEOUT:
+                log.warning("gave up waiting for %d in-flight frames",
+                            summary.published - summary.scored - summary.deadletters)
+                break
+            dead = [w for w in workers if w.poll() is not None and w.returncode != 0]
+            if dead:
+                raise PipelineError(f"a worker exited with status {dead[0].returncode}: see "
+                                    f"{options.out / 'logs'}")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        runner.stop_event.set()
+        thread.join(timeout=10)
+        writer.close()
+        _update(summary, writer, client, streams, registry, baseline)
+        if not options.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+    (options.out / "summary.json").write_text(json.dumps(summary.to_dict() | {
+        "line": options.line, "source": options.source, "redis": redact(url),
+        "interrupted": interrupted}, indent=2))
+    return summary
+
+
+def _update(summary: Summary, writer: ResultWriter, client, streams: Streams,
+            registry: ModelRegistry, baseline: Baseline) -> None:
+    records = writer.records
+    summary.scored = len(records)
+    summary.anomalies = sum(1 for r in records if r["anomalous"])
+    summary.latencies = [r["latency_ms"] for r in records[-2000:]]
+    summary.published = int(client.hget(streams.counters, "frames:added") or 0) - baseline.added
+    summary.deadletters = int(client.xlen(streams.key("deadletter"))) - baseline.deadletters
+    summary.model = registry.current()
+
+
+def _source_ended(client, streams: Streams, baseline: Baseline) -> bool:
+    return any(record.get("event") == "source_ended"
+               for _, record in read_events(client, streams, after=baseline.last_event))
+
+
+def _show(options: RunOptions, summary: Summary) -> None:
+    if options.quiet:
+        return
+    if sys.stderr.isatty():
+        print("\r" + summary.line().ljust(110), end="", file=sys.stderr, flush=True)
+    elif int(time.monotonic() - summary.started) % 5 == 0:
+        print(summary.line(), file=sys.stderr, flush=True)
+
+
+def _stop_workers(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM (workers finish their batch and acknowledge it), then SIGKILL after 15 s."""
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + 15
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _say(options: RunOptions, text: str) -> None:
+    if not options.quiet:
+        print(f"glad run: {text}", file=sys.stderr, flush=True)
+

@@ -1,0 +1,357 @@
+"""The stage runner: read a batch from a consumer group, process it, write, acknowledge.
+
+Delivery is at least once. Outputs and acknowledgements go in one MULTI/EXEC transaction, so a
+worker that dies never leaves an entry both forwarded and pending; its pending entries are
+claimed by a peer (XAUTOCLAIM) once idle for `claim_idle_ms`. A message that cannot be used
+(bad msgpack, schema, image...) goes to the dead-letter stream with the reason at once; one
+that fails for another reason is retried until `max_deliveries`, then dead-lettered. Stages that
+declare idempotent outputs write each frame id once (a marker key set in the same Lua call).
+SIGTERM/SIGINT finish the batch in flight, acknowledge it and exit; heartbeats let
+`glad status` show every worker's health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgpack
+import redis
+
+from glad.errors import GladError
+from pipeline.connection import TRANSIENT, wait_until_reachable
+from pipeline.errors import MessageError
+from pipeline.schema import FIELD, Message, decode_entry
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, ensure_group
+
+log = logging.getLogger(__name__)
+
+# KEYS: output stream, done marker; ARGV: packed message, maxlen, marker ttl (s)
+WRITE_ONCE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
+redis.call('SET', KEYS[2], id, 'EX', ARGV[3])
+return 1
+"""
+
+
+class Stage(Protocol):
+    """One job of the pipeline, run by `StageRunner` (see stages/)."""
+
+    name: str  # also the consumer group name
+    input: str  # hop it reads (frames, aligned, features, scores...)
+    output: str | None  # hop it writes, or None for a sink
+    idempotent: bool  # write each frame id at most once
+
+    def ready(self) -> bool:
+        """False while it cannot work yet (e.g. no model published); called between batches,
+        where it may also pick up a new model version."""
+        ...
+
+    def process(self, messages: list[Message]) -> list[Message | None]:
+        """One output per input, in order (None: nothing to write). Raise `GladError` for a
+        message that can never be processed, anything else for a transient failure."""
+        ...
+
+
+@dataclass
+class RunnerConfig:
+    """How a worker reads, retries and reports."""
+
+    batch_size: int = 8
+    block_ms: int = 500
+    claim_idle_ms: int = 30_000
+    claim_every_s: float = 5.0
+    max_deliveries: int = 3
+    max_backlog: int = 64  # stop reading while the output's consumers lag more than this
+    done_ttl_s: int = 86_400
+    heartbeat_s: float = 2.0
+    maxlen: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAXLEN))
+
+
+@dataclass
+class WorkerStats:
+    processed: int = 0
+    written: int = 0
+    deadlettered: int = 0
+    retried: int = 0
+    claimed: int = 0
+    reconnects: int = 0
+
+
+class StageRunner:
+    """Runs one `Stage` as one consumer of its group until stopped."""
+
+    def __init__(self, stage: Stage, client: redis.Redis, streams: Streams, url: str,
+                 config: RunnerConfig | None = None, consumer: str | None = None):
+        self.stage = stage
+        self.client = client
+        self.streams = streams
+        self.url = url
+        self.config = config or RunnerConfig()
+        self.consumer = consumer or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-" \
+                                    f"{uuid.uuid4().hex[:4]}"
+        self.stop_event = threading.Event()
+        self.stats = WorkerStats()
+        self.started_at = time.time()
+        self._input = streams.key(stage.input)
+        self._write_once = client.register_script(WRITE_ONCE)
+        self._last_claim = 0.0
+        self._last_heartbeat = 0.0
+        self._waiting_logged = False
+        self._backlog_since: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the worker after the batch in flight."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop_event.set())
+
+    def run(self, max_idle_s: float | None = None) -> WorkerStats:
+        """Work until stopped (or, with `max_idle_s`, until nothing came for that long)."""
+        log.info("%s: consumer %s on %s", self.stage.name, self.consumer, self._input)
+        self._setup()
+        idle_since = time.monotonic()
+        while not self.stop_event.is_set():
+            try:
+                done = self.step()
+            except TRANSIENT as error:
+                self._reconnect(error)
+                continue
+            except redis.ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+                log.warning("%s: consumer group missing (Redis lost its data?): recreating",
+                            self.stage.name)
+                self._setup()
+                continue
+            if done:
+                idle_since = time.monotonic()
+            elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
+                break
+        self._farewell()
+        return self.stats
+
+    def _setup(self) -> None:
+        ensure_group(self.client, self._input, self.stage.name)
+        self._pending_first = True
+        self._heartbeat(force=True)
+
+    def _reconnect(self, error: Exception) -> None:
+        self.stats.reconnects += 1
+        log.warning("%s: lost Redis (%s); reconnecting", self.stage.name,
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)
+        try:
+            wait_until_reachable(self.client, self.url, wait=None, stop=self.stop_event)
+        except GladError:
+            return  # stopped while waiting
+        self._setup()
+
+    def _farewell(self) -> None:
+        with contextlib.suppress(*TRANSIENT):
+            self.client.hdel(self.streams.workers, self.consumer)
+        log.info("%s: stopped after %d messages (%d dead-lettered)", self.stage.name,
+                 self.stats.processed, self.stats.deadlettered)
+
+    # --- one batch ------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Read, process, write and acknowledge one batch; returns the number of entries handled."""
+        self._heartbeat()
+        if not self.stage.ready():
+            if not self._waiting_logged:
+                log.warning("%s: not ready (waiting for a model?); not reading", self.stage.name)
+                self._waiting_logged = True
+            self.stop_event.wait(0.2)
+            return 0
+        self._waiting_logged = False
+        if self._backlogged():
+            self.stop_event.wait(0.02)
+            return 0
+        entries, deliveries = self._read()
+        if not entries:
+            return 0
+        self._handle(entries, deliveries)
+        return len(entries)
+
+    def _backlogged(self) -> bool:
+        group = PIPELINE_GROUPS.get(self.stage.output or "")
+        if group is None:
+            return False
+        backlog = self.streams.lag(self.client, self.stage.output, group)
+        if backlog <= self.config.max_backlog:
+            self._backlog_since = None
+            return False
+        if self._backlog_since is None:
+            self._backlog_since = time.monotonic()
+        return True
+
+    def _read(self) -> tuple[list[tuple[str, dict]], dict[str, int]]:
+        """Own pending entries first (after a start or reconnect), then claims, then new ones."""
+        batch = self.config.batch_size
+        if self._pending_first:
+            response = self.client.xreadgroup(self.stage.name, self.consumer, {self._input: "0"},
+                                              count=batch)
+            entries = _entries(response)
+            if entries:
+                return entries, self._deliveries([e[0] for e in entries])
+            self._pending_first = False
+        if time.monotonic() - self._last_claim > self.config.claim_every_s:
+            self._last_claim = time.monotonic()
+            claimed = self.client.xautoclaim(self._input, self.stage.name, self.consumer,
+                                             self.config.claim_idle_ms, count=batch)
+            entries = [(_text(i), f) for i, f in claimed[1] if f is not None]
+            for entry_id in claimed[2] if len(claimed) > 2 else []:  # deleted by MAXLEN meanwhile
+                log.error("%s: pending entry %s was trimmed before it was processed",
+                          self.stage.name, _text(entry_id))
+                self.client.xack(self._input, self.stage.name, entry_id)
+            if entries:
+                self.stats.claimed += len(entries)
+                log.info("%s: claimed %d entries left pending by another consumer",
+                         self.stage.name, len(entries))
+                return entries, self._deliveries([e[0] for e in entries])
+        response = self.client.xreadgroup(self.stage.name, self.consumer, {self._input: ">"},
+                                          count=batch, block=self.config.block_ms)
+        entries = _entries(response)
+        if entries:
+            self.client.hincrby(self.streams.counters,
+                                f"{self.stage.input}:delivered:{self.stage.name}", len(entries))
+        return entries, {}
+
+    def _deliveries(self, ids: list[str]) -> dict[str, int]:
+        """How often each entry was delivered so far (from the pending-entry list)."""
+        info = self.client.xpending_range(self._input, self.stage.name, min=ids[0], max=ids[-1],
+                                          count=len(ids) * 4)
+        return {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+
+    def _handle(self, entries: list[tuple[str, dict]], deliveries: dict[str, int]) -> None:
+        messages, ids, dead = [], [], []
+        for entry_id, fields in entries:
+            try:
+                message = decode_entry(fields)
+                entries_seen = message.meta.get("entries")
+                message.meta["entries"] = {**(entries_seen if isinstance(entries_seen, dict)
+                                              else {}), self.stage.input: entry_id}
+                messages.append(message)
+                ids.append(entry_id)
+            except MessageError as error:
+                dead.append((entry_id, fields, str(error), "MessageError"))
+        outputs, failures = self._process(messages)
+        ack = [entry_id for entry_id, _, _, _ in dead]
+        writes = []
+        for index, entry_id in enumerate(ids):
+            if index in failures:
+                error = failures[index]
+                fields = {FIELD: entries[[e[0] for e in entries].index(entry_id)][1][FIELD]}
+                attempts = deliveries.get(entry_id, 1)
+                if isinstance(error, GladError) or attempts >= self.config.max_deliveries:
+                    dead.append((entry_id, fields, _reason(error, attempts), type(error).__name__))
+                    ack.append(entry_id)
+                else:  # left pending: claimed again after claim_idle_ms
+                    self.stats.retried += 1
+                    log.warning("%s: frame %s failed (attempt %d of %d), will retry: %s",
+                                self.stage.name, messages[index].frame_id, attempts,
+                                self.config.max_deliveries, _reason(error, attempts))
+                continue
+            ack.append(entry_id)
+            if outputs[index] is not None:
+                writes.append(outputs[index])
+        self._commit(writes, ack, dead)
+        self.stats.processed += len(messages) - len(failures)
+
+    def _process(self, messages: list[Message]) -> tuple[list, dict[int, Exception]]:
+        """Outputs of the batch; when the batch fails, each message alone isolates the bad ones."""
+        if not messages:
+            return [], {}
+        try:
+            outputs = self.stage.process(messages)
+            return outputs, {}
+        except Exception as error:
+            if len(messages) == 1:
+                return [None], {0: error}
+            log.debug("%s: batch failed (%s); processing one by one", self.stage.name, error)
+        outputs, failures = [], {}
+        for index, message in enumerate(messages):
+            try:
+                outputs.extend(self.stage.process([message]))
+            except Exception as error:
+                outputs.append(None)
+                failures[index] = error
+        return outputs, failures
+
+    def _commit(self, writes: list[Message], ack: list[str], dead: list[tuple]) -> None:
+        """Outputs, dead letters and acknowledgements in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        now = time.time()
+        if writes:
+            out = self.streams.key(self.stage.output)
+            maxlen = self.config.maxlen.get(self.stage.output, 10_000)
+            for message in writes:
+                message.stamps[self.stage.name] = now
+                if self.stage.idempotent:
+                    self._write_once(keys=[out, self.streams.done(self.stage.name, message.frame_id)],
+                                     args=[message.encode(), maxlen, self.config.done_ttl_s],
+                                     client=pipe)
+                else:
+                    pipe.xadd(out, {FIELD: message.encode()}, maxlen=maxlen, approximate=True)
+            pipe.hincrby(self.streams.counters, f"{self.stage.output}:added", len(writes))
+        for entry_id, fields, reason, error_type in dead:
+            record = {"v": 1, "stage": self.stage.name, "stream": self._input, "entry": entry_id,
+                      "reason": reason, "error": error_type, "at": now,
+                      "payload": fields.get(FIELD, b"")}
+            pipe.xadd(self.streams.key("deadletter"),
+                      {FIELD: msgpack.packb(record, use_bin_type=True)},
+                      maxlen=self.config.maxlen.get("deadletter", 10_000), approximate=True)
+            log.warning("%s: entry %s dead-lettered: %s", self.stage.name, entry_id, reason)
+        if ack:
+            pipe.xack(self._input, self.stage.name, *ack)
+        pipe.execute()
+        self.stats.written += len(writes)
+        self.stats.deadlettered += len(dead)
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.config.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        state = "waiting" if self._waiting_logged else (
+            "backpressure" if self._backlog_since is not None else "running")
+        record = {"stage": self.stage.name, "host": socket.gethostname(), "pid": os.getpid(),
+                  "started": self.started_at, "seen": time.time(), "state": state,
+                  "processed": self.stats.processed, "deadlettered": self.stats.deadlettered,
+                  "claimed": self.stats.claimed, "reconnects": self.stats.reconnects,
+                  "model": getattr(self.stage, "model_version", None)}
+        self.client.hset(self.streams.workers, self.consumer, msgpack.packb(record))
+
+
+def _entries(response) -> list[tuple[str, dict]]:
+    """Flatten an XREADGROUP reply to [(entry id, fields)] (skipping entries deleted meanwhile)."""
+    out = []
+    for _, entries in response or []:
+        out.extend((_text(entry_id), fields) for entry_id, fields in entries if fields)
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _reason(error: Exception, attempts: int) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, GladError):
+        return text or type(error).__name__
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    place = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+    return f"{type(error).__name__}: {text}{place} (after {attempts} deliveries)"

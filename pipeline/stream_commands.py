@@ -1,0 +1,326 @@
+"""The streaming commands of `glad`: run, stage, status, models.
+
+Every worker command reads its Redis from `--redis-url`, else `REDIS_URL`; `glad run` starts an
+embedded Redis when neither is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+
+from pipeline.connection import connect, redact, redis_url
+from pipeline.errors import PipelineError
+from pipeline.runner import RunnerConfig, StageRunner
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams
+
+log = logging.getLogger(__name__)
+
+WORKER_STAGES = ("capture", "align", "extract", "score", "results")
+STALE_AFTER_S = 10.0  # a heartbeat older than this marks the worker stale
+DEFAULT_MODELS = Path("glad-data/models")
+
+
+def add_commands(commands) -> None:
+    _add_run(commands)
+    _add_stage(commands)
+    _add_status(commands)
+    _add_models(commands)
+
+
+def _add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
+    parser.add_argument("--line", default="line1",
+                        help="production line: namespaces every stream and model (default: "
+                             "%(default)s)")
+    parser.add_argument("--redis-url", default=None,
+                        help="redis://[:password@]host:port/db, rediss:// for TLS, unix:///path "
+                             "(default: $REDIS_URL)")
+    if models:
+        parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                            help="model registry folder, shared by every worker of the line "
+                                 "(default: %(default)s)")
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def _add_run(commands) -> None:
+    from pipeline.run import DEFAULT_SOURCE
+
+    parser = commands.add_parser(
+        "run", help="run the whole pipeline (capture, align, extract, score) on this machine",
+        description="Run the streaming pipeline on one machine. With no options: an embedded "
+                    "Redis, the default backbone, a built-in synthetic inspection camera (normal "
+                    "nuts with occasional defects), a model fitted on its first normal frames; "
+                    "scores in OUT/scores.jsonl and OUT/scores.csv, heat maps of anomalies in "
+                    "OUT/heatmaps, worker logs in OUT/logs.")
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help="video file, rtsp:// or http:// stream, camera index (0) or "
+                             "/dev/videoN, image folder or glob, or synth://nut|pcb|weave"
+                             "?defect_rate=0.1&seed=0 (default: %(default)s)")
+    parser.add_argument("--model", type=Path, help="model directory from `glad fit` (default: "
+                        "the line's current model, else fit one on the first normal frames)")
+    parser.add_argument("--out", type=Path, default=Path("glad-data/run"),
+                        help="results folder (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="stop after this many frames (default: 300 for the synthetic "
+                             "camera, 0 = until the source ends, for anything else)")
+    parser.add_argument("--fps", type=float, default=0.0,
+                        help="pace the source at this rate (default: as fast as the pipeline "
+                             "takes frames)")
+    parser.add_argument("--loop", action="store_true", help="replay a video or folder forever")
+    parser.add_argument("--fit-frames", type=int, default=40,
+                        help="normal frames to fit a model on when the line has none "
+                             "(default: %(default)s)")
+    parser.add_argument("--scale", action="append", default=[], metavar="STAGE=N",
+                        help="worker processes for a stage, e.g. --scale extract=2")
+    parser.add_argument("--persist", action="store_true",
+                        help="embedded Redis writes an append-only file (nothing lost on a "
+                             "restart)")
+    parser.add_argument("--device", default="cpu", help="torch device for extract and score")
+    parser.add_argument("--encoding", choices=("png", "jpeg", "raw"), default="png",
+                        help="how captured frames travel (default: %(default)s, lossless)")
+    parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    _add_connection(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    from pipeline.run import RunOptions, run_pipeline
+
+    scale = {}
+    for item in args.scale:
+        stage, _, count = item.partition("=")
+        if stage not in ("align", "extract", "score") or not count.isdigit() or int(count) < 1:
+            raise PipelineError(f"--scale {item!r}: use align|extract|score=N with N >= 1")
+        scale[stage] = int(count)
+    frames = args.frames if args.frames is not None else (
+        300 if args.source.startswith("synth://") else 0)
+    options = RunOptions(source=args.source, model=args.model, line=args.line, out=args.out,
+                         models=args.models, frames=frames, fps=args.fps, loop=args.loop,
+                         fit_frames=args.fit_frames, redis_url=args.redis_url,
+                         persist=args.persist, device=args.device, scale=scale,
+                         encoding=args.encoding, quiet=args.json)
+    summary = run_pipeline(options)
+    if args.json:
+        print(json.dumps(summary.to_dict() | {"out": str(args.out)}))
+    else:
+        print(summary.line())
+        print(f"results: {args.out / 'scores.jsonl'}, {args.out / 'scores.csv'}, "
+              f"heat maps in {args.out / 'heatmaps'}")
+    return 0
+
+
+# --- stage --------------------------------------------------------------------------------------
+
+
+def _add_stage(commands) -> None:
+    parser = commands.add_parser(
+        "stage", help="run one pipeline worker (for compose / several machines)",
+        description="Run one worker of a stage. Workers of a stage share its consumer group, "
+                    "on any machine that reaches the line's Redis: start more to scale out. "
+                    "SIGTERM finishes the batch in flight and exits.")
+    parser.add_argument("name", choices=WORKER_STAGES, help="the stage to run")
+    _add_connection(parser)
+    parser.add_argument("--device", default="cpu", help="torch device (extract, score)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--batch-size", type=int, default=8, help="messages per read")
+    parser.add_argument("--claim-idle-ms", type=int, default=30_000,
+                        help="claim entries another worker left pending this long")
+    parser.add_argument("--max-deliveries", type=int, default=3,
+                        help="attempts before a failing message goes to the dead-letter stream")
+    capture = parser.add_argument_group("capture")
+    capture.add_argument("--source", help="what to capture (see `glad run --help`)")
+    capture.add_argument("--frames", type=int, default=0, help="stop after N frames (0: never)")
+    capture.add_argument("--skip", type=int, default=0, help="skip the first N source frames")
+    capture.add_argument("--fps", type=float, default=0.0, help="pace at this rate")
+    capture.add_argument("--loop", action="store_true", help="replay a file or folder forever")
+    capture.add_argument("--encoding", choices=("png", "jpeg", "raw"), default="png")
+    results = parser.add_argument_group("results")
+    results.add_argument("--out", type=Path, default=Path("glad-data/results"),
+                         help="results folder (default: %(default)s)")
+    parser.set_defaults(handler=_stage)
+
+
+def _stage(args) -> int:
+    url = redis_url(args.redis_url)
+    if url is None:
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
+                            "embedded one)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    client = connect(url, wait=None, stop=stop)
+    streams = Streams(args.line)
+    if args.name == "capture":
+        return _capture(args, client, url, stop)
+    stage = _build_stage(args, client, streams)
+    config = RunnerConfig(batch_size=args.batch_size, claim_idle_ms=args.claim_idle_ms,
+                          max_deliveries=args.max_deliveries)
+    runner = StageRunner(stage, client, streams, url, config)
+    runner.stop_event = stop
+    runner.run()
+    if hasattr(stage, "close"):
+        stage.close()
+    return 0
+
+
+def _build_stage(args, client, streams: Streams):
+    if args.name == "results":
+        from pipeline.results import ResultWriter
+
+        return ResultWriter(args.out, client, streams)
+    from online.registry import ModelFollower, ModelRegistry
+    from stages.align import AlignStage
+    from stages.extract import ExtractStage
+    from stages.score import ScoreStage
+
+    follower = ModelFollower(ModelRegistry(args.models, client, streams), args.device)
+    return {"align": AlignStage, "extract": ExtractStage, "score": ScoreStage}[args.name](follower)
+
+
+def _capture(args, client, url: str, stop: threading.Event) -> int:
+    from stages.capture import Capture
+    from stages.sources import open_source, paced
+
+    if not args.source:
+        raise PipelineError("the capture stage needs --source")
+    with open_source(args.source, loop=args.loop) as source:
+        frames = itertools.islice(source, args.skip, args.skip + args.frames if args.frames
+                                  else None)
+        capture = Capture(client, url, args.line, encoding=args.encoding, stop=stop)
+        count = capture.run(paced(frames, args.fps or None))
+    log.info("capture: published %d frames", count)
+    return 0
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+def _add_status(commands) -> None:
+    parser = commands.add_parser(
+        "status", help="health of a line's workers and streams",
+        description="Show each worker's heartbeat (stage, host, state, messages processed), "
+                    "each stream's length, lag and pending entries, the dead-letter count and "
+                    "the current model version.")
+    _add_connection(parser, models=False)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_status)
+
+
+def line_status(client, streams: Streams) -> dict:
+    """Workers, streams and model of a line, as plain data."""
+    now = time.time()
+    workers = []
+    for name, packed in sorted(client.hgetall(streams.workers).items()):
+        record = msgpack.unpackb(packed, raw=False)
+        age = now - record.get("seen", 0)
+        workers.append({"worker": name.decode(), **record, "age_s": round(age, 1),
+                        "healthy": age < STALE_AFTER_S})
+    hops = {}
+    for hop in DEFAULT_MAXLEN:
+        key = streams.key(hop)
+        info = {"length": int(client.xlen(key))}
+        group = PIPELINE_GROUPS.get(hop)
+        if group is not None and client.exists(key):
+            info["group"] = group
+            info["lag"] = streams.lag(client, hop, group)
+            pending = [g for g in client.xinfo_groups(key) if g["name"].decode() == group]
+            info["pending"] = int(pending[0]["pending"]) if pending else 0
+        hops[hop] = info
+    last_dead = client.xrevrange(streams.key("deadletter"), count=1)
+    current = client.get(f"glad:{streams.line}:model:current")
+    return {"line": streams.line, "model_version": int(current) if current else None,
+            "workers": workers, "streams": hops,
+            "last_deadletter": msgpack.unpackb(last_dead[0][1][b"m"], raw=False)["reason"]
+            if last_dead else None}
+
+
+def _status(args) -> int:
+    url = redis_url(args.redis_url)
+    if url is None:
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
+    client = connect(url, wait=5.0)
+    status = line_status(client, Streams(args.line))
+    if args.json:
+        print(json.dumps(status | {"redis": redact(url)}))
+        return 0
+    print(f"line {status['line']} on {redact(url)}: model version {status['model_version']}")
+    print(f"{'worker':40s} {'stage':8s} {'state':12s} {'processed':>9s} {'dead':>5s} {'seen':>7s}")
+    for w in status["workers"]:
+        state = w["state"] if w["healthy"] else "STALE"
+        print(f"{w['worker'][:40]:40s} {w['stage']:8s} {state:12s} {w['processed']:9d} "
+              f"{w['deadlettered']:5d} {w['age_s']:6.1f}s")
+    print(f"{'stream':12s} {'length':>8s} {'lag':>6s} {'pending':>8s}")
+    for hop, info in status["streams"].items():
+        print(f"{hop:12s} {info['length']:8d} {info.get('lag', ''):>6} {info.get('pending', ''):>8}")
+    if status["last_deadletter"]:
+        print(f"last dead letter: {status['last_deadletter']}")
+    return 0
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def _add_models(commands) -> None:
+    parser = commands.add_parser("models", help="a line's model versions",
+                                 description="Publish and list a line's model versions.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    publish = actions.add_parser("publish", help="publish a fitted model as the next version "
+                                 "and make it current (scorers hot-swap to it)")
+    publish.add_argument("model", type=Path, help="model directory from `glad fit`")
+    publish.add_argument("--note", default="", help="why this version exists")
+    _add_connection(publish)
+    publish.add_argument("--json", action="store_true")
+    publish.set_defaults(handler=_models_publish)
+    listing = actions.add_parser("list", help="list the line's versions")
+    _add_connection(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=_models_list)
+
+
+def _registry(args):
+    from online.registry import ModelRegistry
+
+    url = redis_url(args.redis_url)
+    if url is None:
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
+    return ModelRegistry(args.models, connect(url, wait=5.0), Streams(args.line))
+
+
+def _models_publish(args) -> int:
+    registry = _registry(args)
+    version = registry.publish(args.model, note=args.note)
+    if args.json:
+        print(json.dumps({"line": args.line, "version": version}))
+    else:
+        print(f"line {args.line}: version {version} is current")
+    return 0
+
+
+def _models_list(args) -> int:
+    registry = _registry(args)
+    current = registry.current()
+    records = registry.versions()
+    if args.json:
+        print(json.dumps({"line": args.line, "current": current, "versions": records}))
+        return 0
+    for record in records:
+        mark = "*" if record["version"] == current else " "
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["created"]))
+        print(f"{mark} v{record['version']:<4d} {record['backbone']:20s} threshold "
+              f"{record['threshold']:.3f}  {created}  {record['note']}")
+    return 0
+

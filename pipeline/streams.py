@@ -1,0 +1,97 @@
+"""Stream names per production line, consumer groups, lag counters and the events stream.
+
+Every key of a line starts with `glad:{line}:`, so many lines share one Redis. Redis 6.2 (the
+bundled server) has no per-group lag, so writers count what they add to each stream and readers
+count what their group was delivered, in one hash; lag = added - delivered. The counts also give
+backpressure: a stage stops reading while its output's consumers lag too far behind, so MAXLEN
+trimming never drops an entry nobody has read.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import redis
+
+from pipeline.errors import PipelineError
+
+LINE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# hop -> the consumer group of the pipeline stage that reads it
+PIPELINE_GROUPS = {"frames": "align", "aligned": "extract", "features": "score"}
+# Entries kept per stream (MAXLEN ~): raw frames/features are large, scores and records small.
+DEFAULT_MAXLEN = {"frames": 2000, "aligned": 256, "features": 256, "scores": 100_000,
+                  "feedback": 100_000, "deadletter": 10_000, "events": 10_000}
+
+
+def check_line(line: str) -> str:
+    if not LINE_PATTERN.match(line):
+        raise PipelineError(f"bad line name {line!r}: use letters, digits, '_', '.', '-' "
+                            "(at most 64)")
+    return line
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Redis keys of one production line."""
+
+    line: str
+
+    def __post_init__(self) -> None:
+        check_line(self.line)
+
+    def key(self, hop: str) -> str:
+        """The stream of a hop: frames, aligned, features, scores, feedback, deadletter, events."""
+        return f"glad:{self.line}:{hop}"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker name -> msgpack heartbeat."""
+        return f"glad:{self.line}:workers"
+
+    @property
+    def counters(self) -> str:
+        """Hash: "{hop}:added" and "{hop}:delivered:{group}" counts."""
+        return f"glad:{self.line}:counters"
+
+    def done(self, stage: str, frame_id: str) -> str:
+        """Marker that `stage` already wrote its output for `frame_id` (idempotent outputs)."""
+        return f"glad:{self.line}:done:{stage}:{frame_id}"
+
+    def lag(self, client: redis.Redis, hop: str, group: str) -> int:
+        """Entries of `hop` not yet delivered to `group`."""
+        added, delivered = client.hmget(self.counters, f"{hop}:added", f"{hop}:delivered:{group}")
+        return max(0, int(added or 0) - int(delivered or 0))
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) if missing; it starts at the stream's start."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        if "BUSYGROUP" not in str(error):
+            raise
+
+
+def publish_event(client: redis.Redis, streams: Streams, event: str, **fields: Any) -> bytes:
+    """Append {"v": 1, "event": event, "at": unix time, **fields} to the line's events stream."""
+    record = {"v": 1, "event": event, "at": time.time(), **fields}
+    return client.xadd(streams.key("events"), {b"m": msgpack.packb(record, use_bin_type=True)},
+                       maxlen=DEFAULT_MAXLEN["events"], approximate=True)
+
+
+def read_events(client: redis.Redis, streams: Streams, after: str = "0",
+                count: int = 1000) -> list[tuple[str, dict]]:
+    """Events after entry id `after`, oldest first, as (entry id, record)."""
+    entries = client.xrange(streams.key("events"), min=f"({after}" if after != "0" else "-",
+                            count=count)
+    out = []
+    for entry_id, fields in entries:
+        try:
+            out.append((entry_id.decode(), msgpack.unpackb(fields[b"m"], raw=False)))
+        except Exception:  # a foreign entry on the events stream is skipped, not fatal
+            continue
+    return out

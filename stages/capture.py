@@ -1,0 +1,147 @@
+"""The capture stage: a camera, video, stream, image folder or the synthetic camera -> frames.
+
+Frames are paced (`fps`), encoded (PNG by default: lossless and a fraction of the raw size; image
+files travel as their own bytes) and appended to the line's frames stream. Capture waits while
+the align stage lags more than `max_backlog` frames behind, so bounded streams never drop a frame
+nobody has read, and it survives Redis going away: the frame in hand is sent once Redis is back.
+`publish_frame` is the same path for external producers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import cv2
+import numpy as np
+import redis
+
+from glad.errors import GladError
+from pipeline.connection import TRANSIENT, wait_until_reachable
+from pipeline.schema import FIELD, Message, pack_array, pack_image
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, publish_event
+from stages.sources import SourceFrame
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("png", "jpeg", "raw")
+
+
+def encode_frame(image: np.ndarray, encoding: str = "png") -> dict:
+    """An RGB uint8 image as a message payload: PNG (fast level), JPEG (quality 95) or raw."""
+    if encoding == "raw":
+        return pack_array(image)
+    ext, params = (".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]) if encoding == "png" else \
+        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ok, data = cv2.imencode(ext, np.ascontiguousarray(image[:, :, ::-1]), params)
+    if not ok:
+        raise GladError(f"cannot encode a {image.shape} frame as {encoding}")
+    return pack_image(data.tobytes(), encoding)
+
+
+def publish_frame(client: redis.Redis, line: str, image: np.ndarray | None = None,
+                  encoded: bytes | None = None, frame_id: str | None = None,
+                  camera: str = "client", meta: dict[str, Any] | None = None,
+                  captured_at: float | None = None, encoding: str = "png",
+                  maxlen: int = DEFAULT_MAXLEN["frames"]) -> str:
+    """Append one frame to `line`'s frames stream; returns its frame id.
+
+    Pass `image` (RGB uint8 array) or `encoded` (PNG/JPEG file bytes). Frame ids must be unique
+    per line: a repeated id is scored once.
+    """
+    if (image is None) == (encoded is None):
+        raise ValueError("pass exactly one of image= or encoded=")
+    streams = Streams(line)
+    captured_at = time.time() if captured_at is None else captured_at
+    frame_id = frame_id or f"{camera}-{uuid.uuid4().hex}"
+    payload = encode_frame(image, encoding) if image is not None else \
+        pack_image(encoded, _format_of(encoded))
+    message = Message("frame", frame_id, line, camera, captured_at, {"image": payload},
+                      meta=dict(meta or {}))
+    message.stamps["capture"] = time.time()
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(streams.key("frames"), {FIELD: message.encode()}, maxlen=maxlen, approximate=True)
+    pipe.hincrby(streams.counters, "frames:added", 1)
+    pipe.execute()
+    return frame_id
+
+
+class Capture:
+    """Publishes a source's frames to a line until the source ends or `stop` is set."""
+
+    def __init__(self, client: redis.Redis, url: str, line: str, encoding: str = "png",
+                 max_backlog: int = 64, stop: threading.Event | None = None):
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}")
+        self.client = client
+        self.url = url
+        self.streams = Streams(line)
+        self.encoding = encoding
+        self.max_backlog = max_backlog
+        self.stop = stop or threading.Event()
+        self.session = f"{int(time.time() * 1000):x}"
+        self.published = 0
+
+    def run(self, frames: Iterable[SourceFrame]) -> int:
+        """Publish every frame; announce the end of the source on the events stream."""
+        camera = "capture"
+        for frame in frames:
+            if self.stop.is_set():
+                break
+            camera = frame.camera
+            self._send(frame)
+        if not self.stop.is_set():
+            self._with_redis(lambda: publish_event(self.client, self.streams, "source_ended",
+                                                   camera=camera, frames=self.published))
+            log.info("source %s ended after %d frames", camera, self.published)
+        return self.published
+
+    def _send(self, frame: SourceFrame) -> None:
+        captured_at = time.time()
+        meta = {"index": frame.index}
+        if frame.name is not None:
+            meta["name"] = frame.name
+        if frame.label is not None:
+            meta["label"] = frame.label
+        frame_id = f"{frame.camera}-{self.session}-{frame.index:07d}"
+
+        def send() -> None:
+            while self.streams.lag(self.client, "frames", PIPELINE_GROUPS["frames"]) > \
+                    self.max_backlog and not self.stop.is_set():
+                self.stop.wait(0.01)
+            publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,
+                          frame_id=frame_id, camera=frame.camera, meta=meta,
+                          captured_at=captured_at, encoding=self.encoding)
+
+        self._with_redis(send)
+        self.published += 1
+
+    def _with_redis(self, action) -> None:
+        """Run `action`, waiting out Redis outages (the frame in hand is not dropped)."""
+        while True:
+            try:
+                action()
+                return
+            except TRANSIENT as error:
+                log.warning("capture: lost Redis (%s); waiting for it",
+                            str(error).splitlines()[0] if str(error) else type(error).__name__)
+                wait_until_reachable(self.client, self.url, wait=None, stop=self.stop)
+
+
+def _format_of(data: bytes) -> str:
+    """The image format of file bytes, from their magic number (decoding happens downstream)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"\xff\xd8":
+        return "jpeg"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "png"  # unknown bytes: the align stage rejects them with a clear reason

@@ -1,0 +1,99 @@
+"""The score stage: features -> scores. Scores each frame under the line's current model.
+
+Output per frame: score, decision, threshold, model version, status, per-stage timings, and for
+anomalous frames the heat map (float16, model input size, in the frame's own geometry). Outputs
+are idempotent by frame id: a frame delivered twice is scored once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from glad.align import Alignment, unwarp_heatmap
+from glad.errors import ModelMismatchError
+from pipeline.errors import MessageError
+from pipeline.schema import Message, pack_array, unpack_array
+from stages._model import ModelStage
+
+
+class ScoreStage(ModelStage):
+    name = "score"
+    input = "features"
+    output = "scores"
+    idempotent = True
+
+    def process(self, messages: list[Message]) -> list[Message]:
+        started = time.perf_counter()
+        model = self.model
+        size = model.backbone_.spec.input_size
+        usable = [i for i, m in enumerate(messages) if m.body["status"] == "ok"]
+        features = [self._features(messages[i]) for i in usable]
+        valid = np.stack([self._valid(messages[i], size) for i in usable]) if usable else None
+        scores, maps = np.zeros(0), np.zeros((0, size, size), np.float32)
+        if usable:
+            layers = [torch.from_numpy(np.stack([f[layer] for f in features])).float()
+                      .to(model.backbone_.device) for layer in range(len(features[0]))]
+            scores, maps = model.score_features(layers, valid)
+        per_frame = 1000.0 * (time.perf_counter() - started) / len(messages)
+        out = []
+        for index, message in enumerate(messages):
+            row = usable.index(index) if index in usable else None
+            score = math.inf if row is None else float(scores[row])
+            anomalous = bool(score > model.threshold_)
+            heatmap = None
+            if anomalous and row is not None:
+                heatmap = pack_array(self._unwarped(maps[row], message, size).astype(np.float16))
+            result = message.derive("score", {
+                "score": score, "anomalous": anomalous, "threshold": float(model.threshold_),
+                "status": message.body["status"], "heatmap": heatmap,
+                "frame_shape": message.body["frame_shape"]})
+            result.models["score"] = self.model_version
+            result.timings["score"] = per_frame
+            out.append(result)
+        return out
+
+    def _features(self, message: Message) -> list[np.ndarray]:
+        """The message's per-layer features, checked against this model's layers."""
+        expected = self.model.backbone_.spec.preprocessing_hash()
+        if message.body.get("backbone") != expected:
+            raise ModelMismatchError(f"frame {message.frame_id}: features come from backbone "
+                                     f"{message.body.get('backbone')!r}, the model needs {expected!r}")
+        packed = message.body["features"]
+        layers = self.model.layers_
+        if len(packed) != len(layers):
+            raise MessageError(f"frame {message.frame_id}: {len(packed)} feature layers, the model "
+                               f"has {len(layers)}")
+        out = []
+        for index, (item, layer) in enumerate(zip(packed, layers, strict=True)):
+            array = unpack_array(item, f"features[{index}]", dtype="float16", ndim=3)
+            shape = (layer.mixture.means.shape[1], *layer.grid)
+            if array.shape != shape:
+                raise MessageError(f"frame {message.frame_id}: layer {index + 1} features are "
+                                   f"{list(array.shape)}, the model expects {list(shape)}")
+            out.append(array)
+        return out
+
+    @staticmethod
+    def _valid(message: Message, size: int) -> np.ndarray:
+        if message.body["valid"] is None:
+            return np.ones((size, size), dtype=bool)
+        mask = unpack_array(message.body["valid"], "valid", dtype="bool", ndim=2)
+        if mask.shape != (size, size):
+            raise MessageError(f"frame {message.frame_id}: validity mask {list(mask.shape)}, "
+                               f"expected [{size}, {size}]")
+        return mask
+
+    @staticmethod
+    def _unwarped(heatmap: np.ndarray, message: Message, size: int) -> np.ndarray:
+        """The heat map in the frame's geometry (at the input size), as `GladModel.score` gives."""
+        if message.body["warp"] is None:
+            return heatmap
+        warp = unpack_array(message.body["warp"], "warp", dtype="float64", ndim=2)
+        if warp.shape != (3, 3):
+            raise MessageError(f"frame {message.frame_id}: warp of shape {list(warp.shape)}")
+        alignment = Alignment(warp, None, None, 0.0, True, "", (size, size))
+        return unwarp_heatmap(heatmap, alignment, (size, size))
