@@ -12,7 +12,7 @@
 #     pip packages; the host needs only the NVIDIA driver and the NVIDIA Container Toolkit:
 #       docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t glad-stream:cuda .
 #     (pick the cuXYZ index your driver supports);
-#   - or base the image on a CUDA runtime image instead of python:3.11-slim, e.g.
+#   - or base the image on a CUDA runtime image instead of python:3.11-slim-bookworm, e.g.
 #     `FROM pytorch/pytorch:<version>-cuda12.x-cudnn9-runtime` (torch preinstalled: drop the torch
 #     step below if its version is within pyproject's range) or
 #     `FROM nvidia/cuda:12.x-cudnn-runtime-ubuntu22.04` plus a Python 3.11 install.
@@ -20,7 +20,8 @@
 #   the GPU (`docker run --gpus all`, or the `deploy.resources.reservations.devices` block shown in
 #   compose.yaml).
 
-FROM python:3.11-slim
+# Debian bookworm pinned: on trixie the glib package is renamed libglib2.0-0t64.
+FROM python:3.11-slim-bookworm
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 

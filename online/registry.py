@@ -24,7 +24,8 @@ from pipeline.streams import Streams, publish_event
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path(os.environ.get("GLAD_MODELS", "glad-data/models"))
+RETRY_REJECTED_S = 30.0  # a version that failed to load (e.g. files still syncing) is retried
+DEFAULT_ROOT = Path(os.environ.get("GLAD_MODELS", "glad-data/models"))  # --models default
 
 
 class ModelRegistry:
@@ -48,12 +49,7 @@ class ModelRegistry:
         """Copy a saved model in as the next version, make it current, announce it."""
         source = Path(model_dir)
         manifest = read_manifest(source)  # refuses anything that is not a GLAD model
-        version = int(self.client.incr(f"glad:{self.streams.line}:model:next"))
-        target = self.path(version, must_exist=False)
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        staging.replace(target)
+        version, target = self._claim_folder(source)
         record = {"version": version, "sha256": manifest.get("arrays_sha256"),
                   "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
                   "created": time.time(), "note": note, "path": str(target)}
@@ -61,6 +57,27 @@ class ModelRegistry:
         self.set_current(version)
         log.info("line %s: model version %d published (%s)", self.streams.line, version, note)
         return version
+
+    def _claim_folder(self, source: Path) -> tuple[int, Path]:
+        """The next version number and its folder, holding a copy of `source`. Numbers come from
+        a Redis counter but skip folders already on disk (the folder may outlive Redis's data)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            version = int(self.client.incr(f"glad:{self.streams.line}:model:next"))
+            on_disk = [int(p.name[1:]) for p in self.folder.glob("v[0-9]*") if p.name[1:].isdigit()]
+            if on_disk and version <= max(on_disk):
+                self.client.set(f"glad:{self.streams.line}:model:next", max(on_disk))
+                continue
+            target = self.path(version, must_exist=False)
+            staging = self.folder / f".staging-{version}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            try:
+                staging.rename(target)  # fails if another publisher took this number
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                continue
+            return version, target
 
     def set_current(self, version: int) -> None:
         """Point the line at `version` (which must exist) and announce it."""
@@ -96,12 +113,14 @@ class ModelFollower:
         self.device = device
         self.model = None
         self.version: int | None = None
-        self._rejected: int | None = None
+        self._rejected: tuple[int, float] | None = None  # version, when it failed to load
 
     def refresh(self) -> bool:
         """True when a model is loaded (possibly a new version just now)."""
         current = self.registry.current()
-        if current is None or current in (self.version, self._rejected):
+        rejected = self._rejected is not None and self._rejected[0] == current and \
+            time.monotonic() - self._rejected[1] < RETRY_REJECTED_S
+        if current is None or current == self.version or rejected:
             return self.model is not None
         try:
             model = self._load(current)
@@ -110,7 +129,7 @@ class ModelFollower:
                 raise
             log.error("model version %s cannot be loaded (%s); staying on version %s", current,
                       error, self.version)
-            self._rejected = current
+            self._rejected = (current, time.monotonic())
             return True
         previous, self.model, self.version = self.version, model, current
         log.info("line %s: now on model version %d (was %s)", self.registry.streams.line, current,

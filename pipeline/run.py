@@ -114,7 +114,9 @@ def run_pipeline(options: RunOptions) -> Summary:
     url = redis_url(options.redis_url)
     embedded = None
     if url is None:
-        embedded = EmbeddedRedis(persist=options.persist).start()
+        # with --persist the append-only file lives in OUT/redis and the next run resumes it
+        embedded = EmbeddedRedis(options.out / "redis" if options.persist else None,
+                                 persist=options.persist).start()
         url = embedded.url
         _say(options, f"embedded Redis at {url}")
     workers: list[subprocess.Popen] = []

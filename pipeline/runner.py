@@ -44,6 +44,9 @@ return 1
 """
 
 
+FORGET_AFTER_S = 3600.0  # a worker silent this long is dropped from the heartbeat table
+
+
 class Stage(Protocol):
     """One job of the pipeline, run by `StageRunner` (see stages/)."""
 
@@ -145,6 +148,7 @@ class StageRunner:
     def _setup(self) -> None:
         ensure_group(self.client, self._input, self.stage.name)
         self._pending_first = True
+        prune_heartbeats(self.client, self.streams)
         self._heartbeat(force=True)
 
     def _reconnect(self, error: Exception) -> None:
@@ -188,7 +192,7 @@ class StageRunner:
         group = PIPELINE_GROUPS.get(self.stage.output or "")
         if group is None:
             return False
-        backlog = self.streams.lag(self.client, self.stage.output, group)
+        backlog = self.streams.in_flight(self.client, self.stage.output, group)
         if backlog <= self.config.max_backlog:
             self._backlog_since = None
             return False
@@ -334,6 +338,19 @@ class StageRunner:
                   "claimed": self.stats.claimed, "reconnects": self.stats.reconnects,
                   "model": getattr(self.stage, "model_version", None)}
         self.client.hset(self.streams.workers, self.consumer, msgpack.packb(record))
+
+
+def prune_heartbeats(client: redis.Redis, streams: Streams, older_than_s: float = FORGET_AFTER_S,
+                     ) -> None:
+    """Forget workers whose last heartbeat is older than `older_than_s` (gone for good)."""
+    now = time.time()
+    for name, packed in client.hgetall(streams.workers).items():
+        try:
+            seen = msgpack.unpackb(packed, raw=False).get("seen", 0)
+        except Exception:  # a foreign value in the hash is removed too
+            seen = 0
+        if now - seen > older_than_s:
+            client.hdel(streams.workers, name)
 
 
 def _entries(response) -> list[tuple[str, dict]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgpack
 
+from glad.errors import GladError
 from pipeline.connection import connect, redact, redis_url
 from pipeline.errors import PipelineError
 from pipeline.runner import RunnerConfig, StageRunner
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 WORKER_STAGES = ("capture", "align", "extract", "score", "results")
 STALE_AFTER_S = 10.0  # a heartbeat older than this marks the worker stale
-DEFAULT_MODELS = Path("glad-data/models")
 
 
 def add_commands(commands) -> None:
@@ -44,9 +44,11 @@ def _add_connection(parser: argparse.ArgumentParser, models: bool = True) -> Non
                         help="redis://[:password@]host:port/db, rediss:// for TLS, unix:///path "
                              "(default: $REDIS_URL)")
     if models:
-        parser.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+        from online.registry import DEFAULT_ROOT
+
+        parser.add_argument("--models", type=Path, default=DEFAULT_ROOT,
                             help="model registry folder, shared by every worker of the line "
-                                 "(default: %(default)s)")
+                                 "(default: $GLAD_MODELS or %(default)s)")
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -83,8 +85,9 @@ def _add_run(commands) -> None:
     parser.add_argument("--scale", action="append", default=[], metavar="STAGE=N",
                         help="worker processes for a stage, e.g. --scale extract=2")
     parser.add_argument("--persist", action="store_true",
-                        help="embedded Redis writes an append-only file (nothing lost on a "
-                             "restart)")
+                        help="embedded Redis keeps an append-only file in OUT/redis, synced "
+                             "on every write: a crash loses nothing and the next --persist run "
+                             "resumes the line")
     parser.add_argument("--device", default="cpu", help="torch device for extract and score")
     parser.add_argument("--encoding", choices=("png", "jpeg", "raw"), default="png",
                         help="how captured frames travel (default: %(default)s, lossless)")
@@ -162,7 +165,12 @@ def _stage(args) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    client = connect(url, wait=None, stop=stop)
+    try:
+        client = connect(url, wait=None, stop=stop)
+    except GladError:
+        if stop.is_set():  # asked to stop while Redis was away: a clean exit
+            return 0
+        raise
     streams = Streams(args.line)
     if args.name == "capture":
         return _capture(args, client, url, stop)

@@ -4,7 +4,7 @@ Every key of a line starts with `glad:{line}:`, so many lines share one Redis. R
 bundled server) has no per-group lag, so writers count what they add to each stream and readers
 count what their group was delivered, in one hash; lag = added - delivered. The counts also give
 backpressure: a stage stops reading while its output's consumers lag too far behind, so MAXLEN
-trimming never drops an entry nobody has read.
+trimming never drops an entry nobody has finished.
 """
 
 from __future__ import annotations
@@ -65,6 +65,15 @@ class Streams:
         """Entries of `hop` not yet delivered to `group`."""
         added, delivered = client.hmget(self.counters, f"{hop}:added", f"{hop}:delivered:{group}")
         return max(0, int(added or 0) - int(delivered or 0))
+
+    def in_flight(self, client: redis.Redis, hop: str, group: str) -> int:
+        """Entries of `hop` that `group` has not finished: undelivered plus pending (delivered,
+        not acknowledged, e.g. held by a worker that died and awaits a claim)."""
+        try:
+            pending = int(client.xpending(self.key(hop), group)["pending"])
+        except redis.ResponseError:  # no stream or group yet
+            pending = 0
+        return self.lag(client, hop, group) + pending
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

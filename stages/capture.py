@@ -10,6 +10,8 @@ nobody has read, and it survives Redis going away: the frame in hand is sent onc
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import cv2
+import msgpack
 import numpy as np
 import redis
 
@@ -29,6 +32,7 @@ from stages.sources import SourceFrame
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("png", "jpeg", "raw")
+HEARTBEAT_S = 2.0
 
 
 def encode_frame(image: np.ndarray, encoding: str = "png") -> dict:
@@ -85,6 +89,8 @@ class Capture:
         self.stop = stop or threading.Event()
         self.session = f"{int(time.time() * 1000):x}"
         self.published = 0
+        self.worker = f"capture-{socket.gethostname()}-{os.getpid()}-{self.session[-4:]}"
+        self._last_heartbeat = 0.0
 
     def run(self, frames: Iterable[SourceFrame]) -> int:
         """Publish every frame; announce the end of the source on the events stream."""
@@ -94,6 +100,7 @@ class Capture:
                 break
             camera = frame.camera
             self._send(frame)
+        self._with_redis(lambda: self.client.hdel(self.streams.workers, self.worker))
         if not self.stop.is_set():
             self._with_redis(lambda: publish_event(self.client, self.streams, "source_ended",
                                                    camera=camera, frames=self.published))
@@ -119,6 +126,17 @@ class Capture:
 
         self._with_redis(send)
         self.published += 1
+        if time.monotonic() - self._last_heartbeat > HEARTBEAT_S:
+            self._last_heartbeat = time.monotonic()
+            self._with_redis(lambda: self._heartbeat(frame.camera))
+
+    def _heartbeat(self, camera: str) -> None:
+        """The same record as stage workers write, so `glad status` shows cameras too."""
+        record = {"stage": "capture", "host": socket.gethostname(), "pid": os.getpid(),
+                  "started": int(self.session, 16) / 1000, "seen": time.time(), "state": "running",
+                  "processed": self.published, "deadlettered": 0, "claimed": 0, "reconnects": 0,
+                  "model": None, "camera": camera}
+        self.client.hset(self.streams.workers, self.worker, msgpack.packb(record))
 
     def _with_redis(self, action) -> None:
         """Run `action`, waiting out Redis outages (the frame in hand is not dropped)."""
