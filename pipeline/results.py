@@ -26,7 +26,7 @@ from pipeline.streams import Streams
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ("frame_id", "camera", "captured_at", "score", "anomalous", "threshold", "model",
-              "status", "label", "latency_ms")
+              "status", "name", "label", "latency_ms")
 SEEN_LIMIT = 100_000  # frame ids remembered to drop re-deliveries
 
 
@@ -39,7 +39,8 @@ def score_record(message: Message) -> dict:
             "score": body["score"] if math.isfinite(body["score"]) else None,
             "anomalous": body["anomalous"], "threshold": body["threshold"],
             "model": message.models.get("score"), "status": body["status"],
-            "label": message.meta.get("label"), "latency_ms": round(latency, 2),
+            "name": message.meta.get("name"), "label": message.meta.get("label"),
+            "latency_ms": round(latency, 2),
             "timings_ms": {k: round(v, 2) for k, v in message.timings.items()}}
 
 

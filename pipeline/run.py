@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from glad.images import decode_image
+from glad.modelfile import read_manifest
 from online.registry import ModelRegistry
 from pipeline.connection import connect, redact, redis_url
 from pipeline.embedded import EmbeddedRedis
@@ -108,8 +109,9 @@ class Summary:
 
 def run_pipeline(options: RunOptions) -> Summary:
     """Run everything until the source ends (or Ctrl-C); returns the final summary."""
-    if options.model is not None and not options.model.exists():
-        raise PipelineError(f"model {options.model} does not exist (fit one with `glad fit`)")
+    if options.model is not None:
+        read_manifest(options.model)  # a clear error for a missing or broken model, before anything starts
+    open_source(options.source).close()  # likewise for a source that cannot be opened
     options.out.mkdir(parents=True, exist_ok=True)
     url = redis_url(options.redis_url)
     embedded = None

@@ -1,0 +1,100 @@
+"""The streaming commands as users run them: `glad run` end to end in real processes (embedded
+Redis, one worker process per stage), `glad status`, `glad models`, and their clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from streaming import REPO, wait_for
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.cli
+
+
+def glad(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # embedded Redis
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def in_process(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+@pytest.mark.slow
+def test_glad_run_scores_a_folder_and_writes_results(pipeline_model, tiny_dataset, tmp_path) -> None:
+    source = tiny_dataset / "nut" / "test" / "hole"
+    expected = sorted(p.name for p in source.iterdir())
+    out = tmp_path / "run"
+    done = glad("run", "--model", pipeline_model, "--source", source, "--out", out,
+                "--models", tmp_path / "models", "--json")
+    assert done.returncode == 0, done.stderr + "".join(
+        f.read_text() for f in (out / "logs").glob("*.log"))
+    summary = json.loads(done.stdout)
+    assert summary["frames"] == summary["scored"] == len(expected)
+    assert summary["deadletter"] == 0 and summary["model_version"] == 1
+    records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in records) == expected
+    assert len({r["frame_id"] for r in records}) == len(expected)
+    assert (out / "scores.csv").read_text().splitlines()[0].startswith("frame_id,camera,")
+    anomalous = [r for r in records if r["anomalous"]]
+    assert len(list((out / "heatmaps").glob("*.png"))) == len(anomalous)
+    assert {p.stem for p in (out / "logs").glob("*.log")} == {"capture", "align", "extract", "score"}
+    assert json.loads((out / "summary.json").read_text())["scored"] == len(expected)
+
+
+def test_glad_run_refuses_a_missing_model_and_source(pipeline_model, tmp_path) -> None:
+    missing = glad("run", "--model", tmp_path / "nope", "--out", tmp_path / "o", timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == f"glad: error: {tmp_path / 'nope'}: no such model"
+    source = glad("run", "--model", pipeline_model, "--source", tmp_path / "no-such-folder",
+                  "--out", tmp_path / "o", timeout=60)
+    assert source.returncode == 2 and "Traceback" not in source.stderr
+    assert "no-such-folder" in source.stderr.strip().splitlines()[-1]
+
+
+def test_status_and_models_commands(line, pipeline_model) -> None:
+    common = ["--line", line.name, "--redis-url", line.url]
+    with line.running("align", "score", heartbeat_s=0.1):
+        status = wait_for(lambda: _loaded(in_process("status", *common, "--json")),
+                          what="heartbeats of loaded workers")
+    assert status["model_version"] == 1
+    assert sorted(w["stage"] for w in status["workers"]) == ["align", "score"]
+    assert all(w["healthy"] and w["model"] == 1 for w in status["workers"])
+    assert status["streams"]["frames"] == {"length": 0, "group": "align", "lag": 0, "pending": 0}
+    code, out = in_process("models", "publish", pipeline_model, *common, "--models", line.models,
+                           "--note", "retrained", "--json")
+    assert code == 0 and json.loads(out)["version"] == 2
+    code, out = in_process("models", "list", *common, "--models", line.models, "--json")
+    listing = json.loads(out)
+    assert listing["current"] == 2 and [v["note"] for v in listing["versions"]] == ["test", "retrained"]
+
+
+def _loaded(result: tuple[int, str]) -> dict | None:
+    code, out = result
+    status = json.loads(out)
+    assert code == 0
+    return status if len(status["workers"]) == 2 and all(w["model"] for w in status["workers"]) \
+        else None
+
+
+def test_a_worker_without_redis_says_so(capsys) -> None:
+    env_url = os.environ.pop("REDIS_URL", None)
+    try:
+        code = main(["stage", "score"])
+    finally:
+        if env_url is not None:
+            os.environ["REDIS_URL"] = env_url
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("glad: error: no Redis: pass --redis-url or set "
+                                               "REDIS_URL (`glad run` starts an embedded one)")
