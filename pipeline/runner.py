@@ -75,7 +75,7 @@ class RunnerConfig:
     claim_idle_ms: int = 30_000
     claim_every_s: float = 5.0
     max_deliveries: int = 3
-    max_backlog: int = 64  # stop reading while the output's consumers lag more than this
+    max_backlog: int = 16  # stop reading while the output's group has more than this in flight
     done_ttl_s: int = 86_400
     heartbeat_s: float = 2.0
     maxlen: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAXLEN))

@@ -140,6 +140,10 @@ def _add_stage(commands) -> None:
                         help="claim entries another worker left pending this long")
     parser.add_argument("--max-deliveries", type=int, default=3,
                         help="attempts before a failing message goes to the dead-letter stream")
+    parser.add_argument("--max-backlog", type=int, default=16,
+                        help="stop reading (capture: stop publishing) while the next stage has "
+                             "more than this many entries in flight; bounds latency and Redis "
+                             "memory (default: %(default)s)")
     capture = parser.add_argument_group("capture")
     capture.add_argument("--source", help="what to capture (see `glad run --help`)")
     capture.add_argument("--frames", type=int, default=0, help="stop after N frames (0: never)")
@@ -176,7 +180,7 @@ def _stage(args) -> int:
         return _capture(args, client, url, stop)
     stage = _build_stage(args, client, streams)
     config = RunnerConfig(batch_size=args.batch_size, claim_idle_ms=args.claim_idle_ms,
-                          max_deliveries=args.max_deliveries)
+                          max_deliveries=args.max_deliveries, max_backlog=args.max_backlog)
     runner = StageRunner(stage, client, streams, url, config)
     runner.stop_event = stop
     runner.run()
@@ -208,7 +212,8 @@ def _capture(args, client, url: str, stop: threading.Event) -> int:
     with open_source(args.source, loop=args.loop) as source:
         frames = itertools.islice(source, args.skip, args.skip + args.frames if args.frames
                                   else None)
-        capture = Capture(client, url, args.line, encoding=args.encoding, stop=stop)
+        capture = Capture(client, url, args.line, encoding=args.encoding,
+                          max_backlog=args.max_backlog, stop=stop)
         count = capture.run(paced(frames, args.fps or None))
     log.info("capture: published %d frames", count)
     return 0

@@ -2,7 +2,7 @@
 
 Frames are paced (`fps`), encoded (PNG by default: lossless and a fraction of the raw size; image
 files travel as their own bytes) and appended to the line's frames stream. Capture waits while
-the align stage lags more than `max_backlog` frames behind, so bounded streams never drop a frame
+the align stage has more than `max_backlog` frames in flight, so bounded streams never drop a frame
 nobody has read, and it survives Redis going away: the frame in hand is sent once Redis is back.
 `publish_frame` is the same path for external producers.
 """
@@ -78,7 +78,7 @@ class Capture:
     """Publishes a source's frames to a line until the source ends or `stop` is set."""
 
     def __init__(self, client: redis.Redis, url: str, line: str, encoding: str = "png",
-                 max_backlog: int = 64, stop: threading.Event | None = None):
+                 max_backlog: int = 16, stop: threading.Event | None = None):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}")
         self.client = client
@@ -117,7 +117,7 @@ class Capture:
         frame_id = f"{frame.camera}-{self.session}-{frame.index:07d}"
 
         def send() -> None:
-            while self.streams.lag(self.client, "frames", PIPELINE_GROUPS["frames"]) > \
+            while self.streams.in_flight(self.client, "frames", PIPELINE_GROUPS["frames"]) > \
                     self.max_backlog and not self.stop.is_set():
                 self.stop.wait(0.01)
             publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,

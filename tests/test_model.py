@@ -271,3 +271,14 @@ def test_polygon_roi_is_rasterised_in_reference_pixels(nut: MVTecCategory) -> No
     roi = model.roi_.numpy()
     assert roi[128, 128] and not roi[10, 10] and not roi[128, 250]
     assert abs(roi.mean() - (129 * 129) / 256**2) < 0.01
+
+
+def test_decision_threshold_reaches_past_a_few_held_back_scores() -> None:
+    from glad.model import THRESHOLD_SIGMAS, decision_threshold
+
+    scores = np.array([400.0, 402.0, 398.0, 410.0, 395.0, 405.0])
+    spread = 1.4826 * np.median(np.abs(scores - np.median(scores)))
+    assert decision_threshold(scores) == pytest.approx(np.median(scores) + THRESHOLD_SIGMAS * spread)
+    assert decision_threshold(scores) > scores.max()
+    outlier = np.array([400.0, 400.0, 400.0, 900.0])  # MAD 0: the maximum still bounds it
+    assert decision_threshold(outlier) == 900.0
