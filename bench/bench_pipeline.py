@@ -297,6 +297,21 @@ def _summary(messages: list[Message], dead: int, camera_fps: float) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
+def _print_header(report: dict) -> None:
+    base, fit = report["in_process"], report["fit"]
+    before, after = report["load_average"]
+    print(f"machine: {report['cores']} cores, load average {before:.2f} before / {after:.2f} after "
+          "(the figures need an otherwise idle machine)")
+    print(f"device {report['device']}, backbone {report['backbone']}, torch threads "
+          f"{base['threads']} in-process / {report['worker_threads']} per model worker")
+    print(f"model: {report['model']}" if not fit else
+          f"model: fitted with GladModel() defaults on {fit['fit_images']} normal frames of "
+          f"{DEFAULT_SOURCE} in {fit['fit_s']:.0f} s (not counted)")
+    print(f"test frames: {TEST_SOURCE}, {WARMUP_FRAMES} warm-up + {report['frames']} per phase, "
+          f"figures after the {SKIP_SCORES}th score; the synthetic camera renders "
+          f"{base['render_ms']:.1f} ms/frame (in the pipeline's capture worker)\n")
+
+
 def _print_table(report: dict) -> None:
     base, saturated, paced = report["in_process"], report["saturated"], report["paced"]
     header = f"{'':32s}{'in-process':>12s}{'pipeline sat.':>15s}{'pipeline paced':>16s}"
@@ -330,6 +345,11 @@ def _cell(value) -> str:
     return f"{value:.0f}" if isinstance(value, int) or abs(value) >= 100 else f"{value:.1f}"
 
 
+def _command() -> str:
+    """The command line as typed, the interpreter by its name (pyenv shims give a full path)."""
+    return shlex.join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
+
+
 def _say(text: str) -> None:
     print(f"bench_pipeline: {text}", file=sys.stderr, flush=True)
 
@@ -351,30 +371,23 @@ def main() -> None:
     if args.model is not None and not (args.model / "manifest.json").is_file():
         parser.error(f"--model {args.model}: not a model directory (no manifest.json)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
-    cores = os.cpu_count() or 1
-    print(f"command: {shlex.join(sys.orig_argv)}", flush=True)
+    print(f"command: {_command()}", flush=True)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="glad-bench-") as tmp:
         try:
-            report = _bench(args, cores, Path(tmp))
+            report = _bench(args, Path(tmp))
         except BenchError as error:
             print(f"bench_pipeline: error: {error}", file=sys.stderr)
             sys.exit(1)
-    base = report["in_process"]
-    fit = report["fit"]
-    print(f"machine: {cores} cores, device {report['device']}, torch threads {base['threads']} "
-          f"in-process / {report['worker_threads']} per model worker, backbone {report['backbone']}")
-    print(f"model: {report['model']}" + (f" (fitted with GladModel() defaults on "
-                                        f"{fit['fit_images']} normal frames of {DEFAULT_SOURCE} in "
-                                        f"{fit['fit_s']:.0f} s, not counted)" if fit else ""))
-    print(f"test frames: {TEST_SOURCE}, {WARMUP_FRAMES} warm-up + {report['frames']} per phase; "
-          f"figures after the {SKIP_SCORES}th score; synthetic camera renders "
-          f"{base['render_ms']:.1f} ms/frame (inside the pipeline's capture worker)\n")
+    report["load_average"] = [load_before, os.getloadavg()[0]]
+    _print_header(report)
     _print_table(report)
     if args.json:
         print(json.dumps(report))
 
 
-def _bench(args: argparse.Namespace, cores: int, tmp: Path) -> dict:
+def _bench(args: argparse.Namespace, tmp: Path) -> dict:
+    cores = os.cpu_count() or 1
     model = args.model.resolve() if args.model else tmp / "model"
     fit = None
     if args.model is None:
@@ -384,7 +397,7 @@ def _bench(args: argparse.Namespace, cores: int, tmp: Path) -> dict:
     base = _in_child(score_in_process, str(model), args.frames, args.device, cores)
     pipeline = run_pipeline(model, args.frames, args.device, tmp)
     ratio = pipeline["saturated"]["fps"] / base["fps"]
-    return {"command": shlex.join(sys.orig_argv), "cores": cores, "device": args.device,
+    return {"command": _command(), "cores": cores, "device": args.device,
             "backbone": read_manifest(model)["backbone"]["name"],
             "model": str(args.model) if args.model else "fitted",
             "frames": args.frames, "warmup_frames": WARMUP_FRAMES, "skip_scores": SKIP_SCORES,
