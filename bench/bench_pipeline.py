@@ -60,8 +60,9 @@ from pipeline.run import (  # noqa: E402
     DEFAULT_SOURCE,
     PIPELINE_STAGES,
     RunOptions,
-    _start_workers,
-    _stop_workers,
+    start_capture,
+    start_stage_workers,
+    stop_workers,
 )
 from pipeline.schema import Message, decode_entry  # noqa: E402
 from pipeline.streams import Streams  # noqa: E402
@@ -167,7 +168,8 @@ def _terminate(child: mp.Process) -> None:
 # --- the pipeline -------------------------------------------------------------------------------
 
 
-def run_pipeline(model: Path, frames: int, device: str, tmp: Path) -> dict:
+def run_pipeline(model: Path, frames: int, device: str, tmp: Path,
+                 scale: dict[str, int] | None = None) -> dict:
     """Warm-up, saturated and paced phases on one embedded Redis and one set of stage workers."""
     embedded = EmbeddedRedis().start()
     workers: list[Worker] = []
@@ -176,12 +178,15 @@ def run_pipeline(model: Path, frames: int, device: str, tmp: Path) -> dict:
         streams = Streams(LINE)
         ModelRegistry(tmp / "models", client, streams).publish(model, note="bench_pipeline")
         options = RunOptions(source=TEST_SOURCE, line=LINE, out=tmp / "run", models=tmp / "models",
-                             frames=WARMUP_FRAMES, fps=0.0, device=device, quiet=True)
+                             frames=WARMUP_FRAMES, fps=0.0, device=device, quiet=True,
+                             scale=scale or {})
         options.out.mkdir(parents=True)
         logs = options.out / "logs"
 
         def stage_workers() -> list[Worker]:
-            return [_worker(process, logs) for process in _start_workers(options, embedded.url, 0)]
+            processes = start_stage_workers(options, embedded.url)
+            processes.append(start_capture(options, embedded.url, 0))
+            return [_worker(process, logs) for process in processes]
 
         def capture(label: str, fps: float, skip: int) -> Callable[[], list[Worker]]:
             return lambda: [_start_capture(embedded.url, logs / f"capture-{label}.log", frames,
@@ -199,13 +204,13 @@ def run_pipeline(model: Path, frames: int, device: str, tmp: Path) -> dict:
                          camera_fps=paced_fps)
         threads = next(_option(w.process, "--threads") for w in workers if w.name in PIPELINE_STAGES)
     finally:
-        _stop_workers([worker.process for worker in workers])
+        stop_workers([worker.process for worker in workers])
         embedded.close()
     return {"saturated": saturated, "paced": paced, "worker_threads": int(threads)}
 
 
 def _worker(process: subprocess.Popen, logs: Path) -> Worker:
-    """A process from `_start_workers` (one per stage, logs in `logs/{stage}.log`)."""
+    """A process from `start_stage_workers` / `start_capture` (logs in `logs/{stage}.log`)."""
     name = _option(process, "stage")
     return Worker(name, process, logs / f"{name}.log")
 
@@ -365,6 +370,9 @@ def main() -> None:
                         help="torch device of the in-process run and the model workers")
     parser.add_argument("--model", type=Path, help="an existing model directory (no fitting)")
     parser.add_argument("--json", action="store_true", help="print a JSON object after the table")
+    parser.add_argument("--scale", action="append", default=[], metavar="STAGE=N",
+                        help="workers per stage, as `glad run --scale` (e.g. align=6 on a GPU "
+                             "machine, where the CPU-bound alignment would cap extract+score)")
     args = parser.parse_args()
     if args.frames < 2 * SKIP_SCORES:
         parser.error(f"--frames must be at least {2 * SKIP_SCORES}")
@@ -386,6 +394,11 @@ def main() -> None:
         print(json.dumps(report))
 
 
+def _scale(items: list[str]) -> dict[str, int]:
+    pairs = [item.partition("=") for item in items]
+    return {stage: int(count) for stage, _, count in pairs}
+
+
 def _bench(args: argparse.Namespace, tmp: Path) -> dict:
     cores = os.cpu_count() or 1
     model = args.model.resolve() if args.model else tmp / "model"
@@ -395,7 +408,7 @@ def _bench(args: argparse.Namespace, tmp: Path) -> dict:
         fit = _in_child(fit_model, str(model), args.fit_frames, args.device, cores)
     _say(f"in-process: GladModel.score on batches of {BATCH}, {args.frames} frames")
     base = _in_child(score_in_process, str(model), args.frames, args.device, cores)
-    pipeline = run_pipeline(model, args.frames, args.device, tmp)
+    pipeline = run_pipeline(model, args.frames, args.device, tmp, _scale(args.scale))
     ratio = pipeline["saturated"]["fps"] / base["fps"]
     return {"command": _command(), "cores": cores, "device": args.device,
             "backbone": read_manifest(model)["backbone"]["name"],

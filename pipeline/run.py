@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from glad.images import decode_image
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SOURCE = "synth://nut?defect_rate=0.1&seed=0"
 PIPELINE_STAGES = ("align", "extract", "score")
 DRAIN_TIMEOUT = 120.0  # s to wait for in-flight frames after the source ended
+LOAD_TIMEOUT = 300.0  # s for the stage workers to load the model
 
 
 @dataclass
@@ -86,6 +88,7 @@ class Summary:
     latencies: list[float] = field(default_factory=list)
     model: int | None = None
     started: float = field(default_factory=time.monotonic)
+    printed: float = 0.0
 
     def fps(self) -> float:
         return self.scored / max(1e-9, time.monotonic() - self.started)
@@ -128,10 +131,12 @@ def run_pipeline(options: RunOptions) -> Summary:
         registry = ModelRegistry(options.models, client, streams)
         skip = _ensure_model(options, registry)
         baseline = Baseline.now(client, streams)
-        workers = _start_workers(options, url, skip)
+        workers = start_stage_workers(options, url)
+        wait_until_serving(client, streams, workers)
+        workers.append(start_capture(options, url, skip))
         return _follow(options, client, streams, url, registry, workers, baseline)
     finally:
-        _stop_workers(workers)
+        stop_workers(workers)
         if embedded is not None:
             embedded.close()
 
@@ -178,31 +183,65 @@ def _first_normal_frames(source: str, count: int) -> tuple[list[np.ndarray], int
     return images, used
 
 
-def _start_workers(options: RunOptions, url: str, skip: int) -> list[subprocess.Popen]:
-    """One process per stage (more with --scale), each `glad stage NAME`."""
-    logs = options.out / "logs"
-    logs.mkdir(exist_ok=True)
+def start_stage_workers(options: RunOptions, url: str) -> list[subprocess.Popen]:
+    """align, extract and score workers (more with --scale), each `glad stage NAME`; alignment
+    runs in OpenCV on the CPU, so only extract and score get `--device`."""
     heavy = sum(options.scale.get(s, 1) for s in PIPELINE_STAGES)
     threads = max(1, (os.cpu_count() or 1) // heavy)
-    common = ["--line", options.line, "--redis-url", url]
-    model_args = ["--models", str(options.models), "--device", options.device,
-                  "--threads", str(threads)]
-    capture = ["--source", options.source, "--frames", str(options.frames), "--skip", str(skip),
-               "--fps", str(options.fps), "--encoding", options.encoding] + \
-        (["--loop"] if options.loop else [])
-    commands = [("capture", common + capture)]
-    for stage in PIPELINE_STAGES:
-        for replica in range(options.scale.get(stage, 1)):
-            commands.append((stage + (f"-{replica}" if replica else ""), common + model_args))
-    processes = []
-    for name, args in commands:
-        stage = name.split("-")[0]
-        log_file = (logs / f"{name}.log").open("w")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "-v", "stage", stage, *args],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-        log_file.close()
-    return processes
+    workers: list[subprocess.Popen] = []
+    try:
+        for stage in PIPELINE_STAGES:
+            device = "cpu" if stage == "align" else options.device
+            for replica in range(options.scale.get(stage, 1)):
+                workers.append(_spawn(options, stage + (f"-{replica}" if replica else ""), [
+                    stage, "--line", options.line, "--redis-url", url, "--models",
+                    str(options.models), "--device", device, "--threads", str(threads)]))
+    except BaseException:
+        stop_workers(workers)
+        raise
+    return workers
+
+
+def start_capture(options: RunOptions, url: str, skip: int) -> subprocess.Popen:
+    """The capture worker, `glad stage capture`."""
+    return _spawn(options, "capture", [
+        "capture", "--line", options.line, "--redis-url", url, "--source", options.source,
+        "--frames", str(options.frames), "--skip", str(skip), "--fps", str(options.fps),
+        "--encoding", options.encoding] + (["--loop"] if options.loop else []))
+
+
+def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen],
+                       timeout: float = LOAD_TIMEOUT) -> None:
+    """Block until every worker's heartbeat shows a loaded model (so the first frames do not
+    wait for model loading); a worker that exits meanwhile is an error."""
+    pids = {worker.pid for worker in workers}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        serving = {record["pid"] for record in
+                   (msgpack.unpackb(v, raw=False) for v in client.hvals(streams.workers))
+                   if record.get("model") is not None}
+        if pids <= serving:
+            return
+        _check_alive(workers)
+        time.sleep(0.2)
+    raise PipelineError(f"workers did not load the model within {timeout:.0f} s")
+
+
+def _spawn(options: RunOptions, name: str, args: list[str]) -> subprocess.Popen:
+    logs = options.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / f"{name}.log").open("w") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", "stage", *args],
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def _check_alive(workers: list[subprocess.Popen]) -> None:
+    dead = [w for w in workers if w.poll() is not None and w.returncode != 0]
+    if dead:
+        name = dead[0].args[dead[0].args.index("stage") + 1]
+        raise PipelineError(f"the {name} worker exited with status {dead[0].returncode}: see "
+                            f"its log in the run's logs/ folder")
 
 
 def _follow(options: RunOptions, client, streams: Streams, url: str, registry: ModelRegistry,
@@ -231,10 +270,7 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
                 log.warning("gave up waiting for %d in-flight frames",
                             summary.published - summary.scored - summary.deadletters)
                 break
-            dead = [w for w in workers if w.poll() is not None and w.returncode != 0]
-            if dead:
-                raise PipelineError(f"a worker exited with status {dead[0].returncode}: see "
-                                    f"{options.out / 'logs'}")
+            _check_alive(workers)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -272,11 +308,12 @@ def _show(options: RunOptions, summary: Summary) -> None:
         return
     if sys.stderr.isatty():
         print("\r" + summary.line().ljust(110), end="", file=sys.stderr, flush=True)
-    elif int(time.monotonic() - summary.started) % 5 == 0:
+    elif time.monotonic() - summary.printed >= 5.0:
+        summary.printed = time.monotonic()
         print(summary.line(), file=sys.stderr, flush=True)
 
 
-def _stop_workers(workers: list[subprocess.Popen]) -> None:
+def stop_workers(workers: list[subprocess.Popen]) -> None:
     """SIGTERM (workers finish their batch and acknowledge it), then SIGKILL after 15 s."""
     for worker in workers:
         if worker.poll() is None:

@@ -75,9 +75,10 @@ def _add_run(commands) -> None:
     parser.add_argument("--frames", type=int, default=None,
                         help="stop after this many frames (default: 300 for the synthetic "
                              "camera, 0 = until the source ends, for anything else)")
-    parser.add_argument("--fps", type=float, default=0.0,
-                        help="pace the source at this rate (default: as fast as the pipeline "
-                             "takes frames)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="pace the source at this rate, 0 = as fast as the pipeline takes "
+                             "frames (default: 5 for the synthetic camera, a rate a 2-core CPU "
+                             "sustains; 0 for anything else)")
     parser.add_argument("--loop", action="store_true", help="replay a video or folder forever")
     parser.add_argument("--fit-frames", type=int, default=40,
                         help="normal frames to fit a model on when the line has none "
@@ -105,10 +106,11 @@ def _run(args) -> int:
         if stage not in ("align", "extract", "score") or not count.isdigit() or int(count) < 1:
             raise PipelineError(f"--scale {item!r}: use align|extract|score=N with N >= 1")
         scale[stage] = int(count)
-    frames = args.frames if args.frames is not None else (
-        300 if args.source.startswith("synth://") else 0)
+    synthetic = args.source.startswith("synth://")
+    frames = args.frames if args.frames is not None else (300 if synthetic else 0)
+    fps = args.fps if args.fps is not None else (5.0 if synthetic else 0.0)
     options = RunOptions(source=args.source, model=args.model, line=args.line, out=args.out,
-                         models=args.models, frames=frames, fps=args.fps, loop=args.loop,
+                         models=args.models, frames=frames, fps=fps, loop=args.loop,
                          fit_frames=args.fit_frames, redis_url=args.redis_url,
                          persist=args.persist, device=args.device, scale=scale,
                          encoding=args.encoding, quiet=args.json)

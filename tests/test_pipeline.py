@@ -157,3 +157,15 @@ def test_scorers_hot_swap_to_a_new_model_version(line, frames, pipeline_model) -
     versions = {m.frame_id: m.models["score"] for m in line.entries("scores")}
     assert {versions[f"old{i:03d}"] for i in range(3)} == {1}
     assert {versions[f"new{i:03d}"] for i in range(3)} == {2}
+
+
+def test_a_stage_stops_reading_while_the_next_one_lags(line, frames) -> None:
+    images, labels = frames
+    publish_all(line, images * 3, labels * 3)  # 24 frames
+    with line.running("align", max_backlog=5, batch_size=4) as (align,):
+        wait_for(lambda: align._backlog_since is not None, what="backpressure")
+        aligned = line.client.xlen(line.streams.key("aligned"))
+        assert 5 < aligned <= 5 + 4  # one batch past the bound, then it waits
+        with line.running("extract", max_backlog=100):  # the next stage catches up...
+            wait_for(lambda: line.client.xlen(line.streams.key("aligned")) == 24, timeout=120,
+                     what="align resuming")  # ...and align finishes the line

@@ -50,7 +50,7 @@ def heartbeat(line: Line, pid: int) -> dict | None:
 
 def test_a_killed_workers_frames_are_claimed_by_a_peer(line, images, tmp_path) -> None:
     ids = publish(line, images, 40)
-    with line.running("align", "extract"):
+    with line.running("align", "extract", max_backlog=40):  # no scorer yet: let features pile up
         wait_for(lambda: line.client.xlen(line.streams.key("features")) >= 40, timeout=120,
                  what="features of every frame")
     victim = line.worker("score", "--batch-size", "8", log=tmp_path / "victim.log")
