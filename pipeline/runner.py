@@ -76,7 +76,7 @@ class RunnerConfig:
     claim_every_s: float = 5.0
     max_deliveries: int = 3
     max_backlog: int = 16  # stop reading while the output's group has more than this in flight
-    done_ttl_s: int = 86_400
+    done_ttl_s: int = 3600  # idempotence markers outlive any redelivery (claims, retries)
     heartbeat_s: float = 2.0
     maxlen: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAXLEN))
 
@@ -112,6 +112,7 @@ class StageRunner:
         self._last_heartbeat = 0.0
         self._waiting_logged = False
         self._backlog_since: float | None = None
+        self._pending_first = True  # re-read own pending entries after a start or reconnect
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -239,6 +240,7 @@ class StageRunner:
         return {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
 
     def _handle(self, entries: list[tuple[str, dict]], deliveries: dict[str, int]) -> None:
+        raw = dict(entries)
         messages, ids, dead = [], [], []
         for entry_id, fields in entries:
             try:
@@ -256,7 +258,7 @@ class StageRunner:
         for index, entry_id in enumerate(ids):
             if index in failures:
                 error = failures[index]
-                fields = {FIELD: entries[[e[0] for e in entries].index(entry_id)][1][FIELD]}
+                fields = raw[entry_id]
                 attempts = deliveries.get(entry_id, 1)
                 if isinstance(error, GladError) or attempts >= self.config.max_deliveries:
                     dead.append((entry_id, fields, _reason(error, attempts), type(error).__name__))
