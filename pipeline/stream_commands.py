@@ -273,10 +273,12 @@ def _status(args) -> int:
         print(json.dumps(status | {"redis": redact(url)}))
         return 0
     print(f"line {status['line']} on {redact(url)}: model version {status['model_version']}")
-    print(f"{'worker':40s} {'stage':8s} {'state':12s} {'processed':>9s} {'dead':>5s} {'seen':>7s}")
+    print(f"{'worker':40s} {'stage':8s} {'state':12s} {'model':>5s} {'processed':>9s} "
+          f"{'dead':>5s} {'seen':>7s}")
     for w in status["workers"]:
         state = w["state"] if w["healthy"] else "STALE"
-        print(f"{w['worker'][:40]:40s} {w['stage']:8s} {state:12s} {w['processed']:9d} "
+        model = "-" if w.get("model") is None else f"v{w['model']}"
+        print(f"{w['worker'][:40]:40s} {w['stage']:8s} {state:12s} {model:>5s} {w['processed']:9d} "
               f"{w['deadlettered']:5d} {w['age_s']:6.1f}s")
     print(f"{'stream':12s} {'length':>8s} {'lag':>6s} {'pending':>8s}")
     for hop, info in status["streams"].items():
