@@ -77,14 +77,16 @@ def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.
         try:
             client.ping()
             return
-        except redis.AuthenticationError as error:
-            raise RedisUnavailableError(f"Redis at {redact(url)} refused the credentials: "
-                                        f"{error}") from None
-        except redis.ResponseError as error:
-            if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+        except (redis.AuthenticationError, redis.ResponseError) as error:
+            text = str(error)
+            if isinstance(error, redis.ResponseError) and not \
+                    any(code in text for code in ("NOAUTH", "WRONGPASS", "invalid password")):
+                raise
+            if urllib.parse.urlsplit(url).password is None:
                 raise RedisUnavailableError(f"Redis at {redact(url)} needs a password: put it in "
-                                            f"the URL (redis://:PASSWORD@host:6379)") from None
-            raise
+                                            "the URL (redis://:PASSWORD@host:6379/0)") from None
+            raise RedisUnavailableError(f"Redis at {redact(url)} refused the credentials: "
+                                        f"{text}") from None
         except TRANSIENT as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             if deadline is not None and time.monotonic() + delay > deadline:

@@ -51,6 +51,15 @@ def _add_connection(parser: argparse.ArgumentParser, models: bool = True) -> Non
                                  "(default: $GLAD_MODELS or %(default)s)")
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # --- run ----------------------------------------------------------------------------------------
 
 
@@ -89,7 +98,9 @@ def _add_run(commands) -> None:
                         help="embedded Redis keeps an append-only file in OUT/redis, synced "
                              "on every write: a crash loses nothing and the next --persist run "
                              "resumes the line")
-    parser.add_argument("--device", default="cpu", help="torch device for extract and score")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for extract and score: auto (cuda when available), "
+                             "cpu, cuda, cuda:1... (default: %(default)s)")
     parser.add_argument("--encoding", choices=("png", "jpeg", "raw"), default="png",
                         help="how captured frames travel (default: %(default)s, lossless)")
     parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
@@ -112,7 +123,7 @@ def _run(args) -> int:
     options = RunOptions(source=args.source, model=args.model, line=args.line, out=args.out,
                          models=args.models, frames=frames, fps=fps, loop=args.loop,
                          fit_frames=args.fit_frames, redis_url=args.redis_url,
-                         persist=args.persist, device=args.device, scale=scale,
+                         persist=args.persist, device=resolve_device(args.device), scale=scale,
                          encoding=args.encoding, quiet=args.json)
     summary = run_pipeline(options)
     if args.json:
@@ -135,7 +146,9 @@ def _add_stage(commands) -> None:
                     "SIGTERM finishes the batch in flight and exits.")
     parser.add_argument("name", choices=WORKER_STAGES, help="the stage to run")
     _add_connection(parser)
-    parser.add_argument("--device", default="cpu", help="torch device (extract, score)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device for extract and score: auto (cuda when available), "
+                             "cpu, cuda, cuda:1... (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=8, help="messages per read")
     parser.add_argument("--claim-idle-ms", type=int, default=30_000,
@@ -201,7 +214,8 @@ def _build_stage(args, client, streams: Streams):
     from stages.extract import ExtractStage
     from stages.score import ScoreStage
 
-    follower = ModelFollower(ModelRegistry(args.models, client, streams), args.device)
+    follower = ModelFollower(ModelRegistry(args.models, client, streams),
+                             resolve_device(args.device))
     return {"align": AlignStage, "extract": ExtractStage, "score": ScoreStage}[args.name](follower)
 
 

@@ -169,3 +169,18 @@ def test_unreachable_redis_is_one_clear_line() -> None:
     assert last.startswith("glad: error: Redis at redis://127.0.0.1:1/0 is unreachable")
     retries = [l for l in done.stderr.splitlines() if "retrying in" in l]
     assert retries and time.monotonic() - started >= 4  # it retried with backoff first
+
+
+def test_redis_auth_from_the_url(tmp_path) -> None:
+    from pipeline.connection import connect
+    from pipeline.errors import RedisUnavailableError
+
+    with EmbeddedRedis(tmp_path / "auth") as server:
+        connect(server.url).config_set("requirepass", "s3cret")
+        with pytest.raises(RedisUnavailableError, match="needs a password"):
+            connect(server.url, wait=1.0)
+        wrong = server.url.replace("unix://", "unix://:nope@")
+        with pytest.raises(RedisUnavailableError, match="refused the credentials"):
+            connect(wrong, wait=1.0)
+        client = connect(server.url.replace("unix://", "unix://:s3cret@"), wait=1.0)
+        assert client.ping()
