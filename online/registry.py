@@ -45,14 +45,24 @@ class ModelRegistry:
     def _versions_key(self) -> str:
         return f"glad:{self.streams.line}:model:versions"
 
-    def publish(self, model_dir: str | Path, note: str = "") -> int:
-        """Copy a saved model in as the next version, make it current, announce it."""
+    @property
+    def _history_key(self) -> str:
+        return f"glad:{self.streams.line}:model:history"
+
+    def publish(self, model_dir: str | Path, note: str = "", parent: int | None = None,
+                provenance: dict | None = None) -> int:
+        """Copy a saved model in as the next version, make it current, announce it.
+
+        `parent` is the version it was derived from; `provenance` holds what else explains it
+        (the frame ids that trained it, validation figures...).
+        """
         source = Path(model_dir)
         manifest = read_manifest(source)  # refuses anything that is not a GLAD model
         version, target = self._claim_folder(source)
         record = {"version": version, "sha256": manifest.get("arrays_sha256"),
                   "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
-                  "created": time.time(), "note": note, "path": str(target)}
+                  "created": time.time(), "note": note, "path": str(target), "parent": parent,
+                  "provenance": provenance or {}}
         self.client.hset(self._versions_key, str(version), msgpack.packb(record))
         self.set_current(version)
         log.info("line %s: model version %d published (%s)", self.streams.line, version, note)
@@ -80,10 +90,38 @@ class ModelRegistry:
             return version, target
 
     def set_current(self, version: int) -> None:
-        """Point the line at `version` (which must exist) and announce it."""
+        """Point the line at `version` (which must exist), remember the move, announce it."""
         self.path(version)
-        self.client.set(self._current_key, version)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self._current_key, version)
+        pipe.rpush(self._history_key, version)
+        pipe.execute()
         publish_event(self.client, self.streams, "model_current", version=version)
+
+    def rollback(self) -> int:
+        """Make the version that was current before the current one current again (repeatable:
+        each rollback steps one further back through the history of current versions)."""
+        history = [int(v) for v in self.client.lrange(self._history_key, 0, -1)]
+        if len(history) < 2:
+            raise PipelineError(f"line {self.streams.line} has no earlier model version to roll "
+                                f"back to (current: {self.current()})")
+        previous = history[-2]
+        self.path(previous)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpop(self._history_key)
+        pipe.set(self._current_key, previous)
+        pipe.execute()
+        publish_event(self.client, self.streams, "model_current", version=previous,
+                      rollback_from=history[-1])
+        return previous
+
+    def record(self, version: int) -> dict:
+        """The registry's record of `version` plus its model manifest."""
+        packed = self.client.hget(self._versions_key, str(version))
+        path = self.path(version)
+        record = msgpack.unpackb(packed, raw=False) if packed else {"version": version,
+                                                                    "path": str(path)}
+        return record | {"manifest": read_manifest(path)}
 
     def current(self) -> int | None:
         """The line's current version, None when none was published."""

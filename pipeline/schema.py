@@ -40,6 +40,7 @@ BODIES: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "score": {"score": ((float, int), True), "anomalous": ((bool,), True),
               "threshold": ((float, int), True), "status": ((str,), True),
               "heatmap": (_OPTIONAL_ARRAY, False), "frame_shape": ((list,), True)},
+    "feedback": {"verdict": ((str,), True), "by": ((str,), False), "note": ((str,), False)},
 }
 
 

@@ -1,4 +1,4 @@
-"""The streaming commands of `glad`: run, stage, status, models.
+"""The streaming commands of `glad`: run, stage, status, models, confirm.
 
 Every worker command reads its Redis from `--redis-url`, else `REDIS_URL`; `glad run` starts an
 embedded Redis when neither is set.
@@ -34,6 +34,7 @@ def add_commands(commands) -> None:
     _add_stage(commands)
     _add_status(commands)
     _add_models(commands)
+    _add_confirm(commands)
 
 
 def _add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
@@ -320,6 +321,55 @@ def _add_models(commands) -> None:
     _add_connection(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_models_list)
+    show = actions.add_parser("show", help="one version: provenance, threshold, K per layer")
+    show.add_argument("version", type=int)
+    _add_connection(show)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=_models_show)
+    diff = actions.add_parser("diff", help="what differs between two versions")
+    diff.add_argument("old", type=int)
+    diff.add_argument("new", type=int)
+    _add_connection(diff)
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(handler=_models_diff)
+    promote = actions.add_parser("promote", help="make a published version current")
+    promote.add_argument("version", type=int)
+    _add_connection(promote)
+    promote.set_defaults(handler=_models_promote)
+    rollback = actions.add_parser("rollback", help="make the previous current version current "
+                                  "again (repeat to step further back)")
+    _add_connection(rollback)
+    rollback.set_defaults(handler=_models_rollback)
+
+
+def _add_confirm(commands) -> None:
+    parser = commands.add_parser(
+        "confirm", help="confirm frames as normal (or as defects) for the online updater",
+        description="Write operator confirmations to the line's feedback stream. Only frames "
+                    "confirmed normal ever train the model.")
+    parser.add_argument("frame_ids", nargs="+", metavar="FRAME_ID")
+    verdict = parser.add_mutually_exclusive_group()
+    verdict.add_argument("--normal", dest="verdict", action="store_const", const="normal",
+                         help="the part is fine (default)")
+    verdict.add_argument("--anomalous", dest="verdict", action="store_const", const="anomalous",
+                         help="the part is defective")
+    parser.add_argument("--by", default="operator", help="who confirms (kept with the feedback)")
+    parser.add_argument("--note", default="")
+    _add_connection(parser, models=False)
+    parser.set_defaults(handler=_confirm, verdict="normal")
+
+
+def _confirm(args) -> int:
+    from online.feedback import confirm
+
+    url = redis_url(args.redis_url)
+    if url is None:
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
+    client = connect(url, wait=5.0)
+    for frame_id in args.frame_ids:
+        entry = confirm(client, args.line, frame_id, args.verdict, args.by, args.note)
+        print(f"{frame_id}: confirmed {args.verdict} ({entry})")
+    return 0
 
 
 def _registry(args):
@@ -338,6 +388,61 @@ def _models_publish(args) -> int:
         print(json.dumps({"line": args.line, "version": version}))
     else:
         print(f"line {args.line}: version {version} is current")
+    return 0
+
+
+def _models_show(args) -> int:
+    record = _registry(args).record(args.version)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    manifest = record["manifest"]
+    print(f"line {args.line} version {args.version}: {record.get('note', '')}")
+    print(f"  parent {record.get('parent')}  created {manifest['created']}  "
+          f"backbone {manifest['backbone']['name']}  sha256 {manifest['arrays_sha256'][:12]}")
+    print(f"  threshold {manifest['threshold']:.3f}  radius {manifest['radius']}  K per layer "
+          f"{[layer['n_components'] for layer in manifest['layers']]}  trained on "
+          f"{manifest['training']['n_images']} images")
+    for key, value in (record.get("provenance") or {}).items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def model_diff(old: dict, new: dict) -> dict:
+    """Fields that differ between two `ModelRegistry.record`s: name -> [old, new]."""
+    def summary(record: dict) -> dict:
+        manifest = record["manifest"]
+        return {"backbone": manifest["preprocessing_hash"], "threshold": manifest["threshold"],
+                "radius": manifest["radius"], "alignment": manifest["alignment"]["enabled"],
+                "components": [layer["n_components"] for layer in manifest["layers"]],
+                "training_images": manifest["training"]["n_images"],
+                "arrays_sha256": manifest["arrays_sha256"], "parent": record.get("parent")}
+    a, b = summary(old), summary(new)
+    return {key: [a[key], b[key]] for key in a if a[key] != b[key]}
+
+
+def _models_diff(args) -> int:
+    registry = _registry(args)
+    changes = model_diff(registry.record(args.old), registry.record(args.new))
+    if args.json:
+        print(json.dumps({"old": args.old, "new": args.new, "changes": changes}))
+        return 0
+    if not changes:
+        print(f"versions {args.old} and {args.new} are identical")
+    for key, (before, after) in changes.items():
+        print(f"{key:16s} {before}  ->  {after}")
+    return 0
+
+
+def _models_promote(args) -> int:
+    _registry(args).set_current(args.version)
+    print(f"line {args.line}: version {args.version} is current")
+    return 0
+
+
+def _models_rollback(args) -> int:
+    version = _registry(args).rollback()
+    print(f"line {args.line}: rolled back to version {version}")
     return 0
 
 

@@ -1,0 +1,93 @@
+"""The model registry and operator feedback on a real Redis: versions, provenance, promote,
+rollback, diff, and confirmations on the feedback stream (through the `glad` command)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+
+from glad.modelfile import MANIFEST
+from online.registry import ModelFollower
+from pipeline.cli import main
+from pipeline.errors import MessageError, PipelineError
+from pipeline.schema import decode_entry
+from pipeline.streams import read_events
+
+
+def glad(*args) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+def test_versions_promote_rollback_and_the_history(line, pipeline_model) -> None:
+    registry = line.registry()
+    v2 = registry.publish(pipeline_model, note="second", parent=1, provenance={"frames": ["a"]})
+    v3 = registry.publish(pipeline_model, note="third", parent=2)
+    assert (v2, v3, registry.current()) == (2, 3, 3)
+    assert registry.rollback() == 2 and registry.current() == 2
+    assert registry.rollback() == 1
+    with pytest.raises(PipelineError, match="no earlier model version"):
+        registry.rollback()
+    registry.set_current(3)
+    assert registry.rollback() == 1  # back to what was current before the promotion
+    with pytest.raises(PipelineError, match="has no model version 9"):
+        registry.set_current(9)
+    record = registry.record(2)
+    assert record["parent"] == 1 and record["provenance"] == {"frames": ["a"]}
+    assert record["manifest"]["threshold"] == registry.record(1)["manifest"]["threshold"]
+    events = [e for _, e in read_events(line.client, line.streams) if e["event"] == "model_current"]
+    assert [e["version"] for e in events] == [1, 2, 3, 2, 1, 3, 1]
+
+
+def test_models_commands(line, pipeline_model, tmp_path) -> None:
+    common = ["--line", line.name, "--redis-url", line.url, "--models", line.models]
+    changed = tmp_path / "changed"
+    shutil.copytree(pipeline_model, changed)
+    manifest = json.loads((changed / MANIFEST).read_text())
+    manifest["threshold"] += 1.0
+    (changed / MANIFEST).write_text(json.dumps(manifest))
+    assert glad("models", "publish", changed, *common, "--note", "looser")[0] == 0
+    code, out = glad("models", "diff", "1", "2", *common, "--json")
+    changes = json.loads(out)["changes"]
+    assert code == 0 and list(changes) == ["threshold"]
+    assert changes["threshold"][1] == pytest.approx(changes["threshold"][0] + 1.0)
+    code, out = glad("models", "show", "2", *common)
+    assert code == 0 and "looser" in out and "threshold" in out
+    assert glad("models", "rollback", *common) == (0, f"line {line.name}: rolled back to version 1\n")
+    assert glad("models", "promote", "2", *common)[0] == 0
+    assert line.registry().current() == 2
+
+
+def test_a_scorer_follows_promote_and_rollback(line, pipeline_model) -> None:
+    follower = ModelFollower(line.registry())
+    assert follower.refresh() and follower.version == 1
+    line.registry().publish(pipeline_model)
+    assert follower.refresh() and follower.version == 2
+    line.registry().rollback()
+    assert follower.refresh() and follower.version == 1
+
+
+def test_confirmations_land_on_the_feedback_stream(line) -> None:
+    code, out = glad("confirm", "f1", "f2", "--line", line.name, "--redis-url", line.url,
+                     "--by", "anna")
+    code2, _ = glad("confirm", "f3", "--anomalous", "--line", line.name, "--redis-url", line.url)
+    assert code == code2 == 0 and out.count("confirmed normal") == 2
+    messages = [decode_entry(f, "feedback") for _, f in
+                line.client.xrange(line.streams.key("feedback"))]
+    assert [(m.frame_id, m.body["verdict"], m.body["by"]) for m in messages] == [
+        ("f1", "normal", "anna"), ("f2", "normal", "anna"), ("f3", "anomalous", "operator")]
+
+
+def test_bad_confirmations_are_refused() -> None:
+    from online.feedback import confirm
+
+    with pytest.raises(MessageError, match="verdict must be one of"):
+        confirm(None, "line1", "f1", "maybe")
+    with pytest.raises(MessageError, match="bad frame id"):
+        confirm(None, "line1", "", "normal")
