@@ -100,19 +100,22 @@ class ModelRegistry:
 
     def rollback(self) -> int:
         """Make the version that was current before the current one current again (repeatable:
-        each rollback steps one further back through the history of current versions)."""
-        history = [int(v) for v in self.client.lrange(self._history_key, 0, -1)]
-        if len(history) < 2:
-            raise PipelineError(f"line {self.streams.line} has no earlier model version to roll "
-                                f"back to (current: {self.current()})")
-        previous = history[-2]
-        self.path(previous)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.rpop(self._history_key)
-        pipe.set(self._current_key, previous)
-        pipe.execute()
-        publish_event(self.client, self.streams, "model_current", version=previous,
-                      rollback_from=history[-1])
+        each rollback steps one further back through the history of current versions). Atomic
+        against a concurrent publish or promote (WATCH on the history)."""
+
+        def step_back(pipe) -> int:
+            history = [int(v) for v in pipe.lrange(self._history_key, 0, -1)]
+            if len(history) < 2:
+                raise PipelineError(f"line {self.streams.line} has no earlier model version to "
+                                    f"roll back to (current: {self.current()})")
+            self.path(history[-2])
+            pipe.multi()
+            pipe.rpop(self._history_key)
+            pipe.set(self._current_key, history[-2])
+            return history[-2]
+
+        previous = self.client.transaction(step_back, self._history_key, value_from_callable=True)
+        publish_event(self.client, self.streams, "model_current", version=previous, rollback=True)
         return previous
 
     def record(self, version: int) -> dict:
@@ -162,13 +165,12 @@ class ModelFollower:
             return self.model is not None
         try:
             model = self._load(current)
-        except Exception as error:  # a bad version must not stop a worker that is serving
-            if self.model is None:
-                raise
-            log.error("model version %s cannot be loaded (%s); staying on version %s", current,
-                      error, self.version)
+        except Exception as error:  # a bad version must not stop a worker (files still syncing?)
+            log.error("model version %s cannot be loaded (%s); %s", current, error,
+                      f"staying on version {self.version}" if self.model is not None else
+                      f"waiting, retrying in {RETRY_REJECTED_S:.0f} s")
             self._rejected = (current, time.monotonic())
-            return True
+            return self.model is not None
         previous, self.model, self.version = self.version, model, current
         log.info("line %s: now on model version %d (was %s)", self.registry.streams.line, current,
                  previous)

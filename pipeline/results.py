@@ -11,7 +11,7 @@ import csv
 import json
 import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ def score_record(message: Message) -> dict:
     latency = (message.stamps.get("score", message.captured_at) - message.captured_at) * 1000.0
     return {"frame_id": message.frame_id, "camera": message.camera,
             "captured_at": message.captured_at,
-            "score": body["score"] if math.isfinite(body["score"]) else None,
+            "score": body["score"] if math.isfinite(body["score"]) else None,  # JSON has no inf
             "anomalous": body["anomalous"], "threshold": body["threshold"],
             "model": message.models.get("score"), "status": body["status"],
             "name": message.meta.get("name"), "label": message.meta.get("label"),
@@ -68,7 +68,9 @@ class ResultWriter:
         if new_csv:
             self._csv.writeheader()
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self.records: list[dict] = []  # this process's records, for the run summary
+        self.written = 0  # running figures for the run summary (bounded memory)
+        self.anomalies = 0
+        self.latencies: deque[float] = deque(maxlen=2000)
 
     def ready(self) -> bool:
         return True
@@ -79,15 +81,17 @@ class ResultWriter:
                 raise MessageError(f"expected a score message, got {message.kind!r}")
             if message.frame_id in self._seen:
                 continue
-            self._seen[message.frame_id] = None
-            if len(self._seen) > SEEN_LIMIT:
-                self._seen.popitem(last=False)
             record = score_record(message)
             if self.heatmaps and message.body["heatmap"] is not None:
                 record["heatmap"] = self._write_heatmap(message)
             self._jsonl.write(json.dumps(record) + "\n")
             self._csv.writerow(record)
-            self.records.append(record)
+            self._seen[message.frame_id] = None  # only once written: a failure is retried
+            if len(self._seen) > SEEN_LIMIT:
+                self._seen.popitem(last=False)
+            self.written += 1
+            self.anomalies += bool(record["anomalous"])
+            self.latencies.append(record["latency_ms"])
         return [None] * len(messages)
 
     def _write_heatmap(self, message: Message) -> str | None:

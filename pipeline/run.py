@@ -8,6 +8,7 @@ until the source ends (or Ctrl-C). Workers' logs go to `OUT/logs/`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import redis
 
 from glad.images import decode_image
 from glad.modelfile import read_manifest
 from online.registry import ModelRegistry
-from pipeline.connection import connect, redact, redis_url
+from pipeline.connection import TRANSIENT, connect, redact, redis_url
 from pipeline.embedded import EmbeddedRedis
 from pipeline.errors import PipelineError
 from pipeline.results import ResultWriter
@@ -111,7 +113,19 @@ class Summary:
 
 
 def run_pipeline(options: RunOptions) -> Summary:
-    """Run everything until the source ends (or Ctrl-C); returns the final summary."""
+    """Run everything until the source ends (or Ctrl-C / SIGTERM); returns the final summary."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # so `finally` stops workers and Redis
+    try:
+        return _run(options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(options: RunOptions) -> Summary:
     if options.model is not None:
         read_manifest(options.model)  # a clear error for a missing or broken model, before anything starts
     open_source(options.source).close()  # likewise for a source that cannot be opened
@@ -248,23 +262,31 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
             workers: list[subprocess.Popen], baseline: Baseline) -> Summary:
     """Write results and show the summary until every captured frame is accounted for."""
     writer = ResultWriter(options.out, client, streams)
+    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: the line's results group exists
+        client.xgroup_create(streams.key("scores"), writer.name, id="$", mkstream=True)
     runner = StageRunner(writer, client, streams, url, RunnerConfig(batch_size=32, block_ms=200),
                          consumer="results-run")
     thread = threading.Thread(target=runner.run, daemon=True, name="results")
     thread.start()
     summary = Summary()
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     ended_at, interrupted = None, False
     _say(options, f"running line {options.line}: results in {options.out} "
                   f"(Ctrl-C to stop)")
     try:
         while True:
             time.sleep(0.5)
-            _update(summary, writer, client, streams, registry, baseline)
+            try:
+                ended = ended_at is not None or _source_ended(client, streams, baseline)
+                _update(summary, writer, client, streams, registry, baseline)
+            except TRANSIENT as error:  # the workers wait Redis out; so does the summary
+                log.warning("summary: Redis unreachable (%s)", error)
+                continue
             _show(options, summary)
-            if ended_at is None and _source_ended(client, streams, baseline):
+            if not thread.is_alive():
+                raise PipelineError("the results writer stopped; see the log above")
+            if ended and ended_at is None:
                 ended_at = time.monotonic()
-            if ended_at is not None and summary.scored + summary.deadletters >= summary.published:
+            if ended and summary.scored + summary.deadletters >= summary.published:
                 break
             if ended_at is not None and time.monotonic() - ended_at > DRAIN_TIMEOUT:
                 log.warning("gave up waiting for %d in-flight frames",
@@ -274,11 +296,11 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
         runner.stop_event.set()
         thread.join(timeout=10)
         writer.close()
-        _update(summary, writer, client, streams, registry, baseline)
+        with contextlib.suppress(*TRANSIENT):
+            _update(summary, writer, client, streams, registry, baseline)
         if not options.quiet and sys.stderr.isatty():
             print(file=sys.stderr)
     (options.out / "summary.json").write_text(json.dumps(summary.to_dict() | {
@@ -289,10 +311,9 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
 
 def _update(summary: Summary, writer: ResultWriter, client, streams: Streams,
             registry: ModelRegistry, baseline: Baseline) -> None:
-    records = writer.records
-    summary.scored = len(records)
-    summary.anomalies = sum(1 for r in records if r["anomalous"])
-    summary.latencies = [r["latency_ms"] for r in records[-2000:]]
+    summary.scored = writer.written
+    summary.anomalies = writer.anomalies
+    summary.latencies = list(writer.latencies)
     summary.published = int(client.hget(streams.counters, "frames:added") or 0) - baseline.added
     summary.deadletters = int(client.xlen(streams.key("deadletter"))) - baseline.deadletters
     summary.model = registry.current()

@@ -28,7 +28,7 @@ import msgpack
 import redis
 
 from glad.errors import GladError
-from pipeline.connection import TRANSIENT, wait_until_reachable
+from pipeline.connection import TRANSIENT, Backoff, wait_until_reachable
 from pipeline.errors import MessageError
 from pipeline.schema import FIELD, Message, decode_entry
 from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, ensure_group
@@ -112,7 +112,8 @@ class StageRunner:
         self._last_heartbeat = 0.0
         self._waiting_logged = False
         self._backlog_since: float | None = None
-        self._pending_first = True  # re-read own pending entries after a start or reconnect
+        self._last_reconcile = 0.0
+        self._pending_cursor: str | None = "0"  # own pending entries, re-read after (re)start
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -126,18 +127,16 @@ class StageRunner:
         log.info("%s: consumer %s on %s", self.stage.name, self.consumer, self._input)
         self._setup()
         idle_since = time.monotonic()
+        delays = Backoff().delays()
         while not self.stop_event.is_set():
             try:
                 done = self.step()
+                delays = Backoff().delays()
             except TRANSIENT as error:
                 self._reconnect(error)
                 continue
-            except redis.ResponseError as error:
-                if "NOGROUP" not in str(error):
-                    raise
-                log.warning("%s: consumer group missing (Redis lost its data?): recreating",
-                            self.stage.name)
-                self._setup()
+            except redis.ResponseError as error:  # NOGROUP after data loss, OOM, READONLY, MISCONF
+                self._recover(error, next(delays))
                 continue
             if done:
                 idle_since = time.monotonic()
@@ -148,19 +147,36 @@ class StageRunner:
 
     def _setup(self) -> None:
         ensure_group(self.client, self._input, self.stage.name)
-        self._pending_first = True
+        self._pending_cursor = "0"
         prune_heartbeats(self.client, self.streams)
         self._heartbeat(force=True)
 
     def _reconnect(self, error: Exception) -> None:
+        """Wait for Redis (backoff, one log line per attempt), then set up again."""
         self.stats.reconnects += 1
-        log.warning("%s: lost Redis (%s); reconnecting", self.stage.name,
-                    str(error).splitlines()[0] if str(error) else type(error).__name__)
-        try:
-            wait_until_reachable(self.client, self.url, wait=None, stop=self.stop_event)
-        except GladError:
-            return  # stopped while waiting
-        self._setup()
+        log.warning("%s: lost Redis (%s); reconnecting", self.stage.name, _first_line(error))
+        while not self.stop_event.is_set():
+            try:
+                wait_until_reachable(self.client, self.url, wait=None, stop=self.stop_event)
+                self._setup()
+                return
+            except GladError:
+                return  # stopped while waiting
+            except TRANSIENT:
+                continue
+
+    def _recover(self, error: redis.ResponseError, delay: float) -> None:
+        """A Redis error reply: recreate a lost group at once, wait out anything else (out of
+        memory, a read-only replica after failover, failed persistence) with backoff."""
+        if "NOGROUP" in str(error):
+            log.warning("%s: consumer group missing (Redis lost its data?): recreating",
+                        self.stage.name)
+        else:
+            log.warning("%s: Redis refused a command (%s); retrying in %.1f s", self.stage.name,
+                        _first_line(error), delay)
+            self.stop_event.wait(delay)
+        with contextlib.suppress(redis.RedisError):
+            self._setup()
 
     def _farewell(self) -> None:
         with contextlib.suppress(*TRANSIENT):
@@ -199,32 +215,27 @@ class StageRunner:
             return False
         if self._backlog_since is None:
             self._backlog_since = time.monotonic()
+        if time.monotonic() - self._last_reconcile > 1.0:  # counters may have drifted up
+            self._last_reconcile = time.monotonic()
+            self.streams.reconcile(self.client, self.stage.output, group)
         return True
 
     def _read(self) -> tuple[list[tuple[str, dict]], dict[str, int]]:
         """Own pending entries first (after a start or reconnect), then claims, then new ones."""
         batch = self.config.batch_size
-        if self._pending_first:
-            response = self.client.xreadgroup(self.stage.name, self.consumer, {self._input: "0"},
-                                              count=batch)
+        if self._pending_cursor is not None:
+            response = self.client.xreadgroup(self.stage.name, self.consumer,
+                                              {self._input: self._pending_cursor}, count=batch)
             entries = _entries(response)
             if entries:
+                self._pending_cursor = entries[-1][0]  # each pending entry once, then move on
                 return entries, self._deliveries([e[0] for e in entries])
-            self._pending_first = False
+            self._pending_cursor = None
         if time.monotonic() - self._last_claim > self.config.claim_every_s:
             self._last_claim = time.monotonic()
-            claimed = self.client.xautoclaim(self._input, self.stage.name, self.consumer,
-                                             self.config.claim_idle_ms, count=batch)
-            entries = [(_text(i), f) for i, f in claimed[1] if f is not None]
-            for entry_id in claimed[2] if len(claimed) > 2 else []:  # deleted by MAXLEN meanwhile
-                log.error("%s: pending entry %s was trimmed before it was processed",
-                          self.stage.name, _text(entry_id))
-                self.client.xack(self._input, self.stage.name, entry_id)
+            entries, deliveries = self._claim()
             if entries:
-                self.stats.claimed += len(entries)
-                log.info("%s: claimed %d entries left pending by another consumer",
-                         self.stage.name, len(entries))
-                return entries, self._deliveries([e[0] for e in entries])
+                return entries, deliveries
         response = self.client.xreadgroup(self.stage.name, self.consumer, {self._input: ">"},
                                           count=batch, block=self.config.block_ms)
         entries = _entries(response)
@@ -233,16 +244,47 @@ class StageRunner:
                                 f"{self.stage.input}:delivered:{self.stage.name}", len(entries))
         return entries, {}
 
+    def _claim(self) -> tuple[list[tuple[str, dict]], dict[str, int]]:
+        """Entries left pending longer than `claim_idle_ms` (a dead worker's, or this one's own
+        failures to retry), with their delivery counts. An entry trimmed by MAXLEN meanwhile
+        comes back without fields: `_handle` dead-letters it, so it never blocks the list."""
+        idle = self.config.claim_idle_ms
+        stale = self.client.xpending_range(self._input, self.stage.name, min="-", max="+",
+                                           count=self.config.batch_size, idle=idle)
+        if not stale:
+            return [], {}
+        ids = [_text(p["message_id"]) for p in stale]
+        claimed = self.client.xclaim(self._input, self.stage.name, self.consumer, idle, ids)
+        found = {_text(i): f for i, f in claimed if i is not None and f}
+        missing = [i for i in ids if i not in found]
+        if missing:  # trimmed ones are now ours (Redis 6.2) but have no fields left
+            mine = self.client.xpending_range(self._input, self.stage.name, min=missing[0],
+                                              max=missing[-1], count=len(ids),
+                                              consumername=self.consumer)
+            found |= {_text(p["message_id"]): {} for p in mine if _text(p["message_id"]) in missing}
+        entries = [(i, found[i]) for i in ids if i in found]
+        if entries:
+            self.stats.claimed += len(entries)
+            log.info("%s: claimed %d entries pending for over %d ms", self.stage.name, len(entries),
+                     idle)
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
+        return entries, counts
+
     def _deliveries(self, ids: list[str]) -> dict[str, int]:
-        """How often each entry was delivered so far (from the pending-entry list)."""
+        """How often each of this consumer's pending entries was delivered so far."""
         info = self.client.xpending_range(self._input, self.stage.name, min=ids[0], max=ids[-1],
-                                          count=len(ids) * 4)
-        return {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+                                          count=len(ids), consumername=self.consumer)
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        return {i: counts.get(i, self.config.max_deliveries) for i in ids}
 
     def _handle(self, entries: list[tuple[str, dict]], deliveries: dict[str, int]) -> None:
         raw = dict(entries)
         messages, ids, dead = [], [], []
         for entry_id, fields in entries:
+            if not fields:
+                dead.append((entry_id, {}, "entry trimmed (MAXLEN) before it was processed; its "
+                             "payload is gone", "Trimmed"))
+                continue
             try:
                 message = decode_entry(fields)
                 entries_seen = message.meta.get("entries")
@@ -356,11 +398,16 @@ def prune_heartbeats(client: redis.Redis, streams: Streams, older_than_s: float 
 
 
 def _entries(response) -> list[tuple[str, dict]]:
-    """Flatten an XREADGROUP reply to [(entry id, fields)] (skipping entries deleted meanwhile)."""
+    """Flatten an XREADGROUP reply to [(entry id, fields)]; a pending entry trimmed meanwhile
+    has empty fields."""
     out = []
     for _, entries in response or []:
-        out.extend((_text(entry_id), fields) for entry_id, fields in entries if fields)
+        out.extend((_text(entry_id), fields or {}) for entry_id, fields in entries)
     return out
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _text(value) -> str:

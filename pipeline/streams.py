@@ -66,6 +66,19 @@ class Streams:
         added, delivered = client.hmget(self.counters, f"{hop}:added", f"{hop}:delivered:{group}")
         return max(0, int(added or 0) - int(delivered or 0))
 
+    def reconcile(self, client: redis.Redis, hop: str, group: str) -> None:
+        """Correct the counters when `group` has in fact read the whole stream (counts drift up
+        when undelivered entries are trimmed or a reader dies between its read and its count)."""
+        try:
+            groups = {_text(g["name"]): g for g in client.xinfo_groups(self.key(hop))}
+        except redis.ResponseError:  # no such stream
+            return
+        last = client.xrevrange(self.key(hop), count=1)
+        if group in groups and (not last or _id(_text(groups[group]["last-delivered-id"]))
+                                >= _id(_text(last[0][0]))):
+            added = client.hget(self.counters, f"{hop}:added") or 0
+            client.hset(self.counters, f"{hop}:delivered:{group}", int(added))
+
     def in_flight(self, client: redis.Redis, hop: str, group: str) -> int:
         """Entries of `hop` that `group` has not finished: undelivered plus pending (delivered,
         not acknowledged, e.g. held by a worker that died and awaits a claim)."""
@@ -74,6 +87,15 @@ class Streams:
         except redis.ResponseError:  # no stream or group yet
             pending = 0
         return self.lag(client, hop, group) + pending
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

@@ -9,6 +9,7 @@ nobody has read, and it survives Redis going away: the frame in hand is sent onc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -117,15 +118,19 @@ class Capture:
         frame_id = f"{frame.camera}-{self.session}-{frame.index:07d}"
 
         def send() -> None:
+            waited = 0
             while self.streams.in_flight(self.client, "frames", PIPELINE_GROUPS["frames"]) > \
                     self.max_backlog and not self.stop.is_set():
+                waited += 1
+                if waited % 100 == 0:  # about once a second: counters may have drifted up
+                    self.streams.reconcile(self.client, "frames", PIPELINE_GROUPS["frames"])
                 self.stop.wait(0.01)
             publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,
                           frame_id=frame_id, camera=frame.camera, meta=meta,
                           captured_at=captured_at, encoding=self.encoding)
 
-        self._with_redis(send)
-        self.published += 1
+        if self._with_redis(send):
+            self.published += 1
         if time.monotonic() - self._last_heartbeat > HEARTBEAT_S:
             self._last_heartbeat = time.monotonic()
             self._with_redis(lambda: self._heartbeat(frame.camera))
@@ -138,16 +143,19 @@ class Capture:
                   "model": None, "camera": camera}
         self.client.hset(self.streams.workers, self.worker, msgpack.packb(record))
 
-    def _with_redis(self, action) -> None:
-        """Run `action`, waiting out Redis outages (the frame in hand is not dropped)."""
-        while True:
+    def _with_redis(self, action) -> bool:
+        """Run `action`, waiting out Redis outages (the frame in hand is not dropped); False when
+        stopped before it could run."""
+        while not self.stop.is_set():
             try:
                 action()
-                return
+                return True
             except TRANSIENT as error:
                 log.warning("capture: lost Redis (%s); waiting for it",
                             str(error).splitlines()[0] if str(error) else type(error).__name__)
-                wait_until_reachable(self.client, self.url, wait=None, stop=self.stop)
+                with contextlib.suppress(GladError):  # raised when stopped while waiting
+                    wait_until_reachable(self.client, self.url, wait=None, stop=self.stop)
+        return False
 
 
 def _format_of(data: bytes) -> str:

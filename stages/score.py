@@ -43,7 +43,7 @@ class ScoreStage(ModelStage):
         for index, message in enumerate(messages):
             row = usable.index(index) if index in usable else None
             score = math.inf if row is None else float(scores[row])
-            anomalous = bool(score > model.threshold_)
+            anomalous = not score <= model.threshold_  # NaN (nothing to score) alarms too
             heatmap = None
             if anomalous and row is not None:
                 heatmap = pack_array(self._unwarped(maps[row], message, size).astype(np.float16))

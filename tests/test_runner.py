@@ -70,3 +70,33 @@ def test_a_persistent_failure_is_dead_lettered_after_max_deliveries(redis_server
     assert dead["reason"].startswith("RuntimeError: device busy (b) at test_runner.py:")
     assert dead["reason"].endswith("(after 3 deliveries)") and dead["stage"] == "sink"
     assert line.client.xpending(line.streams.key("frames"), "sink")["pending"] == 0
+
+
+def test_entries_trimmed_while_pending_are_dead_lettered_not_stuck(redis_server) -> None:
+    line = Line.create("trimmed", redis_server.url, None, None)
+    key = line.streams.key("frames")
+    for index in range(12):
+        publish_frame(line.client, line.name, image=np.zeros((40, 40, 3), np.uint8),
+                      frame_id=f"t{index}")
+    line.client.xgroup_create(key, "sink", id="0")
+    line.client.xreadgroup("sink", "dead-worker", {key: ">"}, count=10)  # then it died
+    line.client.xtrim(key, maxlen=2, approximate=False)  # MAXLEN drops 10 pending entries
+    stage = FailingSink(failures=0)
+    run_sink(line, stage, lambda: len(line.deadletters()) >= 10 and len(stage.done) >= 2)
+    assert sorted(stage.done) == ["t10", "t11"]
+    reasons = {d["reason"] for d in line.deadletters()}
+    assert reasons == {"entry trimmed (MAXLEN) before it was processed; its payload is gone"}
+    assert line.client.xpending(key, "sink")["pending"] == 0  # nothing stuck
+
+
+def test_lag_counters_heal_when_entries_vanish_unread(redis_server) -> None:
+    line = Line.create("drift", redis_server.url, None, None)
+    key = line.streams.key("frames")
+    for index in range(5):
+        publish_frame(line.client, line.name, image=np.zeros((40, 40, 3), np.uint8),
+                      frame_id=f"d{index}")
+    line.client.xgroup_create(key, "align", id="0")
+    line.client.xtrim(key, maxlen=0, approximate=False)  # gone before anyone read them
+    assert line.streams.lag(line.client, "frames", "align") == 5
+    line.streams.reconcile(line.client, "frames", "align")
+    assert line.streams.lag(line.client, "frames", "align") == 0
