@@ -147,7 +147,8 @@ class ModelRegistry:
 
 class ModelFollower:
     """Keeps a worker on its line's current model: checks the pointer between batches (one GET)
-    and loads a new version when it changes; the old one serves until the new one is ready."""
+    and loads a new version when it changes; the old one serves until the new one is ready, and
+    stays at hand (`model_for`) for frames already in flight under it."""
 
     def __init__(self, registry: ModelRegistry, device: str = "cpu"):
         self.registry = registry
@@ -155,6 +156,21 @@ class ModelFollower:
         self.model = None
         self.version: int | None = None
         self._rejected: tuple[int, float] | None = None  # version, when it failed to load
+        self._previous: dict[int, object] = {}  # the version served before the current one
+
+    def model_for(self, version: int | None) -> tuple[object, int]:
+        """The model of `version` (a frame aligned under it is scored by it), else the current
+        one; returns (model, version used)."""
+        if version is None or version == self.version:
+            return self.model, self.version
+        if version not in self._previous:
+            try:
+                self._previous = {version: self._load(version)}
+            except Exception as error:
+                log.warning("model version %s cannot be loaded (%s); using version %s", version,
+                            error, self.version)
+                return self.model, self.version
+        return self._previous[version], version
 
     def refresh(self) -> bool:
         """True when a model is loaded (possibly a new version just now)."""
@@ -171,6 +187,8 @@ class ModelFollower:
                       f"waiting, retrying in {RETRY_REJECTED_S:.0f} s")
             self._rejected = (current, time.monotonic())
             return self.model is not None
+        if self.model is not None:
+            self._previous = {self.version: self.model}
         previous, self.model, self.version = self.version, model, current
         log.info("line %s: now on model version %d (was %s)", self.registry.streams.line, current,
                  previous)

@@ -27,18 +27,34 @@ class ScoreStage(ModelStage):
     idempotent = True
 
     def process(self, messages: list[Message]) -> list[Message]:
+        """Scores in input order; each frame by the model version that aligned it (a hot swap
+        never mixes a reference image with another version's mixtures)."""
         started = time.perf_counter()
-        model = self.model
+        groups: dict[object, list[int]] = {}
+        for index, message in enumerate(messages):
+            groups.setdefault(message.models.get("align"), []).append(index)
+        out: list[Message | None] = [None] * len(messages)
+        for version, indices in groups.items():
+            model, used = self.follower.model_for(version)
+            for index, result in zip(indices, self._score(model, [messages[i] for i in indices]),
+                                     strict=True):
+                result.models["score"] = used
+                out[index] = result
+        per_frame = 1000.0 * (time.perf_counter() - started) / len(messages)
+        for result in out:
+            result.timings["score"] = per_frame
+        return out
+
+    def _score(self, model, messages: list[Message]) -> list[Message]:
         size = model.backbone_.spec.input_size
         usable = [i for i, m in enumerate(messages) if m.body["status"] == "ok"]
-        features = [self._features(messages[i]) for i in usable]
+        features = [self._features(model, messages[i]) for i in usable]
         valid = np.stack([self._valid(messages[i], size) for i in usable]) if usable else None
         scores, maps = np.zeros(0), np.zeros((0, size, size), np.float32)
         if usable:
             layers = [torch.from_numpy(np.stack([f[layer] for f in features])).float()
                       .to(model.backbone_.device) for layer in range(len(features[0]))]
             scores, maps = model.score_features(layers, valid)
-        per_frame = 1000.0 * (time.perf_counter() - started) / len(messages)
         out = []
         for index, message in enumerate(messages):
             row = usable.index(index) if index in usable else None
@@ -47,23 +63,21 @@ class ScoreStage(ModelStage):
             heatmap = None
             if anomalous and row is not None:
                 heatmap = pack_array(self._unwarped(maps[row], message, size).astype(np.float16))
-            result = message.derive("score", {
+            out.append(message.derive("score", {
                 "score": score, "anomalous": anomalous, "threshold": float(model.threshold_),
                 "status": message.body["status"], "heatmap": heatmap,
-                "frame_shape": message.body["frame_shape"]})
-            result.models["score"] = self.model_version
-            result.timings["score"] = per_frame
-            out.append(result)
+                "frame_shape": message.body["frame_shape"]}))
         return out
 
-    def _features(self, message: Message) -> list[np.ndarray]:
-        """The message's per-layer features, checked against this model's layers."""
-        expected = self.model.backbone_.spec.preprocessing_hash()
+    @staticmethod
+    def _features(model, message: Message) -> list[np.ndarray]:
+        """The message's per-layer features, checked against the model's layers."""
+        expected = model.backbone_.spec.preprocessing_hash()
         if message.body.get("backbone") != expected:
             raise ModelMismatchError(f"frame {message.frame_id}: features come from backbone "
                                      f"{message.body.get('backbone')!r}, the model needs {expected!r}")
         packed = message.body["features"]
-        layers = self.model.layers_
+        layers = model.layers_
         if len(packed) != len(layers):
             raise MessageError(f"frame {message.frame_id}: {len(packed)} feature layers, the model "
                                f"has {len(layers)}")

@@ -169,3 +169,30 @@ def test_a_stage_stops_reading_while_the_next_one_lags(line, frames) -> None:
         with line.running("extract", max_backlog=100):  # the next stage catches up...
             wait_for(lambda: line.client.xlen(line.streams.key("aligned")) == 24, timeout=120,
                      what="align resuming")  # ...and align finishes the line
+
+
+def test_frames_in_flight_at_a_swap_are_scored_by_the_version_that_aligned_them(
+        line, frames, pipeline_model, tmp_path) -> None:
+    import json
+    import shutil
+
+    from glad.modelfile import MANIFEST
+
+    images, labels = frames
+    publish_all(line, images[:3], labels[:3], prefix="inflight")
+    with line.running("align", "extract"):
+        wait_for(lambda: line.client.xlen(line.streams.key("features")) >= 3, what="features")
+    stricter = tmp_path / "v2"
+    shutil.copytree(pipeline_model, stricter)
+    manifest = json.loads((stricter / MANIFEST).read_text())
+    manifest["threshold"] += 5.0
+    (stricter / MANIFEST).write_text(json.dumps(manifest))
+    assert line.registry().publish(stricter) == 2
+    publish_all(line, images[:2], labels[:2], prefix="after")
+    with line.running("align", "extract", "score"):
+        wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 5, what="all scores")
+    by_id = {m.frame_id: m for m in line.entries("scores")}
+    v1 = line.registry().record(1)["manifest"]["threshold"]
+    for frame_id, message in by_id.items():
+        expected = (1, v1) if frame_id.startswith("inflight") else (2, v1 + 5.0)
+        assert (message.models["score"], message.body["threshold"]) == pytest.approx(expected)
