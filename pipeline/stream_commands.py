@@ -61,6 +61,15 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _required_url(args) -> str:
+    """The Redis URL of a command that needs a running Redis (only `glad run` embeds one)."""
+    url = redis_url(args.redis_url)
+    if url is None:
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
+                            "embedded one)")
+    return url
+
+
 # --- run ----------------------------------------------------------------------------------------
 
 
@@ -174,10 +183,7 @@ def _add_stage(commands) -> None:
 
 
 def _stage(args) -> int:
-    url = redis_url(args.redis_url)
-    if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
-                            "embedded one)")
+    url = _required_url(args)
     if args.threads:
         import torch
 
@@ -279,9 +285,7 @@ def line_status(client, streams: Streams) -> dict:
 
 
 def _status(args) -> int:
-    url = redis_url(args.redis_url)
-    if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
+    url = _required_url(args)
     client = connect(url, wait=5.0)
     status = line_status(client, Streams(args.line))
     if args.json:
@@ -362,9 +366,7 @@ def _add_confirm(commands) -> None:
 def _confirm(args) -> int:
     from online.feedback import confirm
 
-    url = redis_url(args.redis_url)
-    if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
+    url = _required_url(args)
     client = connect(url, wait=5.0)
     for frame_id in args.frame_ids:
         entry = confirm(client, args.line, frame_id, args.verdict, args.by, args.note)
@@ -375,10 +377,7 @@ def _confirm(args) -> int:
 def _registry(args):
     from online.registry import ModelRegistry
 
-    url = redis_url(args.redis_url)
-    if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL")
-    return ModelRegistry(args.models, connect(url, wait=5.0), Streams(args.line))
+    return ModelRegistry(args.models, connect(_required_url(args), wait=5.0), Streams(args.line))
 
 
 def _models_publish(args) -> int:
