@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import redis
 
@@ -33,7 +32,7 @@ from pipeline.embedded import EmbeddedRedis
 from pipeline.errors import PipelineError
 from pipeline.results import ResultWriter
 from pipeline.runner import RunnerConfig, StageRunner
-from pipeline.streams import Streams, read_events
+from pipeline.streams import Streams, heartbeats, read_events
 from stages.sources import open_source
 
 log = logging.getLogger(__name__)
@@ -231,8 +230,7 @@ def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen]
     pids = {worker.pid for worker in workers}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        serving = {record["pid"] for record in
-                   (msgpack.unpackb(v, raw=False) for v in client.hvals(streams.workers))
+        serving = {record.get("pid") for record in heartbeats(client, streams).values()
                    if record.get("model") is not None}
         if pids <= serving:
             return

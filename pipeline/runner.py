@@ -31,7 +31,15 @@ from glad.errors import GladError
 from pipeline.connection import TRANSIENT, Backoff, wait_until_reachable
 from pipeline.errors import MessageError
 from pipeline.schema import FIELD, Message, decode_entry
-from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, ensure_group
+from pipeline.streams import (
+    DEFAULT_MAXLEN,
+    PIPELINE_GROUPS,
+    Streams,
+    as_text,
+    beat,
+    ensure_group,
+    heartbeats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,28 +261,28 @@ class StageRunner:
                                            count=self.config.batch_size, idle=idle)
         if not stale:
             return [], {}
-        ids = [_text(p["message_id"]) for p in stale]
+        ids = [as_text(p["message_id"]) for p in stale]
         claimed = self.client.xclaim(self._input, self.stage.name, self.consumer, idle, ids)
-        found = {_text(i): f for i, f in claimed if i is not None and f}
+        found = {as_text(i): f for i, f in claimed if i is not None and f}
         missing = [i for i in ids if i not in found]
         if missing:  # trimmed ones are now ours (Redis 6.2) but have no fields left
             mine = self.client.xpending_range(self._input, self.stage.name, min=missing[0],
                                               max=missing[-1], count=len(ids),
                                               consumername=self.consumer)
-            found |= {_text(p["message_id"]): {} for p in mine if _text(p["message_id"]) in missing}
+            found |= {as_text(p["message_id"]): {} for p in mine if as_text(p["message_id"]) in missing}
         entries = [(i, found[i]) for i in ids if i in found]
         if entries:
             self.stats.claimed += len(entries)
             log.info("%s: claimed %d entries pending for over %d ms", self.stage.name, len(entries),
                      idle)
-        counts = {_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
+        counts = {as_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
         return entries, counts
 
     def _deliveries(self, ids: list[str]) -> dict[str, int]:
         """How often each of this consumer's pending entries was delivered so far."""
         info = self.client.xpending_range(self._input, self.stage.name, min=ids[0], max=ids[-1],
                                           count=len(ids), consumername=self.consumer)
-        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        counts = {as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
         return {i: counts.get(i, self.config.max_deliveries) for i in ids}
 
     def _handle(self, entries: list[tuple[str, dict]], deliveries: dict[str, int]) -> None:
@@ -376,24 +384,18 @@ class StageRunner:
         self._last_heartbeat = now
         state = "waiting" if self._waiting_logged else (
             "backpressure" if self._backlog_since is not None else "running")
-        record = {"stage": self.stage.name, "host": socket.gethostname(), "pid": os.getpid(),
-                  "started": self.started_at, "seen": time.time(), "state": state,
-                  "processed": self.stats.processed, "deadlettered": self.stats.deadlettered,
-                  "claimed": self.stats.claimed, "reconnects": self.stats.reconnects,
-                  "model": getattr(self.stage, "model_version", None)}
-        self.client.hset(self.streams.workers, self.consumer, msgpack.packb(record))
+        beat(self.client, self.streams, self.consumer, self.stage.name, self.started_at,
+             state=state, processed=self.stats.processed, deadlettered=self.stats.deadlettered,
+             claimed=self.stats.claimed, reconnects=self.stats.reconnects,
+             model=getattr(self.stage, "model_version", None))
 
 
 def prune_heartbeats(client: redis.Redis, streams: Streams, older_than_s: float = FORGET_AFTER_S,
                      ) -> None:
     """Forget workers whose last heartbeat is older than `older_than_s` (gone for good)."""
     now = time.time()
-    for name, packed in client.hgetall(streams.workers).items():
-        try:
-            seen = msgpack.unpackb(packed, raw=False).get("seen", 0)
-        except Exception:  # a foreign value in the hash is removed too
-            seen = 0
-        if now - seen > older_than_s:
+    for name, record in heartbeats(client, streams).items():
+        if now - record.get("seen", 0) > older_than_s:
             client.hdel(streams.workers, name)
 
 
@@ -402,16 +404,12 @@ def _entries(response) -> list[tuple[str, dict]]:
     has empty fields."""
     out = []
     for _, entries in response or []:
-        out.extend((_text(entry_id), fields or {}) for entry_id, fields in entries)
+        out.extend((as_text(entry_id), fields or {}) for entry_id, fields in entries)
     return out
 
 
 def _first_line(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reason(error: Exception, attempts: int) -> str:

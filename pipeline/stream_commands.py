@@ -21,7 +21,7 @@ from glad.errors import GladError
 from pipeline.connection import connect, redact, redis_url
 from pipeline.errors import PipelineError
 from pipeline.runner import RunnerConfig, StageRunner
-from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -260,10 +260,9 @@ def line_status(client, streams: Streams) -> dict:
     """Workers, streams and model of a line, as plain data."""
     now = time.time()
     workers = []
-    for name, packed in sorted(client.hgetall(streams.workers).items()):
-        record = msgpack.unpackb(packed, raw=False)
+    for name, record in sorted(heartbeats(client, streams).items()):
         age = now - record.get("seen", 0)
-        workers.append({"worker": name.decode(), **record, "age_s": round(age, 1),
+        workers.append({"worker": name, **record, "age_s": round(age, 1),
                         "healthy": age < STALE_AFTER_S})
     hops = {}
     for hop in DEFAULT_MAXLEN:

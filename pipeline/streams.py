@@ -9,7 +9,9 @@ trimming never drops an entry nobody has finished.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -70,12 +72,12 @@ class Streams:
         """Correct the counters when `group` has in fact read the whole stream (counts drift up
         when undelivered entries are trimmed or a reader dies between its read and its count)."""
         try:
-            groups = {_text(g["name"]): g for g in client.xinfo_groups(self.key(hop))}
+            groups = {as_text(g["name"]): g for g in client.xinfo_groups(self.key(hop))}
         except redis.ResponseError:  # no such stream
             return
         last = client.xrevrange(self.key(hop), count=1)
-        if group in groups and (not last or _id(_text(groups[group]["last-delivered-id"]))
-                                >= _id(_text(last[0][0]))):
+        if group in groups and (not last or _id(as_text(groups[group]["last-delivered-id"]))
+                                >= _id(as_text(last[0][0]))):
             added = client.hget(self.counters, f"{hop}:added") or 0
             client.hset(self.counters, f"{hop}:delivered:{group}", int(added))
 
@@ -89,7 +91,28 @@ class Streams:
         return self.lag(client, hop, group) + pending
 
 
-def _text(value) -> str:
+def beat(client: redis.Redis, streams: Streams, worker: str, stage: str, started: float,
+         **fields: Any) -> None:
+    """Write a worker's heartbeat (what `glad status` shows): who and where it is, when it was
+    last seen, plus the stage's own `fields` (state, processed, model...)."""
+    record = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
+              "started": started, "seen": time.time(), **fields}
+    client.hset(streams.workers, worker, msgpack.packb(record))
+
+
+def heartbeats(client: redis.Redis, streams: Streams) -> dict[str, dict]:
+    """Every worker's last heartbeat, by worker name; an unreadable entry reads as never seen."""
+    out = {}
+    for name, packed in client.hgetall(streams.workers).items():
+        try:
+            record = msgpack.unpackb(packed, raw=False)
+        except Exception:  # a foreign value in the hash
+            record = {}
+        out[as_text(name)] = record if isinstance(record, dict) else {}
+    return out
+
+
+def as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

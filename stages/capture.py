@@ -20,14 +20,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import cv2
-import msgpack
 import numpy as np
 import redis
 
 from glad.errors import GladError
 from pipeline.connection import TRANSIENT, wait_until_reachable
 from pipeline.schema import FIELD, Message, pack_array, pack_image
-from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, publish_event
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, beat, publish_event
 from stages.sources import SourceFrame
 
 log = logging.getLogger(__name__)
@@ -137,11 +136,9 @@ class Capture:
 
     def _heartbeat(self, camera: str) -> None:
         """The same record as stage workers write, so `glad status` shows cameras too."""
-        record = {"stage": "capture", "host": socket.gethostname(), "pid": os.getpid(),
-                  "started": int(self.session, 16) / 1000, "seen": time.time(), "state": "running",
-                  "processed": self.published, "deadlettered": 0, "claimed": 0, "reconnects": 0,
-                  "model": None, "camera": camera}
-        self.client.hset(self.streams.workers, self.worker, msgpack.packb(record))
+        beat(self.client, self.streams, self.worker, "capture", int(self.session, 16) / 1000,
+             state="running", processed=self.published, deadlettered=0, claimed=0,
+             reconnects=0, model=None, camera=camera)
 
     def _with_redis(self, action) -> bool:
         """Run `action`, waiting out Redis outages (the frame in hand is not dropped); False when
