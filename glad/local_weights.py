@@ -57,18 +57,24 @@ class LocalWeights:
     indptr: np.ndarray  # int64 (HW + 1,)
     components: np.ndarray  # int32 (nnz,)
     log_weights: np.ndarray  # float32 (nnz,), log pi_k(x)
+    # float32 (nnz,): the pooled assignment counts c_k(x) behind the weights, which online
+    # updates decay and add to (spec §7.3); None for models that cannot be updated.
+    counts: np.ndarray | None = None
     _csc: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False)
 
     @classmethod
-    def from_dense(cls, weights: torch.Tensor, grid: tuple[int, int]) -> LocalWeights:
-        """From a dense (HW, K) weight matrix whose rows sum to 1; zeros are left out."""
+    def from_dense(cls, weights: torch.Tensor, grid: tuple[int, int],
+                   counts: torch.Tensor | None = None) -> LocalWeights:
+        """From a dense (HW, K) weight matrix whose rows sum to 1 (zeros are left out), and the
+        dense counts behind it, if known."""
         positions, components = torch.nonzero(weights > 0, as_tuple=True)
         values = weights[positions, components]
         indptr = np.zeros(weights.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(positions.numpy(), minlength=weights.shape[0]), out=indptr[1:])
+        kept = None if counts is None else counts[positions, components].numpy().astype(np.float32)
         return cls(grid, weights.shape[1], indptr, components.numpy().astype(np.int32),
-                   torch.log(values).numpy().astype(np.float32))
+                   torch.log(values).numpy().astype(np.float32), kept)
 
     @property
     def nnz(self) -> int:
@@ -76,11 +82,20 @@ class LocalWeights:
 
     def dense(self) -> torch.Tensor:
         """Dense (HW, K) float32 weights."""
+        return self._scatter(np.exp(self.log_weights))
+
+    def dense_counts(self) -> torch.Tensor:
+        """Dense (HW, K) float32 counts c_k(x); raises when the model kept none."""
+        if self.counts is None:
+            raise ValueError("these local weights carry no counts (fitted before online updates)")
+        return self._scatter(self.counts)
+
+    def _scatter(self, values: np.ndarray) -> torch.Tensor:
         hw = len(self.indptr) - 1
         rows = np.repeat(np.arange(hw), np.diff(self.indptr))
         out = torch.zeros(hw, self.n_components)
         out[torch.from_numpy(rows), torch.from_numpy(self.components).long()] = torch.from_numpy(
-            np.exp(self.log_weights))
+            np.asarray(values, np.float32))
         return out
 
     def csc(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,17 +158,33 @@ def fit_local_weights(
             counts, labels, objective = _blur_counts(candidates, log_pi, grid, offsets)
         else:
             counts, labels, objective = _pooled_counts(candidates, log_pi, grid, offsets)
-        total = counts.sum(1, keepdim=True)
-        weights = torch.where(total > 0, counts / total.clamp_min(1e-12), global_pi)
-        with torch.no_grad():
-            log_pi = torch.log(weights)
+        weights = weights_from_counts(counts, global_pi)
+        log_pi = torch.log(weights)
         changed = previous_labels is None or not torch.equal(labels, previous_labels)
         converged = previous is not None and abs(objective - previous) <= rel_tol * abs(previous)
         log.debug("local K-MLE iteration %d: objective %.6g", iteration, objective)
         if not changed or converged:
             break
         previous, previous_labels = objective, labels
-    return LocalWeights.from_dense(weights, grid)
+    return LocalWeights.from_dense(weights, grid, counts)
+
+
+def weights_from_counts(counts: torch.Tensor, global_pi: torch.Tensor) -> torch.Tensor:
+    """pi_k(x) = c_k(x) / N(x) (Eq. 11); positions no sample reached keep the global weights."""
+    total = counts.sum(1, keepdim=True)
+    return torch.where(total > 0, counts / total.clamp_min(1e-12), global_pi)
+
+
+def pool_counts(counts: torch.Tensor, grid: tuple[int, int],
+                offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """Counts (HW, K) summed over each position's neighbourhood x + B_r (the paper's "blur")."""
+    k = counts.shape[1]
+    kernel = torch.zeros(1, 1, *_kernel_shape(offsets))
+    r = kernel.shape[-1] // 2
+    for dy, dx in offsets:
+        kernel[0, 0, dy + r, dx + r] = 1.0
+    maps = counts.t().reshape(k, 1, *grid)
+    return F.conv2d(maps, kernel, padding=r).reshape(k, -1).t()
 
 
 def _argmin_candidates(cost: torch.Tensor, index: torch.Tensor, log_pi_rows: torch.Tensor):
@@ -172,13 +203,7 @@ def _blur_counts(candidates, log_pi, grid, offsets):
     ok = candidates.valid & torch.isfinite(best)
     positions = torch.arange(hw).expand(m, hw)
     counts = torch.bincount((positions * k + labels)[ok], minlength=hw * k).float().view(hw, k)
-    kernel = torch.zeros(1, 1, *_kernel_shape(offsets))
-    r = kernel.shape[-1] // 2
-    for dy, dx in offsets:
-        kernel[0, 0, dy + r, dx + r] = 1.0
-    maps = counts.t().reshape(k, 1, *grid)
-    pooled = F.conv2d(maps, kernel, padding=r).reshape(k, hw).t()
-    return pooled, labels, -0.5 * float(best[ok].double().sum())
+    return pool_counts(counts, grid, offsets), labels, -0.5 * float(best[ok].double().sum())
 
 
 def _pooled_counts(candidates, log_pi, grid, offsets):

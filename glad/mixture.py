@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -89,14 +89,129 @@ class MixtureFactors:
 
 
 @dataclass
+class ComponentStats:
+    """Weighted sufficient statistics of each component (spec §7.2): what an online update needs
+    to move a mixture without the features that trained it.
+
+    Decay and floors scale A, M2 by f and A2 by f^2 together, which leaves the MLE scatter
+    S = M2 / A and Kish's effective sample size n_eff = A^2 / A2 (the n of OAS) unchanged.
+    """
+
+    weight: np.ndarray  # (K,) A_k: sum of sample weights, the effective count
+    weight_sq: np.ndarray  # (K,) A2_k: sum of squared sample weights
+    mean: np.ndarray  # (K, d)
+    scatter: np.ndarray  # (K, d, d) M2_k: weighted centred scatter
+    support: np.ndarray  # (K,) distinct images that contributed
+    floor: np.ndarray  # (K,) A_k never decays below this (base components); 0: may fade away
+
+    @classmethod
+    def of_members(cls, x: torch.Tensor, labels: np.ndarray, image_ids: np.ndarray,
+                   k: int) -> ComponentStats:
+        """Unit-weight statistics of rows `x` (N, d) grouped by `labels` into `k` components."""
+        counts = np.bincount(labels, minlength=k)
+        order = np.argsort(labels, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        d = x.shape[1]
+        mean, scatter = np.zeros((k, d)), np.zeros((k, d, d))
+        for comp in np.flatnonzero(counts):
+            members = x[torch.from_numpy(order[bounds[comp] : bounds[comp + 1]])].double()
+            mu = members.mean(0)
+            centred = members - mu
+            mean[comp] = mu.numpy()
+            scatter[comp] = (centred.t() @ centred).numpy()
+        weight = counts.astype(np.float64)
+        support = _distinct_images(labels, image_ids, k) if len(labels) else np.zeros(k, np.int64)
+        return cls(weight, weight.copy(), mean, scatter, support, np.zeros(k))
+
+    @property
+    def n_components(self) -> int:
+        return len(self.weight)
+
+    @property
+    def n_eff(self) -> np.ndarray:
+        """Kish's effective sample size A^2 / A2 per component."""
+        return self.weight**2 / np.maximum(self.weight_sq, 1e-300)
+
+    def covariances(self, oas_formula: str = "sklearn") -> np.ndarray:
+        """OAS-shrunk covariances of the MLE scatters M2 / A, shrunk with n = n_eff."""
+        mle = self.scatter / self.weight[:, None, None]
+        return oas_covariance(mle, self.n_eff, oas_formula)
+
+    def scaled(self, factor: float | np.ndarray) -> ComponentStats:
+        """Every sample weight multiplied by `factor` (per component when an array)."""
+        f = np.broadcast_to(np.asarray(factor, np.float64), self.weight.shape)
+        return replace(self, weight=self.weight * f, weight_sq=self.weight_sq * f * f,
+                       scatter=self.scatter * f[:, None, None])
+
+    def decayed(self, factor: float) -> ComponentStats:
+        """Exponential forgetting by `factor`, floored (§7.5) so base components never vanish."""
+        decayed = self.scaled(factor)
+        lift = np.where(decayed.weight < self.floor, self.floor / np.maximum(decayed.weight, 1e-300),
+                        1.0)
+        return decayed.scaled(lift)
+
+    def merged(self, batch: ComponentStats) -> ComponentStats:
+        """These statistics plus a batch's over the same components (Chan et al.'s parallel
+        update); components the batch does not touch are unchanged."""
+        total = self.weight + batch.weight
+        share = np.divide(batch.weight, total, out=np.zeros_like(total), where=total > 0)
+        delta = batch.mean - self.mean
+        cross = (self.weight * share)[:, None, None] * delta[:, :, None] * delta[:, None, :]
+        return replace(self, weight=total, weight_sq=self.weight_sq + batch.weight_sq,
+                       mean=self.mean + delta * share[:, None],
+                       scatter=self.scatter + batch.scatter + cross,
+                       support=self.support + batch.support)
+
+    def without(self, batch: ComponentStats) -> ComponentStats:
+        """These statistics minus a batch merged in earlier (the inverse of `merged`), as a
+        re-assignment needs; components that would be left empty are kept as they are."""
+        total = self.weight - batch.weight
+        ok = total > 1e-9 * np.maximum(self.weight, 1e-300)
+        rest = np.where(ok, total, 1.0)
+        mean = (self.weight[:, None] * self.mean - batch.weight[:, None] * batch.mean) / rest[:, None]
+        delta = batch.mean - mean
+        cross = (rest * batch.weight / np.maximum(self.weight, 1e-300))[:, None, None] * (
+            delta[:, :, None] * delta[:, None, :])
+        removed = replace(self, weight=total, weight_sq=self.weight_sq - batch.weight_sq, mean=mean,
+                          scatter=self.scatter - batch.scatter - cross,
+                          support=np.maximum(self.support - batch.support, 1))
+        return ComponentStats(*(np.where(_expand(ok, getattr(self, f.name)), getattr(removed, f.name),
+                                         getattr(self, f.name)) for f in fields(self)))
+
+    def select(self, components: np.ndarray) -> ComponentStats:
+        """The statistics of the given components (indices or a boolean mask), in that order."""
+        return ComponentStats(*(getattr(self, f.name)[components] for f in fields(self)))
+
+    def concat(self, other: ComponentStats) -> ComponentStats:
+        """These components followed by `other`'s."""
+        return ComponentStats(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                                for f in fields(self)))
+
+
+def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+
+@dataclass
 class GaussianMixture:
-    """Mixture parameters of one layer (float64), with per-component training support."""
+    """Mixture parameters of one layer (float64), with per-component training support and, when
+    the mixture can be updated online, the sufficient statistics behind them."""
 
     weights: np.ndarray  # (K,)
     means: np.ndarray  # (K, d)
     covariances: np.ndarray  # (K, d, d)
     counts: np.ndarray  # (K,) training vectors assigned
     image_support: np.ndarray  # (K,) distinct training images among them
+    stats: ComponentStats | None = None
+
+    @classmethod
+    def from_stats(cls, stats: ComponentStats, oas_formula: str = "sklearn") -> GaussianMixture:
+        """The K-MLE M-step's parameters from sufficient statistics: pi = A / sum A, mu = m,
+        Sigma = OAS(M2 / A, n_eff)."""
+        return cls(weights=stats.weight / stats.weight.sum(), means=stats.mean.copy(),
+                   covariances=stats.covariances(oas_formula),
+                   counts=np.rint(stats.weight).astype(np.int64),
+                   image_support=stats.support.astype(np.int64), stats=stats)
 
     @property
     def n_components(self) -> int:
@@ -218,6 +333,16 @@ def assign_among(
     if len(lost):
         labels[lost], best[lost], _ = assign(x[lost], factors)
     return labels, best
+
+
+def global_loglik(x: torch.Tensor, factors: MixtureFactors) -> torch.Tensor:
+    """log p(u) = LSE_k [log pi_k + log N(u; mu_k, Sigma_k)] of every row, float64."""
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    d = factors.dim
+    for start, costs in iter_costs(x, factors):
+        logits = factors.log_weights - 0.5 * (costs.double() + d * LOG_2PI)
+        out[start : start + len(costs)] = torch.logsumexp(logits, dim=1)
+    return out
 
 
 # --- K-MLE (spec §2.4) --------------------------------------------------------------------------
@@ -367,36 +492,14 @@ def _m_step(
     x: torch.Tensor, labels: torch.Tensor, image_ids: np.ndarray, k: int, n_min: int,
     min_images: int, oas_formula: str, global_trace: float,
 ) -> tuple[GaussianMixture, np.ndarray]:
-    """Cluster counts, pruning (§2.5), means, MLE scatter, OAS; also the ids of kept components."""
-    labels_np = labels.numpy()
-    counts = np.bincount(labels_np, minlength=k)
-    support = _distinct_images(labels_np, image_ids, k)
-    keep = (counts >= n_min) & (support >= min_images)
-    order = np.argsort(labels_np, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
+    """Cluster statistics, pruning (§2.5), means, MLE scatter, OAS; also the ids of kept components."""
+    stats = ComponentStats.of_members(x, labels.numpy(), image_ids, k)
+    keep = (stats.weight >= n_min) & (stats.support >= min_images)
+    keep &= np.trace(stats.scatter, axis1=1, axis2=2) > 1e-12 * global_trace * stats.weight
     kept = np.flatnonzero(keep)
-    d = x.shape[1]
-    means = np.empty((len(kept), d))
-    scatter = np.empty((len(kept), d, d))
-    for row, comp in enumerate(kept):
-        members = x[torch.from_numpy(order[bounds[comp] : bounds[comp + 1]])].double()
-        mu = members.mean(0)
-        centred = members - mu
-        means[row] = mu.numpy()
-        scatter[row] = (centred.t() @ centred).numpy() / len(members)
-    not_flat = np.trace(scatter, axis1=1, axis2=2) > 1e-12 * global_trace
-    kept, means, scatter = kept[not_flat], means[not_flat], scatter[not_flat]
     if len(kept) == 0:
         raise FeatureError("every mixture component was pruned: features are constant or too few")
-    kept_counts = counts[kept]
-    mixture = GaussianMixture(
-        weights=kept_counts / kept_counts.sum(),
-        means=means,
-        covariances=oas_covariance(scatter, kept_counts.astype(np.float64), oas_formula),
-        counts=kept_counts,
-        image_support=support[kept],
-    )
-    return mixture, kept
+    return GaussianMixture.from_stats(stats.select(kept), oas_formula), kept
 
 
 def _distinct_images(labels: np.ndarray, image_ids: np.ndarray, k: int) -> np.ndarray:

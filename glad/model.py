@@ -28,7 +28,15 @@ from glad.errors import DatasetError, NotFittedError
 from glad.features import feature_batches, layer_validity
 from glad.images import as_rgb, resize_square
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
-from glad.mixture import FitReport, GaussianMixture, MixtureFactors, fit_em, fit_kmle
+from glad.mixture import (
+    ComponentStats,
+    FitReport,
+    GaussianMixture,
+    MixtureFactors,
+    fit_em,
+    fit_kmle,
+    global_loglik,
+)
 from glad.scoring import (
     combine_layers,
     heatmaps,
@@ -47,7 +55,18 @@ RADIUS_CANDIDATES = (1, 2, 4)
 PERMISSIVE_GATES = {"max_rotation_deg": 45.0, "min_correlation": 0.5}
 DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
 THRESHOLD_SIGMAS = 4.0  # see decision_threshold
+BASE_FLOOR_SHARE = 0.25  # see _base_statistics
+NOVELTY_QUANTILE = 1e-3  # see _novelty_thresholds
 AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
+
+
+def _base_statistics(stats: ComponentStats, sample_weight: float) -> ComponentStats:
+    """A batch fit's statistics as an online update starts from them: each fitted vector stands
+    for `sample_weight` training vectors (K-MLE ran on a subsample), and every component keeps a
+    floor of min(1/4 of its count, 2 d) so a rare but legitimate variant is never forgotten (§7.5)."""
+    stats = stats.scaled(sample_weight)
+    floor = np.minimum(BASE_FLOOR_SHARE * stats.weight, 2.0 * stats.mean.shape[1])
+    return replace(stats, floor=floor)
 
 
 def decision_threshold(normal_scores: np.ndarray) -> float:
@@ -192,6 +211,8 @@ class GladModel:
             self.threshold_ = decision_threshold(self._scores_of(list(zip(flat, valid, strict=True)),
                                                                  layers))
         self.layers_ = layers
+        self.online_ = {"novelty_loglik": self._novelty_thresholds(held_features if len(held) else
+                                                                   list(zip(flat, valid, strict=True)))}
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
         return self
@@ -253,7 +274,10 @@ class GladModel:
         common = dict(init=self.init, max_iter=self.max_iter, rel_tol=self.rel_tol,
                       oas_formula=self.oas_formula, seed=self.seed + layer)
         if self.mixture == "kmle":
-            return fit_kmle(x, image_ids, int(k), min_images=min(self.min_images, m), **common)
+            mixture, report = fit_kmle(x, image_ids, int(k), min_images=min(self.min_images, m),
+                                       **common)
+            mixture.stats = _base_statistics(mixture.stats, int(keep.sum()) / len(x))
+            return mixture, report
         if self.mixture == "em":
             return fit_em(x, image_ids, int(k), **common)
         raise ValueError(f"unknown mixture {self.mixture!r}; use 'kmle' or 'em'")
@@ -299,6 +323,15 @@ class GladModel:
         log.info("held-out normal score per localisation: %s -> %s", self.selection_,
                  "global" if best is None else f"r={best}")
         return best, best_layers
+
+    def _novelty_thresholds(self, features: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Per layer, the NOVELTY_QUANTILE of normal vectors' global-mixture log-likelihood:
+        online updates treat vectors below it as a new appearance (§7.4), not as more of a known one."""
+        out = []
+        for (f, v), layer in zip(features, self.layers_, strict=True):
+            loglik = global_loglik(f.reshape(-1, f.shape[-1])[v.flatten()], layer.factors)
+            out.append(float(torch.quantile(loglik, NOVELTY_QUANTILE)) if len(loglik) else -math.inf)
+        return out
 
     def _scores_of(self, features: list[tuple[torch.Tensor, torch.Tensor]], layers) -> np.ndarray:
         """Image scores of (features (B, HW, d), validity (B, HW)) per layer."""

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from glad.backbones import Backbone, BackboneSpec, create_backbone
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.local_weights import LocalWeights
-from glad.mixture import GaussianMixture, MixtureFactors
+from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
 
 SCHEMA = "glad-model"
 SCHEMA_VERSION = 1
@@ -31,6 +31,8 @@ ARRAYS = "arrays.safetensors"
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
 _SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
 # The ROI mode, when it is a name ("auto" confines alignment to the part); masks travel as arrays.
+# Sufficient statistics stored per layer (means and support are the mixture's own arrays).
+_STATS = ("weight", "weight_sq", "scatter", "floor")
 
 
 def save_model(model, path: Path) -> Path:
@@ -51,12 +53,16 @@ def save_model(model, path: Path) -> Path:
             prefix + "whiteners": factors.whiteners.numpy(),
             prefix + "logdets": factors.logdets.numpy(),
         }
+        if mix.stats is not None:
+            arrays |= {prefix + "stats." + name: getattr(mix.stats, name) for name in _STATS}
         if layer.local is not None:
             arrays |= {
                 prefix + "local.indptr": layer.local.indptr,
                 prefix + "local.components": layer.local.components,
                 prefix + "local.log_weights": layer.local.log_weights,
             }
+            if layer.local.counts is not None:
+                arrays[prefix + "local.counts"] = layer.local.counts
         layers.append({"index": index + 1, "n_components": mix.n_components,
                        "dim": int(mix.means.shape[1]), "grid": list(layer.grid),
                        "local": layer.local is not None})
@@ -76,6 +82,7 @@ def save_model(model, path: Path) -> Path:
         | ({"roi": model.roi} if isinstance(model.roi, str) else {}),
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
                      "radius_selection": model.selection_},
+        "online": model.online_,
     }
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         tmp_arrays = Path(tmp) / ARRAYS
@@ -140,6 +147,7 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
     model.n_train_images_ = manifest["training"]["n_images"]
     model.fit_seconds_ = manifest["training"]["fit_seconds"]
     model.selection_ = manifest["training"].get("radius_selection", {})
+    model.online_ = manifest.get("online") or {}
     model.manifest_ = manifest
     return model
 
@@ -171,14 +179,19 @@ def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool, layer_
             logdets=torch.from_numpy(arrays[prefix + "logdets"]),
             log_weights=torch.log(torch.from_numpy(weights)),
         )
+        stats = None
+        if prefix + "stats.weight" in arrays:
+            stats = ComponentStats(**{name: arrays[prefix + "stats." + name] for name in _STATS},
+                                   mean=means, support=arrays[prefix + "image_support"])
         mixture = GaussianMixture(weights, means, covariances=_covariances(whiteners),
                                   counts=arrays[prefix + "counts"],
-                                  image_support=arrays[prefix + "image_support"])
+                                  image_support=arrays[prefix + "image_support"], stats=stats)
         sparse = None
         if local:
             sparse = LocalWeights(grid, len(weights), arrays[prefix + "local.indptr"],
                                   arrays[prefix + "local.components"],
-                                  arrays[prefix + "local.log_weights"])
+                                  arrays[prefix + "local.log_weights"],
+                                  arrays.get(prefix + "local.counts"))
     except KeyError as error:
         raise ModelFileError(f"model arrays lack {error.args[0]}") from None
     return layer_cls(mixture, factors, grid, sparse)

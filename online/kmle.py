@@ -1,0 +1,398 @@
+"""Online K-MLE (spec §7): a fitted GLAD model learns from confirmed-normal images without refitting.
+
+Per layer, each update assigns the new vectors with the frozen current mixture, decays the
+sufficient statistics (half-life in images), merges the batch's statistics in (Chan et al.),
+refreshes OAS covariances of the touched components, and decays and adds local counts pooled over
+the model's localisation radius. Vectors the global mixture finds too unlikely are a new
+appearance: they wait in a novelty buffer and become new Gaussians only once at least three
+distinct images show them. A bounded replay reservoir of recent images lets `consolidate` redo
+their hard assignments with the current parameters (K-MLE iterations, warm-started).
+
+This module is plain math on `GladModel`s: no Redis. `online.updater` is the service around it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from glad.errors import ModelFileError
+from glad.features import layer_validity
+from glad.local_weights import LocalWeights, neighbourhood, pool_counts, weights_from_counts
+from glad.mixture import (
+    LOG_2PI,
+    ComponentStats,
+    GaussianMixture,
+    _cholesky_with_jitter,
+    _factors_from_cholesky,
+    assign,
+    fit_kmle,
+    global_loglik,
+    iter_costs,
+)
+from glad.model import GladModel, LayerModel
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """How fast the model forgets and when it grows (spec §7.2-7.5 defaults)."""
+
+    half_life: float = 5000.0  # images: global statistics
+    local_half_life: float = 1000.0  # images: local counts (placement adapts faster)
+    epsilon: float = 1e-3  # local prior floor for assignment, so a known look may move
+    min_local_count: float = 0.5  # local counts below this are dropped (sparsity)
+    n_candidates: int = 8  # components considered per vector for the local assignment
+    spawn_min_images: int = 3  # a new Gaussian needs members from this many images
+    spawn_min_members: int = 32
+    spawn_max_new: int = 16  # new Gaussians per spawn at most
+    buffer_max_age: int = 500  # images: older novelty-buffer entries are discarded
+    buffer_max_rows: int = 20_000  # per layer
+    prune_below: float = 2.0  # non-base components with a smaller effective count go
+    reservoir_images: int = 16  # recent images replayed by `consolidate`
+
+
+@dataclass
+class LearnReport:
+    """What one update did, per layer."""
+
+    images: int
+    known: list[int] = field(default_factory=list)  # vectors folded into existing Gaussians
+    novel: list[int] = field(default_factory=list)  # vectors put in the novelty buffer
+    spawned: list[int] = field(default_factory=list)  # new Gaussians
+    pruned: list[int] = field(default_factory=list)
+    touched: list[int] = field(default_factory=list)  # Gaussians whose covariance was refreshed
+
+
+@dataclass
+class _Replay:
+    """One learned image, as `consolidate` needs it: its vectors, where they went, and when."""
+
+    step: int
+    features: list[torch.Tensor]  # per layer (HW, d) float16, valid known rows only
+    positions: list[torch.Tensor]  # per layer (n,) int64
+    labels: list[torch.Tensor]  # per layer global labels
+    local_labels: list[torch.Tensor]  # per layer local labels (-1 without local weights)
+
+
+@dataclass
+class _LayerState:
+    """The updatable state of one layer."""
+
+    stats: ComponentStats
+    covariances: np.ndarray
+    counts: torch.Tensor | None  # (HW, K) local counts c_k(x); None: global weights only
+    threshold: float  # novelty log-likelihood (§7.4)
+    last_hit: np.ndarray  # (K,) image step of the last assignment
+    buffer_x: torch.Tensor  # (n, d) novel vectors
+    buffer_image: torch.Tensor  # (n,) image step
+    buffer_pos: torch.Tensor  # (n,) position
+
+
+class OnlineGlad:
+    """Online K-MLE updates of a fitted, updatable `GladModel` (one whose file has statistics).
+
+    `learn` folds a batch of confirmed-normal images in; `model()` is the updated model as a new
+    `GladModel` (the production model is never changed in place); `consolidate` replays recent
+    images. Images are counted in `steps_`, which drives forgetting and the buffer's age limit.
+    """
+
+    def __init__(self, model: GladModel, config: OnlineConfig | None = None):
+        self.config = config or OnlineConfig()
+        self.base_ = model
+        thresholds = model.online_.get("novelty_loglik") if hasattr(model, "online_") else None
+        if not thresholds or any(layer.mixture.stats is None for layer in model.layers_):
+            raise ModelFileError("this model has no sufficient statistics, so it cannot learn "
+                                 "online; refit it with this version of glad fit")
+        self.steps_ = int(model.online_.get("steps", 0))
+        self.layers_ = [self._layer_state(layer, t) for layer, t in zip(model.layers_, thresholds,
+                                                                        strict=True)]
+        self.reservoir_: deque[_Replay] = deque(maxlen=self.config.reservoir_images)
+        self._offsets = neighbourhood(model.radius_, model.neighbourhood) if model.radius_ else None
+
+    def _layer_state(self, layer: LayerModel, threshold: float) -> _LayerState:
+        counts = None
+        if layer.local is not None:
+            counts = layer.local.dense_counts()
+        d = layer.mixture.means.shape[1]
+        return _LayerState(layer.mixture.stats, layer.mixture.covariances.copy(), counts,
+                           float(threshold), np.full(layer.mixture.n_components, self.steps_),
+                           torch.zeros(0, d), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros(0, dtype=torch.int64))
+
+    # --- learning -------------------------------------------------------------------------------
+
+    def learn(self, features: list[torch.Tensor], valid: np.ndarray) -> LearnReport:
+        """Fold in B confirmed-normal registered images: backbone features (B, d, h, w) per layer
+        and their pixel validity (B, S, S) (False where alignment left no image)."""
+        batch = len(valid)
+        steps = torch.arange(self.steps_, self.steps_ + batch)
+        self.steps_ += batch
+        report = LearnReport(images=batch)
+        grids = [tuple(f.shape[2:]) for f in features]
+        replays = [_Replay(self.steps_, [], [], [], []) for _ in steps]
+        for index, (f, v) in enumerate(zip(features, layer_validity(valid, grids), strict=True)):
+            self._learn_layer(index, f, v, steps, report, replays)
+        self.reservoir_.extend(replays)
+        return report
+
+    def _learn_layer(self, index: int, features: torch.Tensor, valid: torch.Tensor,
+                     steps: torch.Tensor, report: LearnReport, replays: list[_Replay]) -> None:
+        state, layer = self.layers_[index], self.model_layers[index]
+        b, d = features.shape[:2]
+        hw = features.shape[2] * features.shape[3]
+        x = features.flatten(2).transpose(1, 2).reshape(-1, d).float().cpu()
+        ok = valid.reshape(-1).cpu()
+        image = steps.repeat_interleave(hw)
+        position = torch.arange(hw).repeat(b)
+        x, image, position = x[ok], image[ok], position[ok]
+        labels, loglik, cand_index, cand_cost = _route(x, layer.factors, self.config.n_candidates)
+        novel = loglik < state.threshold
+        known = ~novel
+        report.known.append(int(known.sum()))
+        report.novel.append(int(novel.sum()))
+        image_ids = (image - image.min()).numpy() if len(image) else image.numpy()
+
+        batch_stats = ComponentStats.of_members(x[known], labels[known].numpy(),
+                                                image_ids[known.numpy()], state.stats.n_components)
+        state.stats = state.stats.decayed(self._decay(b, self.config.half_life)).merged(batch_stats)
+        touched = np.flatnonzero(batch_stats.weight > 0)
+        state.last_hit[touched] = self.steps_
+        local_labels = torch.full((int(known.sum()),), -1, dtype=torch.int64)
+        if state.counts is not None:
+            local_labels = self._local_labels(layer, cand_index[known], cand_cost[known],
+                                              position[known])
+            state.counts *= self._decay(b, self.config.local_half_life)
+            state.counts += self._pooled(local_labels, position[known], layer.grid,
+                                         state.stats.n_components)
+        for replay, step in zip(replays, steps.tolist(), strict=True):
+            mine = (image[known] == step)
+            replay.features.append(x[known][mine].half())
+            replay.positions.append(position[known][mine])
+            replay.labels.append(labels[known][mine])
+            replay.local_labels.append(local_labels[mine])
+
+        self._buffer(state, x[novel], image[novel], position[novel])
+        spawned = self._spawn(state, layer)
+        pruned = self._prune(state)
+        report.spawned.append(spawned)
+        report.pruned.append(pruned)
+        report.touched.append(len(touched) + spawned)
+        self._refresh(index, touched, spawned, pruned)
+
+    @property
+    def model_layers(self) -> list[LayerModel]:
+        """The current parameters (after the updates so far), one `LayerModel` per layer."""
+        if not hasattr(self, "_layers"):
+            self._layers = list(self.base_.layers_)
+        return self._layers
+
+    def _decay(self, images: int, half_life: float) -> float:
+        return 0.5 ** (images / half_life) if half_life > 0 else 1.0
+
+    def _local_labels(self, layer: LayerModel, cand_index: torch.Tensor, cand_cost: torch.Tensor,
+                      position: torch.Tensor) -> torch.Tensor:
+        """Eq. 10 with the epsilon-smoothed local prior (1 - eps) pi_k(x) + eps pi_k (§7.3), so a
+        known Gaussian can become normal at a position where it never was."""
+        eps = self.config.epsilon
+        local = layer.local.dense()[position]  # (n, K)
+        prior = (1.0 - eps) * torch.gather(local, 1, cand_index) + eps * torch.exp(
+            layer.factors.log_weights.float())[cand_index]
+        total = cand_cost - 2.0 * torch.log(prior)
+        return torch.gather(cand_index, 1, total.argmin(1, keepdim=True))[:, 0]
+
+    def _pooled(self, labels: torch.Tensor, position: torch.Tensor, grid: tuple[int, int],
+                k: int) -> torch.Tensor:
+        hw = grid[0] * grid[1]
+        counts = torch.bincount(position * k + labels, minlength=hw * k).float().view(hw, k)
+        return pool_counts(counts, grid, self._offsets)
+
+    # --- novelty (§7.4) -------------------------------------------------------------------------
+
+    def _buffer(self, state: _LayerState, x: torch.Tensor, image: torch.Tensor,
+                position: torch.Tensor) -> None:
+        keep = state.buffer_image > self.steps_ - self.config.buffer_max_age
+        state.buffer_x = torch.cat([state.buffer_x[keep], x])[-self.config.buffer_max_rows:]
+        state.buffer_image = torch.cat([state.buffer_image[keep], image])[
+            -self.config.buffer_max_rows:]
+        state.buffer_pos = torch.cat([state.buffer_pos[keep], position])[
+            -self.config.buffer_max_rows:]
+
+    def _spawn(self, state: _LayerState, layer: LayerModel) -> int:
+        """New Gaussians from buffered vectors: K-MLE on the buffer; a component is kept when it
+        has enough members from at least `spawn_min_images` images and 80 % of its members are
+        still unlikely under the current mixture (so it duplicates nothing)."""
+        cfg = self.config
+        d = state.buffer_x.shape[1]
+        needed = max(256, 2 * d)
+        images = torch.unique(state.buffer_image)
+        if len(state.buffer_x) < needed or len(images) < cfg.spawn_min_images:
+            return 0
+        x, image_ids = state.buffer_x, torch.searchsorted(images, state.buffer_image).numpy()
+        k = int(np.clip(len(x) // cfg.spawn_min_members, 1, cfg.spawn_max_new))
+        try:
+            fitted, _ = fit_kmle(x, image_ids, k, max_iter=10, n_min=cfg.spawn_min_members,
+                                 min_images=cfg.spawn_min_images)
+        except Exception:  # noqa: BLE001 - nothing coherent in the buffer yet: try again later
+            return 0
+        labels, _, _ = assign(x, fitted.factors())
+        unlikely = global_loglik(x, layer.factors) < state.threshold
+        accepted = []
+        for comp in range(fitted.n_components):
+            members = labels == comp
+            count = int(members.sum())
+            support = len(torch.unique(state.buffer_image[members]))
+            if (count >= cfg.spawn_min_members and support >= cfg.spawn_min_images
+                    and float(unlikely[members].float().mean()) >= 0.8):
+                accepted.append(comp)
+        if not accepted:
+            return 0
+        relabel = torch.full((fitted.n_components,), -1, dtype=torch.int64)
+        relabel[accepted] = torch.arange(len(accepted))
+        new_labels = relabel[labels]
+        take = new_labels >= 0
+        k_old = state.stats.n_components
+        new_stats = ComponentStats.of_members(x[take], new_labels[take].numpy(),
+                                              image_ids[take.numpy()], len(accepted))
+        state.stats = state.stats.concat(new_stats)
+        state.covariances = np.concatenate([state.covariances, new_stats.covariances()])
+        state.last_hit = np.concatenate([state.last_hit, np.full(len(accepted), self.steps_)])
+        if state.counts is not None:
+            grown = torch.zeros(state.counts.shape[0], len(accepted))
+            state.counts = torch.cat([state.counts, grown], dim=1)
+            state.counts += self._pooled(new_labels[take] + k_old, state.buffer_pos[take],
+                                         layer.grid, k_old + len(accepted))
+        state.buffer_x, state.buffer_image = state.buffer_x[~take], state.buffer_image[~take]
+        state.buffer_pos = state.buffer_pos[~take]
+        return len(accepted)
+
+    def _prune(self, state: _LayerState) -> int:
+        """Drop grown (non-base) components that faded below `prune_below` (§7.5). Component
+        numbers move, so the replay reservoir (which remembers assignments) starts afresh."""
+        fading = (state.stats.floor <= 0) & (state.stats.weight < self.config.prune_below)
+        if not fading.any():
+            return 0
+        self.reservoir_.clear()
+        keep = np.flatnonzero(~fading)
+        state.stats = state.stats.select(keep)
+        state.covariances = state.covariances[keep]
+        state.last_hit = state.last_hit[keep]
+        if state.counts is not None:
+            state.counts = state.counts[:, torch.from_numpy(keep)]
+        return int(fading.sum())
+
+    # --- consolidation (§7.2) -------------------------------------------------------------------
+
+    def consolidate(self, iterations: int = 2) -> int:
+        """Redo the hard assignments of the reservoir's images with the current parameters:
+        their old contributions (decayed since) are taken out of the statistics and local counts
+        and their new ones put in, `iterations` times (warm-started K-MLE on the replay set; hard
+        assignments made early in a stream depend on its order). Returns the vectors relabelled
+        in the last iteration."""
+        moved = 0
+        for _ in range(iterations):
+            moved = 0
+            for index, state in enumerate(self.layers_):
+                moved += self._reassign(index, state)
+        return moved
+
+    def _reassign(self, index: int, state: _LayerState) -> int:
+        layer = self.model_layers[index]
+        k = state.stats.n_components
+        old_stats = new_stats = None
+        old_counts = new_counts = 0.0
+        moved = 0
+        for replay in self.reservoir_:
+            x = replay.features[index].float()
+            if not len(x):
+                continue
+            age = self.steps_ - replay.step
+            weight = self._decay(age, self.config.half_life)
+            labels, _, cand_index, cand_cost = _route(x, layer.factors, self.config.n_candidates)
+            moved += int((labels != replay.labels[index]).sum())
+            ids = np.zeros(len(x), dtype=np.int64)
+            old = ComponentStats.of_members(x, replay.labels[index].numpy(), ids, k).scaled(weight)
+            new = ComponentStats.of_members(x, labels.numpy(), ids, k).scaled(weight)
+            old_stats = old if old_stats is None else old_stats.merged(old)
+            new_stats = new if new_stats is None else new_stats.merged(new)
+            replay.labels[index] = labels
+            if state.counts is not None:
+                local_weight = self._decay(age, self.config.local_half_life)
+                local = self._local_labels(layer, cand_index, cand_cost, replay.positions[index])
+                old_counts = old_counts + local_weight * self._pooled(
+                    replay.local_labels[index], replay.positions[index], layer.grid, k)
+                new_counts = new_counts + local_weight * self._pooled(
+                    local, replay.positions[index], layer.grid, k)
+                replay.local_labels[index] = local
+        if old_stats is None:
+            return 0
+        for stats in (old_stats, new_stats):  # the replayed images carry no support of their own
+            stats.support[:] = 0
+        state.stats = state.stats.without(old_stats).merged(new_stats)
+        if state.counts is not None:
+            state.counts = (state.counts - old_counts + new_counts).clamp_min_(0.0)
+        touched = np.flatnonzero((old_stats.weight > 0) | (new_stats.weight > 0))
+        self._refresh(index, touched, 0, 0)
+        return moved
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def _refresh(self, index: int, touched: np.ndarray, spawned: int, pruned: int) -> None:
+        """New parameters of layer `index`: OAS covariances of the touched components only
+        (decay leaves the others' scatter and effective size, hence their OAS, unchanged)."""
+        state = self.layers_[index]
+        if len(touched) and not pruned:
+            state.covariances[touched] = state.stats.select(touched).covariances(
+                self.base_.oas_formula)
+        elif pruned:  # indices moved: recompute all
+            state.covariances = state.stats.covariances(self.base_.oas_formula)
+        mixture = GaussianMixture.from_stats(state.stats, self.base_.oas_formula)
+        mixture.covariances = state.covariances
+        chol, ok = _cholesky_with_jitter(mixture.covariances)
+        if not ok.all():
+            raise ValueError(f"layer {index + 1}: {int((~ok).sum())} updated covariances are "
+                             "not positive definite")
+        factors = _factors_from_cholesky(chol, mixture.means, mixture.weights)
+        old = self.model_layers[index]
+        local = None
+        if state.counts is not None:
+            state.counts[state.counts < self.config.min_local_count] = 0.0
+            weights = weights_from_counts(state.counts, torch.from_numpy(mixture.weights).float())
+            local = LocalWeights.from_dense(weights, old.grid, state.counts)
+        self.model_layers[index] = replace(old, mixture=mixture, factors=factors, local=local,
+                                           report=None)
+
+    def model(self) -> GladModel:
+        """The updated model: a new `GladModel` sharing the backbone, reference and ROI."""
+        updated = copy.copy(self.base_)
+        updated.layers_ = list(self.model_layers)
+        updated.online_ = dict(self.base_.online_) | {"steps": self.steps_,
+                                                      "novelty_loglik": [s.threshold for s in
+                                                                         self.layers_]}
+        updated.__dict__.pop("_device_layers", None)
+        return updated
+
+
+def _route(x: torch.Tensor, factors, n_candidates: int):
+    """Per row: the global K-MLE label, the global log-likelihood, and the `n_candidates`
+    cheapest components with their costs D + logdet (for the local assignment)."""
+    n, d = x.shape
+    width = min(n_candidates, factors.n_components)
+    labels = torch.empty(n, dtype=torch.int64)
+    loglik = torch.empty(n, dtype=torch.float64)
+    cand_index = torch.empty(n, width, dtype=torch.int64)
+    cand_cost = torch.empty(n, width)
+    penalty = (-2.0 * factors.log_weights).to(torch.float32)
+    for start, costs in iter_costs(x, factors):
+        rows = slice(start, start + len(costs))
+        total = costs + penalty
+        labels[rows] = total.argmin(1)
+        loglik[rows] = torch.logsumexp(-0.5 * (total.double() + d * LOG_2PI), dim=1)
+        idx = torch.topk(total, width, dim=1, largest=False, sorted=False)[1]
+        cand_index[rows], cand_cost[rows] = idx, torch.gather(costs, 1, idx)
+    return labels, loglik, cand_index, cand_cost
+
+
