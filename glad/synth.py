@@ -5,6 +5,10 @@ with the nuisance variation of a real line (pose jitter, lighting, sensor noise)
 localized defects whose ground-truth masks mark exactly the pixels the defect changed. Each image
 has its own random generator, seeded from (seed, category, folder, index), so a dataset is
 byte-for-byte reproducible and independent of the order in which it is written.
+
+For the online model updater there are also product `VARIANTS` (a normal change of look, as when a
+new supplier's parts arrive: `render_normal(..., variant=)`) and `paste_defect`, generic canary
+defects for any RGB image, to check that a candidate model still catches defects on real frames.
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ LIGHT_ANGLE = -0.75 * math.pi  # light from the upper left (image y points down)
 Rng = np.random.Generator
 Image = np.ndarray  # float32 (H, W, 3) RGB grey levels, while drawing
 Colour = tuple[float, float, float]
+Restyle = Callable[[Image], Image]  # a variant's change to a part's layer, before it is posed
+
+VARIANTS: dict[str, str] = {  # name: what it is for
+    "recoloured": "the part in another colour, shading and texture kept (brass nut, blue solder mask, "
+    "red and beige cloth): a large, consistent shift that a model of the old parts flags everywhere",
+    "relabelled": "a new marking printed at a fixed place on the part, moving with it (a stamped grade "
+    "on the nut, a maker's logo on the board): a small, consistent change; objects only",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,12 +74,25 @@ def defect_types(category: str) -> tuple[str, ...]:
     return tuple(_DEFECTS[category])
 
 
-def render_normal(category: str, rng: Rng, size: int = 256) -> np.ndarray:
-    """A defect-free image of `category`, varied by `rng`: RGB uint8 (size, size, 3)."""
+def variants(category: str) -> tuple[str, ...]:
+    """Product variants (see `VARIANTS`) that a category can be rendered in, in a fixed order."""
+    _check_category(category)
+    return tuple(_RESTYLES[category])
+
+
+def render_normal(
+    category: str, rng: Rng, size: int = 256, variant: str | None = None
+) -> np.ndarray:
+    """A defect-free image of `category`, varied by `rng`: RGB uint8 (size, size, 3).
+
+    `variant` (one of `variants(category)`) changes the part's look before it is posed; it uses no
+    random numbers, so the same `rng` state gives the same part, pose, light and noise in every
+    variant, and without a variant the images are those of earlier versions, byte for byte.
+    """
     _check_category(category)
     if size < MIN_SIZE:
         raise ValueError(f"size {size} is too small: at least {MIN_SIZE} px")
-    return _finish(_RENDERERS[category](rng, size), rng)
+    return _finish(_RENDERERS[category](rng, size, _restyle(category, variant)), rng)
 
 
 def add_defect(
@@ -84,13 +109,26 @@ def add_defect(
     if not region.any():
         raise ValueError(f"the image shows no {category!r} to put a defect on")
     draw = _DEFECTS[category][defect]
-    source = image.astype(np.float32)
-    for _ in range(MAX_DEFECT_TRIES):
-        result = _to_uint8(draw(source, region, rng))
-        mask = _changed(image, result)
-        if MASK_FRACTION[0] <= mask.mean() <= MASK_FRACTION[1]:
-            return result, mask
-    raise RuntimeError(f"could not draw a {defect!r} of plausible size on this {category!r}")
+    return _draw_sized(image, region, rng, draw, f"a {defect!r} of plausible size on this {category!r}")
+
+
+def paste_defect(
+    image: np.ndarray, region: np.ndarray | None, rng: Rng
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a generic synthetic defect on any RGB uint8 `image`; return the new image and a bool mask.
+
+    Canary defects (DRAEM / CutPaste style) for real normal frames of any product, to check that a
+    candidate model still catches defects. Each try picks one of: a patch cut from elsewhere in the
+    image, turned, maybe mirrored and recoloured, pasted with a soft edge; a thin curved scratch that
+    contrasts with the surface; a semi-transparent stain. It lies inside `region` (bool, the image's
+    height and width; None: all but a margin). As in `add_defect`, the mask marks the pixels that
+    changed by at least `CHANGE_THRESHOLD` and covers a share of the image in `MASK_FRACTION`; pixels
+    that changed less are restored, so the image outside the mask is bit-identical to `image`.
+    """
+    _check_rgb(image)
+    region = _inner(image.shape[:2]) if region is None else _checked_region(region, image)
+    result, mask = _draw_sized(image, region, rng, _canary, "a canary defect of plausible size")
+    return np.where(mask[:, :, None], result, image), mask
 
 
 def generate_dataset(
@@ -125,6 +163,21 @@ def generate_dataset(
 def _check_category(category: str) -> None:
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}: expected one of {sorted(CATEGORIES)}")
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+
+
+def _checked_region(region: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """`region` as a bool mask, checked against the image: same height and width, not empty."""
+    region = np.asarray(region, bool)
+    if region.shape != image.shape[:2]:
+        raise ValueError(f"region shape {region.shape} does not match the image's {image.shape[:2]}")
+    if not region.any():
+        raise ValueError("the region is empty: it allows no pixel to put a defect on")
+    return region
 
 
 def _jobs(category: str, config: SynthConfig) -> Iterator[tuple[str, str | None, int]]:
@@ -176,6 +229,23 @@ def _finish(image: Image, rng: Rng) -> np.ndarray:
     image *= light[:, :, None]
     image += _noise(rng, image.shape, rng.uniform(2.0, 3.0))
     return _to_uint8(image)
+
+
+def _draw_sized(
+    image: np.ndarray,
+    region: np.ndarray,
+    rng: Rng,
+    draw: Callable[[Image, np.ndarray, Rng], Image],
+    what: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Redraw until the changed pixels cover a share of the image in `MASK_FRACTION`: (image, mask)."""
+    source = image.astype(np.float32)
+    for _ in range(MAX_DEFECT_TRIES):
+        result = _to_uint8(draw(source, region, rng))
+        mask = _changed(image, result)
+        if MASK_FRACTION[0] <= mask.mean() <= MASK_FRACTION[1]:
+            return result, mask
+    raise RuntimeError(f"could not draw {what}")
 
 
 def _to_uint8(image: Image) -> np.ndarray:
@@ -267,7 +337,7 @@ NUT_THREAD_PITCH = 4.5  # px at 256
 NUT_MARKS = (90.0, 210.0, 330.0)  # degrees: three stamped grade marks on the face
 
 
-def _render_nut(rng: Rng, size: int) -> Image:
+def _render_nut(rng: Rng, size: int, restyle: Restyle) -> Image:
     """A nut with its own thread phase, surface mottling, brightness and pose."""
     shape = _nut_shape(size)
     phase = rng.uniform(0, 2 * math.pi)  # where the thread starts differs from nut to nut
@@ -275,7 +345,7 @@ def _render_nut(rng: Rng, size: int) -> Image:
     tone = shape["tone"] + 32 * helix * shape["thread"]
     tone += 6 * _mottle(rng, size, 12) * shape["face"]
     tone *= rng.uniform(0.96, 1.04)
-    layer = tone[:, :, None] * np.asarray(NUT_TINT, np.float32)
+    layer = restyle(tone[:, :, None] * np.asarray(NUT_TINT, np.float32))
     return _place(_plain(size, NUT_BACKGROUND, rng, 6), layer, shape["alpha"], rng)
 
 
@@ -397,7 +467,7 @@ PCB_TRACES = (  # endpoints on pins, pads and vias; each is routed with one 45 d
 )  # fmt: skip
 
 
-def _render_pcb(rng: Rng, size: int) -> Image:
+def _render_pcb(rng: Rng, size: int, restyle: Restyle) -> Image:
     """The board layout with small placement, print and solder-mask variation, and its pose."""
     scale = size / 256
     layer = np.empty((size, size, 3), np.uint8)  # uint8: cv2.putText draws on nothing else
@@ -413,7 +483,7 @@ def _render_pcb(rng: Rng, size: int) -> Image:
         _draw_passive(layer, passive, rng.uniform(-0.4, 0.4, 2), scale)
     _draw_can(layer, scale)
     _draw_silkscreen(layer, rng.uniform(-0.8, 0.8, 2), scale)
-    board = layer.astype(np.float32) + 3 * _mottle(rng, size, 16)[:, :, None]
+    board = restyle(layer.astype(np.float32)) + 3 * _mottle(rng, size, 16)[:, :, None]
     return _place(_plain(size, PCB_BACKGROUND, rng, 8), board, alpha, rng)
 
 
@@ -527,7 +597,7 @@ WEAVE_PERIOD = 12.0  # px per yarn at 256
 WEAVE_YARN = 0.8  # yarn width, in periods
 
 
-def _render_weave(rng: Rng, size: int) -> Image:
+def _render_weave(rng: Rng, size: int, restyle: Restyle) -> Image:
     """A patch of cloth: random phase, uneven yarns, fibre streaks and slight waviness."""
     period = WEAVE_PERIOD * size / 256
     column, warp_across, warp_gain = _yarns(rng, size, period)  # per image column
@@ -540,7 +610,7 @@ def _render_weave(rng: Rng, size: int) -> Image:
     warp = warp[:, :, None] * (np.asarray(WEAVE_WARP, np.float32) + warp_fibres[:, :, None])
     weft = weft[:, :, None] * (np.asarray(WEAVE_WEFT, np.float32) + weft_fibres[:, :, None])
     cloth = np.where(warp_seen[:, :, None], warp, weft) + np.float32(WEAVE_GAP)
-    return _wobble(rng, cloth, 0.08 * period)
+    return restyle(_wobble(rng, cloth, 0.08 * period))
 
 
 def _yarns(rng: Rng, size: int, period: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -584,16 +654,92 @@ def _wobble(rng: Rng, image: Image, amplitude: float) -> Image:
 
 
 # --------------------------------------------------------------------------------------------
+# Product variants: a normal change of the part's look, drawn on its layer before it is posed
+# --------------------------------------------------------------------------------------------
+
+BRASS = (1.1, 0.92, 0.6)  # channel gains that turn bright steel into brass
+NUT_STAMP = ("A2-70", (110, 76), 0.7)  # text, baseline start (px at 256), height: stainless grade
+PCB_LOGO = ("ACME 94V-0", (65, 53), 0.6, (58, 49), 3.5)  # text, start, height, dot centre, radius
+
+
+def _restyle(category: str, variant: str | None) -> Restyle:
+    """The layer change of `variant` for `category`; no change for None."""
+    if variant is None:
+        return _as_is
+    if variant not in variants(category):
+        raise ValueError(
+            f"unknown variant {variant!r} for {category!r}: expected one of {list(variants(category))}"
+        )
+    return _RESTYLES[category][variant]
+
+
+def _as_is(layer: Image) -> Image:
+    """No variant: the layer unchanged."""
+    return layer
+
+
+def _colour_matrix(hue_degrees: float, gains: Colour = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """3x3 RGB matrix: rotate hue about the grey axis by `hue_degrees`, then scale the channels.
+
+    A rotation about the grey axis keeps greys grey and brightness nearly so, so shading and texture
+    survive; the gains tint even grey surfaces (steel, yarn).
+    """
+    turn = math.radians(hue_degrees)
+    axis = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = math.cos(turn) * np.eye(3) + (1 - math.cos(turn)) * np.outer(axis, axis)
+    rotation += math.sin(turn) * cross
+    return (np.diag(gains) @ rotation).astype(np.float32)
+
+
+def _recolour(layer: Image, matrix: np.ndarray) -> Image:
+    """Every pixel of the layer through a colour matrix (see `_colour_matrix`)."""
+    return np.clip(layer @ matrix.T, 0, 255)
+
+
+def _lettering(size: int, text: str, at: Sequence[float], height: float) -> np.ndarray:
+    """Coverage (float32, 0..1) of small print whose baseline starts at `at` (px of a 256 px image)."""
+    canvas = np.zeros((size, size), np.uint8)
+    _text(canvas, text, at, 255, height, size / 256)
+    return canvas.astype(np.float32) / 255
+
+
+def _relabel_nut(layer: Image) -> Image:
+    """A material grade stamped into the flat face, between the grade marks; darker like them."""
+    return _blend(layer, layer * 0.6, _lettering(layer.shape[0], *NUT_STAMP))
+
+
+def _relabel_pcb(layer: Image) -> Image:
+    """A maker's logo (a dot and a line of text) silkscreened in the free strip along the top edge."""
+    text, at, height, dot, radius = PCB_LOGO
+    size = layer.shape[0]
+    alpha = _lettering(size, text, at, height)
+    _disc(alpha, dot, radius, 1.0, size / 256)
+    return _blend(layer, PCB_COLOURS["silk"], alpha)
+
+
+# --------------------------------------------------------------------------------------------
 # Where defects go, and their shapes
 # --------------------------------------------------------------------------------------------
 
 
 def _defect_region(image: np.ndarray, category: str) -> np.ndarray:
     """Pixels a defect may touch: the part itself for objects, all but a margin for textures."""
-    margin = max(2, round(0.03 * image.shape[0]))
-    region = np.zeros(image.shape[:2], bool)
-    region[margin:-margin, margin:-margin] = True
+    region = _inner(image.shape[:2])
     return region & _part_mask(image) if CATEGORIES[category] == "object" else region
+
+
+def _inner(shape: tuple[int, int]) -> np.ndarray:
+    """All pixels but a margin of 3 % of the shorter side (at least 2 px): defects stay in view."""
+    margin = max(2, round(0.03 * min(shape)))
+    region = np.zeros(shape, bool)
+    region[margin:-margin, margin:-margin] = True
+    return region
+
+
+def _side(image: np.ndarray) -> float:
+    """Side of a square of the image's area: the length defect sizes scale with."""
+    return math.sqrt(image.shape[0] * image.shape[1])
 
 
 def _part_mask(image: np.ndarray) -> np.ndarray:
@@ -675,13 +821,18 @@ FIBRES = ((40, 30, 25), (180, 40, 40), (235, 225, 200))
 
 def _scratch(image: Image, region: np.ndarray, rng: Rng, colours: Sequence[Colour]) -> Image:
     """A thin, gently curved line in one of `colours`."""
-    size = image.shape[0]
+    alpha = _scratch_stroke(image, region, rng)
+    return _blend(image, colours[rng.integers(len(colours))], alpha * region)
+
+
+def _scratch_stroke(image: Image, region: np.ndarray, rng: Rng) -> np.ndarray:
+    """Coverage of a scratch: a thin, gently curved line about a point of the region."""
+    size = _side(image)
     length = rng.uniform(0.35, 0.55) * size
     path = _centred_walk(
         rng, _pick(rng, region), length, step=3, bend=rng.uniform(-1, 1), jitter=0.04
     )
-    alpha = _stroke(image.shape[:2], [path], max(1, round(rng.uniform(1.6, 3.0) * size / 256)))
-    return _blend(image, colours[rng.integers(len(colours))], alpha * region)
+    return _stroke(image.shape[:2], [path], max(1, round(rng.uniform(1.6, 3.0) * size / 256)))
 
 
 def _crack(image: Image, region: np.ndarray, rng: Rng) -> Image:
@@ -714,7 +865,7 @@ def _hole(
 
 def _stain(image: Image, region: np.ndarray, rng: Rng, colours: Sequence[Colour]) -> Image:
     """A smooth, semi-transparent blob in one of `colours` (oil, flux residue, dirt)."""
-    size = image.shape[0]
+    size = _side(image)
     outline = _blob(rng, _pick(rng, region), rng.uniform(0.05, 0.08) * size, 0.25)
     alpha = _fill(image.shape[:2], outline, blur=0.012 * size) * rng.uniform(0.75, 0.95)
     dirt = np.asarray(colours[rng.integers(len(colours))], np.float32)
@@ -761,8 +912,8 @@ def _missing_component(image: Image, region: np.ndarray, rng: Rng) -> Image:
     body = np.argwhere(labels == bodies[rng.integers(len(bodies))])[:, ::-1].astype(np.float32)
     alpha = cv2.dilate(_fill(image.shape[:2], cv2.boxPoints(cv2.minAreaRect(body))), _kernel(1))
     beyond_pins = cv2.dilate(alpha, _kernel(12 * scale)) - cv2.dilate(alpha, _kernel(7 * scale))
-    green = image[:, :, 1] > image[:, :, 0] + 30
-    board = np.median(image[(beyond_pins > 0.5) & green], axis=0)
+    coloured = image.max(axis=2) - image.min(axis=2) > 30  # solder mask and traces, of any variant
+    board = np.median(image[(beyond_pins > 0.5) & coloured], axis=0)
     return _blend(image, board + _noise(rng, image.shape), alpha)
 
 
@@ -789,10 +940,53 @@ def _stray_thread(image: Image, region: np.ndarray, rng: Rng) -> Image:
 
 
 # --------------------------------------------------------------------------------------------
+# Canary defects: generic perturbations for an image of any product (see `paste_defect`)
+# --------------------------------------------------------------------------------------------
+
+CUT_PASTE_GAIN = (0.6, 1.4)  # per-channel colour jitter of a pasted patch
+SCRATCH_GREYS = ((25, 25, 25), (235, 235, 235))  # for light and for dark surfaces
+
+
+def _canary(image: Image, region: np.ndarray, rng: Rng) -> Image:
+    """One of the generic perturbations, picked at random."""
+    return _CANARIES[rng.integers(len(_CANARIES))](image, region, rng)
+
+
+def _cut_paste(image: Image, region: np.ndarray, rng: Rng) -> Image:
+    """CutPaste: a round patch from anywhere in the image, turned, maybe mirrored and recoloured.
+
+    It is pasted with a soft edge about a point of the region: the product's own surface, out of place.
+    """
+    height, width = image.shape[:2]
+    radius = rng.uniform(0.05, 0.09) * _side(image)
+    target = _pick(rng, region)
+    source = rng.uniform((radius, radius), (width - radius, height - radius))
+    angle = rng.uniform(0, 2 * np.pi)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    turn = rotation @ np.diag([rng.choice([-1.0, 1.0]), 1.0])
+    to_source = np.hstack([turn, (source - turn @ target)[:, None]])  # output pixel -> source point
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    patch = cv2.warpAffine(image, to_source, (width, height), flags=flags, borderMode=cv2.BORDER_REFLECT)
+    patch = np.clip(patch * rng.uniform(*CUT_PASTE_GAIN, 3).astype(np.float32), 0, 255)
+    alpha = _fill(image.shape[:2], _blob(rng, target, radius, 0.2), blur=0.01 * _side(image))
+    return _blend(image, patch, alpha * region)
+
+
+def _contrast_scratch(image: Image, region: np.ndarray, rng: Rng) -> Image:
+    """A scratch in one grey that contrasts with the surface it crosses, whatever the product.
+
+    Light if the pixels it covers are dark on average, dark if they are light.
+    """
+    alpha = _scratch_stroke(image, region, rng) * region
+    under = (image.mean(axis=2) * alpha).sum() / max(alpha.sum(), 1e-6)
+    return _blend(image, SCRATCH_GREYS[int(under < 128)], alpha)
+
+
+# --------------------------------------------------------------------------------------------
 # Registries
 # --------------------------------------------------------------------------------------------
 
-_RENDERERS: dict[str, Callable[[Rng, int], Image]] = {
+_RENDERERS: dict[str, Callable[[Rng, int, Restyle], Image]] = {
     "nut": _render_nut,
     "pcb": _render_pcb,
     "weave": _render_weave,
@@ -819,3 +1013,23 @@ _DEFECTS: dict[str, dict[str, Callable[[Image, np.ndarray, Rng], Image]]] = {
         "extra": _stray_thread,
     },
 }
+
+_RESTYLES: dict[str, dict[str, Restyle]] = {
+    "nut": {
+        "recoloured": partial(_recolour, matrix=_colour_matrix(0, BRASS)),
+        "relabelled": _relabel_nut,
+    },
+    "pcb": {
+        "recoloured": partial(_recolour, matrix=_colour_matrix(90)),  # green solder mask to blue
+        "relabelled": _relabel_pcb,
+    },
+    "weave": {  # blue warp to red, grey weft to beige
+        "recoloured": partial(_recolour, matrix=_colour_matrix(90, (1.1, 0.95, 0.75))),
+    },
+}
+
+_CANARIES: tuple[Callable[[Image, np.ndarray, Rng], Image], ...] = (
+    _cut_paste,
+    _contrast_scratch,
+    partial(_stain, colours=DIRT + FLUX),
+)

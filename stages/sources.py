@@ -5,6 +5,7 @@ whether frames come from a file on disk or a camera on the line:
 
 - `synth://nut?defect_rate=0.1&seed=0&size=256&frames=0`: a built-in inspection camera over
   `glad.synth` with occasional defects and ground-truth labels, reproducible frame by frame;
+  `&variant=recoloured&variant_from=500` switches to another product variant from frame 500 on;
 - an image folder or a glob pattern: the files' bytes, undecoded, so that a corrupt file is caught
   (and dead-lettered with its reason) downstream instead of stopping the source;
 - a video file: decoded frames until the end of the file;
@@ -39,7 +40,14 @@ from glad.images import IMAGE_SUFFIXES, list_images
 log = logging.getLogger(__name__)
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
-SYNTH_PARAMETERS: dict[str, type] = {"defect_rate": float, "seed": int, "size": int, "frames": int}
+SYNTH_PARAMETERS: dict[str, type] = {
+    "defect_rate": float,
+    "seed": int,
+    "size": int,
+    "frames": int,
+    "variant": str,
+    "variant_from": int,
+}
 
 
 class SourceError(GladError):
@@ -119,6 +127,9 @@ class SynthSource(_Source):
 
     Frame k is drawn by its own generator seeded from (seed, k), so frames are reproducible one by one.
     `frames` = 0 is endless; otherwise the source ends after `frames` frames, or replays them if `loop`.
+    From frame `variant_from` on (default 0), parts are of product `variant` (see `glad.synth.VARIANTS`),
+    as when a new supplier's parts arrive: still labelled "normal", and defects are drawn on them as
+    before. The switch counts frames as yielded, so replays of a looped source after it show the variant.
     """
 
     def __init__(
@@ -131,6 +142,8 @@ class SynthSource(_Source):
         frames: int = 0,
         loop: bool = False,
         camera: str = "synth",
+        variant: str | None = None,
+        variant_from: int | None = None,
     ) -> None:
         super().__init__(camera)
         try:
@@ -143,14 +156,18 @@ class SynthSource(_Source):
             raise SourceError(f"synth source: size {size} is too small, at least {synth.MIN_SIZE} px")
         if frames < 0:
             raise SourceError(f"synth source: frames {frames} is negative")
+        _check_variant(category, variant, variant_from)
         self.category, self.defect_rate, self.seed = category, defect_rate, seed
         self.size, self.frames, self.loop = size, frames, loop
+        self.variant, self.variant_from = variant, variant_from or 0
 
     def render(self, index: int) -> tuple[np.ndarray, str]:
-        """Frame `index` and its label ("normal" or the defect type)."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+        """Frame `index`, counted as yielded, and its label ("normal" or the defect type)."""
+        shot = index % self.frames if self.frames else index  # which frame a looped source replays
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, shot]))
         defect = self.defects[rng.integers(len(self.defects))] if rng.random() < self.defect_rate else None
-        image = synth.render_normal(self.category, rng, self.size)
+        variant = self.variant if index >= self.variant_from else None
+        image = synth.render_normal(self.category, rng, self.size, variant)
         if defect is None:
             return image, "normal"
         return synth.add_defect(image, self.category, defect, rng)[0], defect
@@ -158,7 +175,7 @@ class SynthSource(_Source):
     def __iter__(self) -> Iterator[SourceFrame]:
         index = 0
         while not self._closed.is_set() and (self.loop or not self.frames or index < self.frames):
-            image, label = self.render(index % self.frames if self.frames else index)
+            image, label = self.render(index)
             yield SourceFrame(self.camera, index, image=image, encoded=None, label=label)
             index += 1
 
@@ -336,7 +353,7 @@ def paced(frames: Iterable[SourceFrame], fps: float | None) -> Iterator[SourceFr
 
 def _synth_source(uri: str, loop: bool, camera: str) -> SynthSource:
     parts = urlsplit(uri)
-    options: dict[str, float] = {}
+    options: dict[str, float | str] = {}
     for key, text in parse_qsl(parts.query, keep_blank_values=True):
         parse = SYNTH_PARAMETERS.get(key)
         if parse is None:
@@ -346,6 +363,21 @@ def _synth_source(uri: str, loop: bool, camera: str) -> SynthSource:
         except ValueError:
             raise SourceError(f"{uri}: {key}={text!r} is not a valid {parse.__name__}") from None
     return SynthSource(parts.netloc or "nut", loop=loop, camera=camera, **options)
+
+
+def _check_variant(category: str, variant: str | None, variant_from: int | None) -> None:
+    """Raise `SourceError` unless `variant` is one of the category's and `variant_from` a frame index."""
+    if variant is None:
+        if variant_from is not None:
+            raise SourceError("synth source: variant_from is given but no variant to switch to")
+        return
+    known = synth.variants(category)
+    if variant not in known:
+        raise SourceError(
+            f"synth source: unknown variant {variant!r} for {category!r}; expected one of {list(known)}"
+        )
+    if variant_from is not None and variant_from < 0:
+        raise SourceError(f"synth source: variant_from {variant_from} is negative")
 
 
 def _live_name(uri: str) -> str:

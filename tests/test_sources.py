@@ -85,11 +85,52 @@ def test_synth_defaults_loop_and_camera() -> None:
         ("synth://nut?size=big", "not a valid int"),
         ("synth://nut?size=16", "too small"),
         ("synth://nut?defect_rate=2", "not in [0, 1]"),
+        ("synth://nut?variant=gold", "unknown variant 'gold' for 'nut'"),
+        ("synth://weave?variant=relabelled", "unknown variant 'relabelled' for 'weave'"),
+        ("synth://nut?variant=", "unknown variant ''"),
+        ("synth://nut?variant=recoloured&variant_from=-1", "variant_from -1 is negative"),
+        ("synth://nut?variant=recoloured&variant_from=x", "not a valid int"),
+        ("synth://nut?variant_from=5", "no variant"),
     ],
 )
 def test_synth_bad_uris(uri: str, message: str) -> None:
     with pytest.raises(SourceError, match=message.replace("[", r"\[").replace("]", r"\]")):
         open_source(uri)
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over the pixels of the largest change over the channels."""
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2).mean())
+
+
+def test_synth_variant_from_switches_the_parts_at_that_frame() -> None:
+    plain = list(open_source("synth://pcb?frames=6&defect_rate=0&seed=2&size=64"))
+    switched = list(open_source("synth://pcb?frames=6&defect_rate=0&seed=2&size=64&variant=recoloured&variant_from=3"))
+    assert [f.label for f in switched] == ["normal"] * 6, "a variant is a normal part"
+    for old, new in zip(plain[:3], switched[:3], strict=True):
+        assert np.array_equal(old.image, new.image)
+    for old, new in zip(plain[3:], switched[3:], strict=True):
+        assert _differ(old.image, new.image) >= 20, new.index
+    rng = np.random.default_rng(np.random.SeedSequence([2, 4]))  # frame 4 of seed 2, no defect drawn
+    rng.random()
+    assert np.array_equal(switched[4].image, synth.render_normal("pcb", rng, 64, "recoloured"))
+
+
+def test_synth_variant_defaults_to_every_frame_and_keeps_defects() -> None:
+    uri = "synth://nut?frames=4&defect_rate=1&seed=5&size=96"
+    plain, relabelled = list(open_source(uri)), list(open_source(uri + "&variant=relabelled"))
+    assert [f.label for f in relabelled] == [f.label for f in plain]
+    assert {f.label for f in relabelled} <= set(synth.defect_types("nut"))
+    assert all(not np.array_equal(a.image, b.image) for a, b in zip(plain, relabelled, strict=True))
+
+
+def test_synth_variant_switch_counts_frames_as_yielded_when_looping() -> None:
+    uri = "synth://weave?frames=2&defect_rate=0&size=64&variant=recoloured&variant_from=3"
+    with open_source(uri, loop=True) as source:
+        frames = list(islice(source, 5))
+    assert np.array_equal(frames[2].image, frames[0].image), "frame 2 replays frame 0, before the switch"
+    assert _differ(frames[3].image, frames[1].image) >= 20, "frame 3 replays frame 1 in the new variant"
+    assert _differ(frames[4].image, frames[0].image) >= 20
 
 
 # --------------------------------------------------------------------------------------------
