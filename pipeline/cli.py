@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from glad.errors import GladError
+from online.cli import add_command as add_updater_command
 from pipeline.stream_commands import add_commands
 
 EXIT_USAGE = 2
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(commands)
     _add_eval(commands)
     add_commands(commands)
+    add_updater_command(commands)
     return parser
 
 

@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import msgpack
 import redis
 
 from glad.errors import GladError
@@ -37,6 +36,7 @@ from pipeline.streams import (
     Streams,
     as_text,
     beat,
+    deadletter,
     ensure_group,
     heartbeats,
 )
@@ -362,13 +362,9 @@ class StageRunner:
                     pipe.xadd(out, {FIELD: message.encode()}, maxlen=maxlen, approximate=True)
             pipe.hincrby(self.streams.counters, f"{self.stage.output}:added", len(writes))
         for entry_id, fields, reason, error_type in dead:
-            record = {"v": 1, "stage": self.stage.name, "stream": self._input, "entry": entry_id,
-                      "reason": reason, "error": error_type, "at": now,
-                      "payload": fields.get(FIELD, b"")}
-            pipe.xadd(self.streams.key("deadletter"),
-                      {FIELD: msgpack.packb(record, use_bin_type=True)},
-                      maxlen=self.config.maxlen.get("deadletter", 10_000), approximate=True)
-            log.warning("%s: entry %s dead-lettered: %s", self.stage.name, entry_id, reason)
+            deadletter(pipe, self.streams, self.stage.name, self._input, entry_id, reason,
+                       error_type, fields.get(FIELD, b""),
+                       self.config.maxlen.get("deadletter", DEFAULT_MAXLEN["deadletter"]))
         if ack:
             pipe.xack(self._input, self.stage.name, *ack)
         pipe.execute()

@@ -9,6 +9,7 @@ trimming never drops an entry nobody has finished.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -20,6 +21,8 @@ import msgpack
 import redis
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 LINE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # hop -> the consumer group of the pipeline stage that reads it
@@ -149,3 +152,15 @@ def read_events(client: redis.Redis, streams: Streams, after: str = "0",
         except Exception:  # a foreign entry on the events stream is skipped, not fatal
             continue
     return out
+
+
+def deadletter(client: redis.Redis, streams: Streams, stage: str, stream: str, entry: str,
+               reason: str, error: str, payload: bytes,
+               maxlen: int = DEFAULT_MAXLEN["deadletter"]) -> None:
+    """Park an entry a stage cannot use on the line's dead-letter stream, with the reason and
+    its original bytes (nothing is lost); `client` may be a pipeline."""
+    record = {"v": 1, "stage": stage, "stream": stream, "entry": entry, "reason": reason,
+              "error": error, "at": time.time(), "payload": payload}
+    client.xadd(streams.key("deadletter"), {b"m": msgpack.packb(record, use_bin_type=True)},
+                maxlen=maxlen, approximate=True)
+    log.warning("%s: entry %s dead-lettered: %s", stage, entry, reason)

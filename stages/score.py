@@ -48,8 +48,8 @@ class ScoreStage(ModelStage):
     def _score(self, model, messages: list[Message]) -> list[Message]:
         size = model.backbone_.spec.input_size
         usable = [i for i, m in enumerate(messages) if m.body["status"] == "ok"]
-        features = [self._features(model, messages[i]) for i in usable]
-        valid = np.stack([self._valid(messages[i], size) for i in usable]) if usable else None
+        features = [message_features(model, messages[i]) for i in usable]
+        valid = np.stack([message_validity(messages[i], size) for i in usable]) if usable else None
         scores, maps = np.zeros(0), np.zeros((0, size, size), np.float32)
         if usable:
             layers = [torch.from_numpy(np.stack([f[layer] for f in features])).float()
@@ -70,38 +70,6 @@ class ScoreStage(ModelStage):
         return out
 
     @staticmethod
-    def _features(model, message: Message) -> list[np.ndarray]:
-        """The message's per-layer features, checked against the model's layers."""
-        expected = model.backbone_.spec.preprocessing_hash()
-        if message.body.get("backbone") != expected:
-            raise ModelMismatchError(f"frame {message.frame_id}: features come from backbone "
-                                     f"{message.body.get('backbone')!r}, the model needs {expected!r}")
-        packed = message.body["features"]
-        layers = model.layers_
-        if len(packed) != len(layers):
-            raise MessageError(f"frame {message.frame_id}: {len(packed)} feature layers, the model "
-                               f"has {len(layers)}")
-        out = []
-        for index, (item, layer) in enumerate(zip(packed, layers, strict=True)):
-            array = unpack_array(item, f"features[{index}]", dtype="float16", ndim=3)
-            shape = (layer.mixture.means.shape[1], *layer.grid)
-            if array.shape != shape:
-                raise MessageError(f"frame {message.frame_id}: layer {index + 1} features are "
-                                   f"{list(array.shape)}, the model expects {list(shape)}")
-            out.append(array)
-        return out
-
-    @staticmethod
-    def _valid(message: Message, size: int) -> np.ndarray:
-        if message.body["valid"] is None:
-            return np.ones((size, size), dtype=bool)
-        mask = unpack_array(message.body["valid"], "valid", dtype="bool", ndim=2)
-        if mask.shape != (size, size):
-            raise MessageError(f"frame {message.frame_id}: validity mask {list(mask.shape)}, "
-                               f"expected [{size}, {size}]")
-        return mask
-
-    @staticmethod
     def _unwarped(heatmap: np.ndarray, message: Message, size: int) -> np.ndarray:
         """The heat map in the frame's geometry (at the input size), as `GladModel.score` gives."""
         if message.body["warp"] is None:
@@ -111,3 +79,37 @@ class ScoreStage(ModelStage):
             raise MessageError(f"frame {message.frame_id}: warp of shape {list(warp.shape)}")
         alignment = Alignment(warp, None, None, 0.0, True, "", (size, size))
         return unwarp_heatmap(heatmap, alignment, (size, size))
+
+
+def message_features(model, message: Message) -> list[np.ndarray]:
+    """A features message's per-layer float16 arrays (d, h, w), checked against `model`'s
+    backbone and layers."""
+    expected = model.backbone_.spec.preprocessing_hash()
+    if message.body.get("backbone") != expected:
+        raise ModelMismatchError(f"frame {message.frame_id}: features come from backbone "
+                                 f"{message.body.get('backbone')!r}, the model needs {expected!r}")
+    packed = message.body["features"]
+    layers = model.layers_
+    if len(packed) != len(layers):
+        raise MessageError(f"frame {message.frame_id}: {len(packed)} feature layers, the model "
+                           f"has {len(layers)}")
+    out = []
+    for index, (item, layer) in enumerate(zip(packed, layers, strict=True)):
+        array = unpack_array(item, f"features[{index}]", dtype="float16", ndim=3)
+        shape = (layer.mixture.means.shape[1], *layer.grid)
+        if array.shape != shape:
+            raise MessageError(f"frame {message.frame_id}: layer {index + 1} features are "
+                               f"{list(array.shape)}, the model expects {list(shape)}")
+        out.append(array)
+    return out
+
+
+def message_validity(message: Message, size: int) -> np.ndarray:
+    """The pixel validity (S, S) a features or aligned message carries (all valid if none)."""
+    if message.body["valid"] is None:
+        return np.ones((size, size), dtype=bool)
+    mask = unpack_array(message.body["valid"], "valid", dtype="bool", ndim=2)
+    if mask.shape != (size, size):
+        raise MessageError(f"frame {message.frame_id}: validity mask {list(mask.shape)}, "
+                           f"expected [{size}, {size}]")
+    return mask

@@ -1,0 +1,479 @@
+"""The online updater service (`glad updater`): learns from operators' confirmations and publishes
+versions that passed the validation gate.
+
+Loop: hold the line's lease (one updater publishes; a standby takes over when the lease lapses)
+-> read confirmations from the feedback stream (consumer group "updater") -> find each frame's
+features (features stream; else re-extract from its aligned image; else align its raw frame)
+-> confirmed normals: every `holdback_every`-th is held back for validation, the others are
+learned (online K-MLE); confirmed defects become canaries -> gate the candidate -> publish it, or
+keep it under `candidates/` with the reasons -> commit the state -> acknowledge.
+
+Only confirmed normals ever train. The state (the working model with its statistics, the last
+applied feedback entry, the frames applied, the held-back frames and canaries) is committed to
+`{models}/{line}/updater/` atomically before entries are acknowledged, so a restart resumes from
+it and never applies a confirmation twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+from safetensors.numpy import load_file, save_file
+
+from glad.errors import GladError
+from glad.model import GladModel
+from glad.synth import paste_defect
+from online.feedback import verdict_of
+from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
+from online.kmle import OnlineConfig, OnlineGlad
+from online.registry import ModelRegistry
+from pipeline.errors import MessageError
+from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
+from pipeline.streams import Streams, as_text, deadletter, ensure_group, publish_event
+from stages.score import message_features, message_validity
+
+log = logging.getLogger(__name__)
+
+GROUP = "updater"
+CONSUMER = "leader"  # one name: a new leader re-reads what a dead one left pending
+STATE_POINTER = "CURRENT"
+# Renew the lease only if we hold it, else take it if free; 1 when held afterwards.
+_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+class FeedbackError(GladError):
+    """A confirmation the updater cannot use (unknown, expired, other line...)."""
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    online: OnlineConfig = OnlineConfig()
+    gate: GateConfig = GateConfig()
+    holdback_every: int = 4  # every n-th confirmed normal validates instead of training
+    consolidate_every: int = 16  # updates between consolidations (replay re-assignment)
+    batch: int = 32  # confirmations read at once
+    block_ms: int = 500
+    lease_ms: int = 15_000
+    index_size: int = 5_000  # frames whose score messages are remembered
+    applied_memory: int = 100_000  # frame ids remembered as applied (duplicates)
+
+
+@dataclass
+class UpdaterState:
+    """What survives a restart, besides the working model itself."""
+
+    version: int  # registry version the working model descends from
+    lineage: list[int]  # versions sharing its reference image (features aligned by them fit)
+    base_components: list[int]  # K per layer of the lineage's first version
+    last_entry: str = "0-0"  # last feedback entry applied
+    applied: list[str] = field(default_factory=list)  # frame ids, oldest first
+    trained: list[str] = field(default_factory=list)  # frames learned since the last publish
+    confirmed_normal: int = 0
+    updates: int = 0
+    dirty: bool = False  # learned since the last gate decision
+    generation: int = 0
+
+
+class Updater:
+    """The online updater of one line."""
+
+    def __init__(self, client: redis.Redis, streams: Streams, registry: ModelRegistry,
+                 config: UpdaterConfig | None = None, device: str = "cpu",
+                 worker: str | None = None):
+        self.client, self.streams, self.registry = client, streams, registry
+        self.config = config or UpdaterConfig()
+        self.device = device
+        self.worker = worker or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.folder = registry.folder / "updater"
+        self.stop_event = threading.Event()
+        self.gate = Gate(self.config.gate)
+        self._index: OrderedDict[str, dict] = OrderedDict()
+        self._scores_cursor = "$"
+        self._lease = client.register_script(_LEASE)
+        self._leading = False
+        self._pending = True
+        self._rng = np.random.default_rng()
+        self._applied: set[str] = set()
+        self.state: UpdaterState | None = None
+        self.online: OnlineGlad | None = None
+        self.production: GladModel | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> None:
+        """Serve until stopped (`once`: until the feedback stream has nothing more to read)."""
+        ensure_group(self.client, self.streams.key("feedback"), GROUP)
+        while not self.stop_event.is_set():
+            if not self._hold_lease():
+                if once:
+                    raise FeedbackError(f"another updater ({self.holder()}) leads line "
+                                        f"{self.streams.line}")
+                self.stop_event.wait(self.config.lease_ms / 3000)
+                continue
+            handled = self.step()
+            if once and not handled:
+                return
+
+    def holder(self) -> str | None:
+        value = self.client.get(self._lease_key)
+        return None if value is None else as_text(value)
+
+    @property
+    def _lease_key(self) -> str:
+        return f"glad:{self.streams.line}:updater:lease"
+
+    def _hold_lease(self) -> bool:
+        held = bool(self._lease(keys=[self._lease_key], args=[self.worker, self.config.lease_ms]))
+        if held and not self._leading:
+            log.info("line %s: updater %s leads", self.streams.line, self.worker)
+            self._start_leading()
+        elif not held and self._leading:
+            log.warning("line %s: updater %s lost the lease to %s", self.streams.line,
+                        self.worker, self.holder())
+        self._leading = held
+        return held
+
+    def _start_leading(self) -> None:
+        self._load_state()
+        self._prime_index()
+        self._pending = True  # first re-read what a previous leader left unacknowledged
+        if self.state.dirty:
+            self._decide()
+
+    # --- one step -------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Read and apply one batch of confirmations; returns how many entries it handled."""
+        self._follow_current()
+        self._refresh_index()
+        entries = self._read_feedback()
+        if not entries:
+            return 0
+        learn, acked = [], []
+        for entry_id, fields in entries:
+            acked.append(entry_id)
+            if _entry_key(entry_id) <= _entry_key(self.state.last_entry):
+                continue  # applied before a restart, not yet acknowledged then
+            try:
+                message = decode_entry(fields, "feedback")
+                self._check(message)
+                example, image = self._example(message.frame_id)
+            except (MessageError, FeedbackError, GladError) as error:
+                deadletter(self.client, self.streams, "updater", self.streams.key("feedback"),
+                           entry_id, str(error), type(error).__name__, fields.get(FIELD, b""))
+                continue
+            self._remember(message.frame_id)
+            if verdict_of(message) == "anomalous":
+                self.gate.canaries.append(example)
+                continue
+            self.state.confirmed_normal += 1
+            if (self.state.confirmed_normal - 1) % self.config.holdback_every == 0:
+                self.gate.held_back.append(example)
+                self._add_canary(example, image)
+            else:
+                learn.append(example)
+        self.state.last_entry = as_text(entries[-1][0])
+        if learn:
+            self._learn(learn)
+        self._decide()
+        self.client.xack(self.streams.key("feedback"), GROUP, *acked)
+        return len(entries)
+
+    def _check(self, message: Message) -> None:
+        if message.line != self.streams.line:
+            raise FeedbackError(f"confirmation of frame {message.frame_id!r} names line "
+                                f"{message.line!r}, not {self.streams.line!r}")
+        if message.frame_id in self._applied:
+            raise FeedbackError(f"frame {message.frame_id!r} was confirmed before; a frame "
+                                "trains or validates the model once")
+
+    def _learn(self, examples: list[Example]) -> None:
+        started = time.perf_counter()
+        layers = [torch.from_numpy(np.stack([e.features[i] for e in examples])).float()
+                  for i in range(len(examples[0].features))]
+        report = self.online.learn(layers, np.stack([e.valid for e in examples]))
+        self.state.updates += 1
+        if self.state.updates % self.config.consolidate_every == 0:
+            moved = self.online.consolidate()
+            log.info("consolidation: %d vectors changed Gaussian", moved)
+        self.state.trained += [e.frame_id for e in examples]
+        self.state.dirty = True
+        log.info("learned %d frames in %.2f s: novel vectors %s, new Gaussians %s",
+                 len(examples), time.perf_counter() - started, report.novel, report.spawned)
+
+    # --- gate and publish -----------------------------------------------------------------------
+
+    def _decide(self) -> None:
+        """Gate the working model when it changed, publish or park it, and commit the state."""
+        if self.state.dirty:
+            candidate = self.online.model()
+            threshold, record = self.gate.evaluate(candidate, self.production,
+                                                   self.state.base_components)
+            candidate.threshold_ = threshold
+            self.state.generation += 1
+            if record["passed"] and self._hold_lease():
+                self._publish(candidate, record)
+            else:
+                self._park(candidate, record)
+        self._commit()
+
+    def _publish(self, candidate: GladModel, record: dict) -> None:
+        staging = self.folder / f".publish-{self.worker}"
+        shutil.rmtree(staging, ignore_errors=True)
+        candidate.save(staging)
+        provenance = {"by": "updater", "frames": self.state.trained[-1000:],
+                      "n_frames": len(self.state.trained), "validation": record,
+                      "threshold": record["threshold"], "generation": self.state.generation,
+                      "steps": self.online.steps_}
+        version = self.registry.publish(staging, note=f"online update of v{self.state.version}",
+                                        parent=self.state.version, provenance=provenance)
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("line %s: published v%d (parent v%d, %d frames, threshold %.3f)",
+                 self.streams.line, version, self.state.version, len(self.state.trained),
+                 record["threshold"])
+        self.state.lineage.append(version)
+        self.state.version, self.state.trained, self.state.dirty = version, [], False
+        self.production = candidate
+
+    def _park(self, candidate: GladModel, record: dict) -> None:
+        """Keep a rejected candidate for inspection; the working model keeps learning."""
+        target = self.registry.folder / "candidates" / f"g{self.state.generation:06d}"
+        candidate.save(target)
+        (target / "validation.json").write_text(json.dumps(record, indent=2, default=float))
+        publish_event(self.client, self.streams, "candidate_rejected",
+                      generation=self.state.generation, reasons="; ".join(record["reasons"]),
+                      path=str(target))
+        log.warning("line %s: candidate g%d not published: %s", self.streams.line,
+                    self.state.generation, "; ".join(record["reasons"]))
+        self.state.dirty = False
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        pointer = self.folder / STATE_POINTER
+        current = self.registry.current()
+        if current is None:
+            raise FeedbackError(f"line {self.streams.line} has no model yet; publish one first")
+        if pointer.is_file():
+            folder = self.folder / pointer.read_text().strip()
+            state = UpdaterState(**json.loads((folder / "state.json").read_text()))
+            if state.version == current or current in state.lineage:
+                self._restore(folder, state)
+                log.info("resumed from %s (v%d, feedback after %s)", folder.name, state.version,
+                         state.last_entry)
+                return
+            log.warning("line %s: current model v%d is not the updater's lineage (v%d): "
+                        "starting over from v%d", self.streams.line, current, state.version,
+                        current)
+        self._start_from(current)
+
+    def _start_from(self, version: int) -> None:
+        """A fresh working model from registry `version`; feedback position and the frames
+        applied so far carry over (a confirmation is never applied twice)."""
+        model = GladModel.load(self.registry.path(version), device=self.device)
+        previous = self.state
+        self.state = UpdaterState(version=version, lineage=[version],
+                                  base_components=[lay.mixture.n_components for lay in model.layers_])
+        if previous is not None:
+            self.state.last_entry, self.state.applied = previous.last_entry, previous.applied
+        self.online = OnlineGlad(model, self.config.online)
+        self.production = model
+        self.gate = Gate(self.config.gate)
+
+    def _restore(self, folder: Path, state: UpdaterState) -> None:
+        working = GladModel.load(folder / "model", device=self.device)
+        self.state = state
+        self.online = OnlineGlad(working, self.config.online)
+        self.production = GladModel.load(self.registry.path(state.version),
+                                         backbone=working.backbone_)
+        self._applied = set(state.applied)
+        self.gate = Gate(self.config.gate)
+        memory = folder / "memory.safetensors"
+        if memory.is_file():
+            _restore_examples(load_file(str(memory)), self.gate)
+
+    def _commit(self) -> None:
+        """Write the state as a new folder, then switch the pointer to it (atomic rename)."""
+        self.state.applied = self.state.applied[-self.config.applied_memory:]
+        name = f"state-{self.state.generation:06d}-{self.state.last_entry}"
+        folder = self.folder / name
+        shutil.rmtree(folder, ignore_errors=True)
+        self.online.model().save(folder / "model")
+        save_file(_example_arrays(self.gate), str(folder / "memory.safetensors"))
+        (folder / "state.json").write_text(json.dumps(self.state.__dict__))
+        tmp = self.folder / f".{STATE_POINTER}.{self.worker}"
+        tmp.write_text(name)
+        os.replace(tmp, self.folder / STATE_POINTER)
+        for old in self.folder.glob("state-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _follow_current(self) -> None:
+        """Start over when someone else moved the line to a version outside our lineage (a new
+        fit published, a rollback): its reference image and statistics are what count now."""
+        current = self.registry.current()
+        if current is not None and current != self.state.version:
+            log.warning("line %s: current model moved to v%d outside the updater (v%d): "
+                        "starting over from it", self.streams.line, current, self.state.version)
+            self._start_from(current)
+
+    # --- feedback and frames --------------------------------------------------------------------
+
+    def _read_feedback(self) -> list[tuple[bytes, dict]]:
+        key = self.streams.key("feedback")
+        start = "0" if self._pending else ">"
+        reply = self.client.xreadgroup(GROUP, CONSUMER, {key: start}, count=self.config.batch,
+                                       block=None if self._pending else self.config.block_ms)
+        entries = reply[0][1] if reply else []
+        if self._pending and not entries:
+            self._pending = False
+            return self._read_feedback()
+        return [(as_text(entry_id), fields) for entry_id, fields in entries]
+
+    def _remember(self, frame_id: str) -> None:
+        self._applied.add(frame_id)
+        self.state.applied.append(frame_id)
+
+    def _prime_index(self) -> None:
+        """Remember the frames scored lately (their stream entries), newest last."""
+        key = self.streams.key("scores")
+        recent = self.client.xrevrange(key, count=self.config.index_size)
+        for _, fields in reversed(recent):
+            self._index_entry(fields)
+        self._scores_cursor = as_text(recent[0][0]) if recent else "0-0"
+
+    def _refresh_index(self) -> None:
+        reply = self.client.xread({self.streams.key("scores"): self._scores_cursor}, count=10_000)
+        for entry_id, fields in (reply[0][1] if reply else []):
+            self._index_entry(fields)
+            self._scores_cursor = as_text(entry_id)
+
+    def _index_entry(self, fields: dict) -> None:
+        try:
+            message = decode_entry(fields, "score")
+        except MessageError:
+            return
+        self._index[message.frame_id] = {"entries": message.meta.get("entries", {}),
+                                         "models": message.models}
+        self._index.move_to_end(message.frame_id)
+        while len(self._index) > self.config.index_size:
+            self._index.popitem(last=False)
+
+    def _example(self, frame_id: str) -> tuple[Example, np.ndarray | None]:
+        """The frame's features and validity in the working model's reference frame, and its
+        registered image when still available (for canaries)."""
+        info = self._index.get(frame_id)
+        if info is None:
+            raise FeedbackError(f"unknown or expired frame id {frame_id!r}: not among the "
+                                f"{len(self._index)} frames scored lately on line "
+                                f"{self.streams.line}")
+        model = self.online.model()
+        size = model.backbone_.spec.input_size
+        entries = info["entries"]
+        same_reference = info["models"].get("align") in self.state.lineage
+        aligned = self._entry("aligned", entries.get("aligned")) if same_reference else None
+        if same_reference:
+            features = self._entry("features", entries.get("features"))
+            if features is not None and features.body["status"] == "ok":
+                image = None if aligned is None else _aligned_image(aligned)
+                return Example(frame_id, message_features(model, features),
+                               message_validity(features, size)), image
+        if aligned is not None and aligned.body["status"] == "ok":
+            image, valid = _aligned_image(aligned), message_validity(aligned, size)
+        else:
+            frame = self._entry("frames", entries.get("frames"))
+            if frame is None:
+                raise FeedbackError(f"frame {frame_id!r} expired: its image, aligned image and "
+                                    "features are no longer in the line's streams")
+            registered, valids, alignments = model.register([unpack_image(frame.body["image"])])
+            if alignments[0] is not None and not alignments[0].ok:
+                raise FeedbackError(f"frame {frame_id!r} cannot be aligned on the reference "
+                                    f"({alignments[0].reason}); it cannot train the model")
+            image, valid = registered[0], valids[0]
+        return Example(frame_id, _extract(model, image), valid), image
+
+    def _entry(self, hop: str, entry_id: str | None) -> Message | None:
+        if not entry_id:
+            return None
+        found = self.client.xrange(self.streams.key(hop), entry_id, entry_id)
+        if not found or not found[0][1]:
+            return None
+        try:
+            return decode_entry(found[0][1])
+        except MessageError:
+            return None
+
+    def _add_canary(self, example: Example, image: np.ndarray | None) -> None:
+        """A synthetic defect pasted on a held-back normal frame (its region: valid pixels of
+        the ROI), so the gate can check recall before any operator confirmed a defect."""
+        if image is None:
+            return
+        model = self.online.model()
+        region = example.valid & model.roi_.numpy()
+        try:
+            defective, _ = paste_defect(image, region, self._rng)
+        except (ValueError, RuntimeError) as error:
+            log.info("no canary from frame %s: %s", example.frame_id, error)
+            return
+        self.gate.canaries.append(Example(example.frame_id + CANARY_SUFFIX,
+                                          _extract(model, defective), example.valid))
+
+
+def _extract(model: GladModel, image: np.ndarray) -> list[np.ndarray]:
+    features = model.backbone_.extract(image[None])
+    return [f[0].to(torch.float16).cpu().numpy() for f in features]
+
+
+def _aligned_image(message: Message) -> np.ndarray:
+    return unpack_array(message.body["image"], "image", dtype="uint8", ndim=3)
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _example_arrays(gate: Gate) -> dict[str, np.ndarray]:
+    """The gate's held-back frames and canaries as named arrays (a safetensors file)."""
+    arrays = {}
+    for kind, examples in (("held", gate.held_back), ("canary", gate.canaries)):
+        for index, example in enumerate(examples):
+            prefix = f"{kind}.{index:04d}."
+            arrays[prefix + "id"] = np.frombuffer(example.frame_id.encode(), np.uint8).copy()
+            arrays[prefix + "valid"] = np.packbits(example.valid)
+            arrays[prefix + "side"] = np.array([example.valid.shape[0]], np.int64)
+            for layer, array in enumerate(example.features):
+                arrays[prefix + f"f{layer}"] = array
+    return arrays or {"empty": np.zeros(0, np.uint8)}
+
+
+def _restore_examples(arrays: dict[str, np.ndarray], gate: Gate) -> None:
+    for kind, target in (("held", gate.held_back), ("canary", gate.canaries)):
+        prefixes = sorted({k.rsplit(".", 1)[0] for k in arrays if k.startswith(kind + ".")})
+        for prefix in prefixes:
+            side = int(arrays[prefix + ".side"][0])
+            valid = np.unpackbits(arrays[prefix + ".valid"])[: side * side].reshape(side, side)
+            layers = sorted((k for k in arrays if k.startswith(prefix + ".f")),
+                            key=lambda k: int(k.rsplit(".f", 1)[1]))
+            target.append(Example(arrays[prefix + ".id"].tobytes().decode(),
+                                  [arrays[k] for k in layers], valid.astype(bool)))
+
+
