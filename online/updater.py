@@ -39,6 +39,7 @@ from online.feedback import verdict_of
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
 from online.kmle import OnlineConfig, OnlineGlad
 from online.registry import ModelRegistry
+from pipeline.connection import TRANSIENT, Backoff
 from pipeline.errors import MessageError
 from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
 from pipeline.streams import Streams, as_text, deadletter, ensure_group, publish_event
@@ -73,7 +74,7 @@ class UpdaterConfig:
     block_ms: int = 500
     lease_ms: int = 15_000
     index_size: int = 5_000  # frames whose score messages are remembered
-    applied_memory: int = 100_000  # frame ids remembered as applied (duplicates)
+    applied_memory: int = 10_000  # frame ids remembered as applied (duplicates; > index_size)
 
 
 @dataclass
@@ -121,14 +122,23 @@ class Updater:
     def run(self, once: bool = False) -> None:
         """Serve until stopped (`once`: until the feedback stream has nothing more to read)."""
         ensure_group(self.client, self.streams.key("feedback"), GROUP)
+        delays = Backoff().delays()
         while not self.stop_event.is_set():
-            if not self._hold_lease():
-                if once:
-                    raise FeedbackError(f"another updater ({self.holder()}) leads line "
-                                        f"{self.streams.line}")
-                self.stop_event.wait(self.config.lease_ms / 3000)
+            try:
+                if not self._hold_lease():
+                    if once:
+                        raise FeedbackError(f"another updater ({self.holder()}) leads line "
+                                            f"{self.streams.line}")
+                    self.stop_event.wait(self.config.lease_ms / 3000)
+                    continue
+                handled = self.step()
+            except TRANSIENT as error:  # nothing acknowledged: the batch comes again
+                delay = next(delays)
+                log.warning("Redis unavailable (%s); retrying in %.1f s", error, delay)
+                self._leading = False  # re-read the committed state and the pending entries
+                self.stop_event.wait(delay)
                 continue
-            handled = self.step()
+            delays = Backoff().delays()
             if once and not handled:
                 return
 
@@ -140,15 +150,20 @@ class Updater:
     def _lease_key(self) -> str:
         return f"glad:{self.streams.line}:updater:lease"
 
+    def _renew(self) -> bool:
+        """Renew (or take) the lease; True while this updater holds it."""
+        return bool(self._lease(keys=[self._lease_key], args=[self.worker, self.config.lease_ms]))
+
     def _hold_lease(self) -> bool:
-        held = bool(self._lease(keys=[self._lease_key], args=[self.worker, self.config.lease_ms]))
+        held = self._renew()
         if held and not self._leading:
             log.info("line %s: updater %s leads", self.streams.line, self.worker)
+            self._leading = True
             self._start_leading()
         elif not held and self._leading:
             log.warning("line %s: updater %s lost the lease to %s", self.streams.line,
                         self.worker, self.holder())
-        self._leading = held
+            self._leading = False
         return held
 
     def _start_leading(self) -> None:
@@ -174,6 +189,7 @@ class Updater:
                 continue  # applied before a restart, not yet acknowledged then
             try:
                 message = decode_entry(fields, "feedback")
+                verdict = verdict_of(message)
                 self._check(message)
                 example, image = self._example(message.frame_id)
             except (MessageError, FeedbackError, GladError) as error:
@@ -181,7 +197,7 @@ class Updater:
                            entry_id, str(error), type(error).__name__, fields.get(FIELD, b""))
                 continue
             self._remember(message.frame_id)
-            if verdict_of(message) == "anomalous":
+            if verdict == "anomalous":
                 self.gate.canaries.append(example)
                 continue
             self.state.confirmed_normal += 1
@@ -216,6 +232,7 @@ class Updater:
             log.info("consolidation: %d vectors changed Gaussian", moved)
         self.state.trained += [e.frame_id for e in examples]
         self.state.dirty = True
+        self.state.generation += 1
         log.info("learned %d frames in %.2f s: novel vectors %s, new Gaussians %s",
                  len(examples), time.perf_counter() - started, report.novel, report.spawned)
 
@@ -224,12 +241,12 @@ class Updater:
     def _decide(self) -> None:
         """Gate the working model when it changed, publish or park it, and commit the state."""
         if self.state.dirty:
+            self._commit()  # what was learned is safe before anything is published
             candidate = self.online.model()
             threshold, record = self.gate.evaluate(candidate, self.production,
                                                    self.state.base_components)
             candidate.threshold_ = threshold
-            self.state.generation += 1
-            if record["passed"] and self._hold_lease():
+            if record["passed"] and self._renew():  # never publish without the lease
                 self._publish(candidate, record)
             else:
                 self._park(candidate, record)
@@ -249,9 +266,13 @@ class Updater:
         log.info("line %s: published v%d (parent v%d, %d frames, threshold %.3f)",
                  self.streams.line, version, self.state.version, len(self.state.trained),
                  record["threshold"])
+        self._adopt(version, candidate)
+
+    def _adopt(self, version: int, model: GladModel) -> None:
+        """`version` (this updater's candidate `model`) is production now."""
         self.state.lineage.append(version)
         self.state.version, self.state.trained, self.state.dirty = version, [], False
-        self.production = candidate
+        self.production = model
 
     def _park(self, candidate: GladModel, record: dict) -> None:
         """Keep a rejected candidate for inspection; the working model keeps learning."""
@@ -275,15 +296,27 @@ class Updater:
         if pointer.is_file():
             folder = self.folder / pointer.read_text().strip()
             state = UpdaterState(**json.loads((folder / "state.json").read_text()))
-            if state.version == current or current in state.lineage:
+            if state.version == current or self._published_by(state, current):
                 self._restore(folder, state)
+                if state.version != current:  # published just before a crash: adopt it
+                    self._adopt(current, GladModel.load(self.registry.path(current),
+                                                        backbone=self.production.backbone_))
                 log.info("resumed from %s (v%d, feedback after %s)", folder.name, state.version,
                          state.last_entry)
                 return
             log.warning("line %s: current model v%d is not the updater's lineage (v%d): "
                         "starting over from v%d", self.streams.line, current, state.version,
                         current)
+            self.state = state  # keeps the feedback position and the frames applied
         self._start_from(current)
+
+    def _published_by(self, state: UpdaterState, version: int) -> bool:
+        """Whether `version` is the candidate `state` was about to publish when it stopped."""
+        record = self.registry.record(version)
+        provenance = record.get("provenance") or {}
+        return (state.dirty and provenance.get("by") == "updater"
+                and record.get("parent") == state.version
+                and provenance.get("generation") == state.generation)
 
     def _start_from(self, version: int) -> None:
         """A fresh working model from registry `version`; feedback position and the frames
@@ -294,6 +327,7 @@ class Updater:
                                   base_components=[lay.mixture.n_components for lay in model.layers_])
         if previous is not None:
             self.state.last_entry, self.state.applied = previous.last_entry, previous.applied
+        self._applied = set(self.state.applied)
         self.online = OnlineGlad(model, self.config.online)
         self.production = model
         self.gate = Gate(self.config.gate)
@@ -313,9 +347,8 @@ class Updater:
     def _commit(self) -> None:
         """Write the state as a new folder, then switch the pointer to it (atomic rename)."""
         self.state.applied = self.state.applied[-self.config.applied_memory:]
-        name = f"state-{self.state.generation:06d}-{self.state.last_entry}"
+        name = f"state-{self.state.generation:06d}-{uuid.uuid4().hex[:8]}"
         folder = self.folder / name
-        shutil.rmtree(folder, ignore_errors=True)
         self.online.model().save(folder / "model")
         save_file(_example_arrays(self.gate), str(folder / "memory.safetensors"))
         (folder / "state.json").write_text(json.dumps(self.state.__dict__))

@@ -141,3 +141,37 @@ def test_a_failing_candidate_is_kept_with_its_reasons_not_published(line) -> Non
     assert not record["passed"] and "held-back normal frames" in record["reasons"][0]
     events = line.client.xrange(line.streams.key("events"))
     assert any(b"candidate_rejected" in b"".join(f.values()) for _, f in events)
+
+
+def test_killed_mid_flood_the_updater_resumes_without_losing_or_doubling(line, tmp_path) -> None:
+    import signal
+
+    ids = score_frames(line, variant_frames(15), "k")
+    for frame_id in ids:  # a flood: every frame confirmed at once
+        confirm(line.client, line.name, frame_id, "normal")
+    command = [sys.executable, "-m", "pipeline.cli", "-v", "updater", "--line", line.name,
+               "--redis-url", line.url, "--models", str(line.models), "--holdback-every", "3"]
+    pointer = line.models / line.name / "updater" / "CURRENT"
+    for attempt, settle in enumerate((0.0, 1.5)):
+        log = tmp_path / f"updater{attempt}.log"
+        with open(log, "w") as out:
+            worker = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        before = pointer.read_text() if pointer.exists() else None
+        wait_for(lambda: pointer.exists() and pointer.read_text() != before, timeout=120,  # noqa: B023
+                 what="a state commit")
+        time.sleep(settle)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+        line.client.delete(f"glad:{line.name}:updater:lease")  # as if it had lapsed
+    done = subprocess.run(command + ["--once", "--json"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    state = json.loads((pointer.parent / pointer.read_text() / "state.json").read_text())
+    assert sorted(state["applied"]) == sorted(ids), "a confirmation was lost or doubled"
+    assert summary["confirmed_normal"] == len(ids) and summary["held_back"] == 5
+    working = GladModel.load(pointer.parent / pointer.read_text() / "model")
+    assert working.online_["steps"] == len(ids) - 5, "learned frames counted twice or lost"
+    current = line.registry().current()
+    GladModel.load(line.registry().path(current))  # the current version is whole
+    assert line.client.xpending(line.streams.key("feedback"), "updater")["pending"] == 0
