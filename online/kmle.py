@@ -108,7 +108,8 @@ class OnlineGlad:
             raise ModelFileError("this model has no sufficient statistics, so it cannot learn "
                                  "online; refit it with this version of glad fit")
         self.steps_ = int(model.online_.get("steps", 0))
-        self.layers_ = [self._layer_state(layer, t) for layer, t in zip(model.layers_, thresholds,
+        self.layers_ = list(model.layers_)  # the current parameters, one LayerModel per layer
+        self.states_ = [self._layer_state(layer, t) for layer, t in zip(model.layers_, thresholds,
                                                                         strict=True)]
         self.reservoir_: deque[_Replay] = deque(maxlen=self.config.reservoir_images)
         self._offsets = neighbourhood(model.radius_, model.neighbourhood) if model.radius_ else None
@@ -141,7 +142,7 @@ class OnlineGlad:
 
     def _learn_layer(self, index: int, features: torch.Tensor, valid: torch.Tensor,
                      steps: torch.Tensor, report: LearnReport, replays: list[_Replay]) -> None:
-        state, layer = self.layers_[index], self.model_layers[index]
+        state, layer = self.states_[index], self.layers_[index]
         b, d = features.shape[:2]
         hw = features.shape[2] * features.shape[3]
         x = features.flatten(2).transpose(1, 2).reshape(-1, d).float().cpu()
@@ -182,13 +183,6 @@ class OnlineGlad:
         report.pruned.append(pruned)
         report.touched.append(len(touched) + spawned)
         self._refresh(index, touched, spawned, pruned)
-
-    @property
-    def model_layers(self) -> list[LayerModel]:
-        """The current parameters (after the updates so far), one `LayerModel` per layer."""
-        if not hasattr(self, "_layers"):
-            self._layers = list(self.base_.layers_)
-        return self._layers
 
     def _decay(self, images: int, half_life: float) -> float:
         return 0.5 ** (images / half_life) if half_life > 0 else 1.0
@@ -295,12 +289,12 @@ class OnlineGlad:
         moved = 0
         for _ in range(iterations):
             moved = 0
-            for index, state in enumerate(self.layers_):
+            for index, state in enumerate(self.states_):
                 moved += self._reassign(index, state)
         return moved
 
     def _reassign(self, index: int, state: _LayerState) -> int:
-        layer = self.model_layers[index]
+        layer = self.layers_[index]
         k = state.stats.n_components
         old_stats = new_stats = None
         old_counts = new_counts = 0.0
@@ -343,7 +337,7 @@ class OnlineGlad:
     def _refresh(self, index: int, touched: np.ndarray, spawned: int, pruned: int) -> None:
         """New parameters of layer `index`: OAS covariances of the touched components only
         (decay leaves the others' scatter and effective size, hence their OAS, unchanged)."""
-        state = self.layers_[index]
+        state = self.states_[index]
         if len(touched) and not pruned:
             state.covariances[touched] = state.stats.select(touched).covariances(
                 self.base_.oas_formula)
@@ -356,22 +350,22 @@ class OnlineGlad:
             raise ValueError(f"layer {index + 1}: {int((~ok).sum())} updated covariances are "
                              "not positive definite")
         factors = _factors_from_cholesky(chol, mixture.means, mixture.weights)
-        old = self.model_layers[index]
+        old = self.layers_[index]
         local = None
         if state.counts is not None:
             state.counts[state.counts < self.config.min_local_count] = 0.0
             weights = weights_from_counts(state.counts, torch.from_numpy(mixture.weights).float())
             local = LocalWeights.from_dense(weights, old.grid, state.counts)
-        self.model_layers[index] = replace(old, mixture=mixture, factors=factors, local=local,
+        self.layers_[index] = replace(old, mixture=mixture, factors=factors, local=local,
                                            report=None)
 
     def model(self) -> GladModel:
         """The updated model: a new `GladModel` sharing the backbone, reference and ROI."""
         updated = copy.copy(self.base_)
-        updated.layers_ = list(self.model_layers)
+        updated.layers_ = list(self.layers_)
         updated.online_ = dict(self.base_.online_) | {"steps": self.steps_,
                                                       "novelty_loglik": [s.threshold for s in
-                                                                         self.layers_]}
+                                                                         self.states_]}
         updated.__dict__.pop("_device_layers", None)
         return updated
 

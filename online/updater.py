@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class Updater:
         self._pending = True
         self._rng = np.random.default_rng()
         self._applied: set[str] = set()
+        self.timings: dict[str, float] = {}  # seconds per part of the last step
         self.state: UpdaterState | None = None
         self.online: OnlineGlad | None = None
         self.production: GladModel | None = None
@@ -182,6 +184,7 @@ class Updater:
         entries = self._read_feedback()
         if not entries:
             return 0
+        self.timings = {}
         learn, acked = [], []
         for entry_id, fields in entries:
             acked.append(entry_id)
@@ -208,10 +211,20 @@ class Updater:
                 learn.append(example)
         self.state.last_entry = as_text(entries[-1][0])
         if learn:
-            self._learn(learn)
+            with self._timed("learn"):
+                self._learn(learn)
         self._decide()
         self.client.xack(self.streams.key("feedback"), GROUP, *acked)
         return len(entries)
+
+    @contextmanager
+    def _timed(self, part: str):
+        """Accumulate the seconds of one part of the current step in `timings`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - started
 
     def _check(self, message: Message) -> None:
         if message.line != self.streams.line:
@@ -241,16 +254,20 @@ class Updater:
     def _decide(self) -> None:
         """Gate the working model when it changed, publish or park it, and commit the state."""
         if self.state.dirty:
-            self._commit()  # what was learned is safe before anything is published
+            with self._timed("commit"):
+                self._commit()  # what was learned is safe before anything is published
             candidate = self.online.model()
-            threshold, record = self.gate.evaluate(candidate, self.production,
-                                                   self.state.base_components)
+            with self._timed("gate"):
+                threshold, record = self.gate.evaluate(candidate, self.production,
+                                                       self.state.base_components)
             candidate.threshold_ = threshold
-            if record["passed"] and self._renew():  # never publish without the lease
-                self._publish(candidate, record)
-            else:
-                self._park(candidate, record)
-        self._commit()
+            with self._timed("publish"):
+                if record["passed"] and self._renew():  # never publish without the lease
+                    self._publish(candidate, record)
+                else:
+                    self._park(candidate, record)
+        with self._timed("commit"):
+            self._commit()
 
     def _publish(self, candidate: GladModel, record: dict) -> None:
         staging = self.folder / f".publish-{self.worker}"

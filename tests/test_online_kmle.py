@@ -126,7 +126,7 @@ def test_learning_normal_images_keeps_the_model_valid_and_normal_scores_low(base
 
 def test_new_gaussians_need_three_distinct_images(base, nut_images) -> None:
     online = OnlineGlad(base, OnlineConfig(spawn_min_images=3))
-    for layer in online.layers_:  # everything these images show counts as a new appearance
+    for layer in online.states_:  # everything these images show counts as a new appearance
         layer.threshold = np.inf
     spawned = []
     for image in nut_images["train"][:4]:
