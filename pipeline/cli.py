@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from dashboard.cli import add_command as add_dashboard_command
 from glad.errors import GladError
 from online.cli import add_command as add_updater_command
 from pipeline.stream_commands import add_commands
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     add_commands(commands)
     add_updater_command(commands)
+    add_dashboard_command(commands)
     return parser
 
 

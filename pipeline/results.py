@@ -94,32 +94,43 @@ class ResultWriter:
             self.latencies.append(record["latency_ms"])
         return [None] * len(messages)
 
-    def _write_heatmap(self, message: Message) -> str | None:
-        heatmap = unpack_array(message.body["heatmap"], "heatmap", dtype="float16", ndim=2)
-        frame = self._frame(message)
-        if frame is None:
-            frame = np.zeros((*heatmap.shape, 3), np.uint8)
+    def _write_heatmap(self, message: Message) -> str:
         path = self.out / "heatmaps" / f"{_safe(message.frame_id)}.png"
-        save_overlay(path, resize_square(frame, heatmap.shape[0]), heatmap.astype(np.float32),
-                     message.body["threshold"])
+        frame, heatmap = anomaly_view(self.client, self.streams, message)
+        save_overlay(path, frame, heatmap, message.body["threshold"])
         return str(path.relative_to(self.out))
-
-    def _frame(self, message: Message) -> np.ndarray | None:
-        """The original frame, if the frames stream still holds it."""
-        entry = (message.meta.get("entries") or {}).get("frames")
-        if not isinstance(entry, str):
-            return None
-        found = self.client.xrange(self.streams.key("frames"), min=entry, max=entry)
-        if not found:
-            return None
-        try:
-            return unpack_image(decode_entry(found[0][1], "frame").body["image"])
-        except MessageError:
-            return None
 
     def close(self) -> None:
         self._jsonl.close()
         self._csv_file.close()
+
+
+def anomaly_view(client: redis.Redis, streams: Streams, message: Message,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(frame, heat map) of an anomalous score message, ready for `glad.heatmap` overlays: the
+    original frame at the heat map's size (black once the frames stream no longer holds it) and
+    the float32 heat map. `MessageError` when the message carries no usable heat map."""
+    heatmap = unpack_array(message.body["heatmap"], "heatmap", dtype="float16", ndim=2)
+    if heatmap.shape[0] != heatmap.shape[1]:
+        raise MessageError(f"heatmap: shape {list(heatmap.shape)} is not square")
+    frame = frame_of(client, streams, message)
+    if frame is None:
+        frame = np.zeros((*heatmap.shape, 3), np.uint8)
+    return resize_square(frame, heatmap.shape[0]), heatmap.astype(np.float32)
+
+
+def frame_of(client: redis.Redis, streams: Streams, message: Message) -> np.ndarray | None:
+    """The original frame of `message`, if the frames stream still holds it."""
+    entry = (message.meta.get("entries") or {}).get("frames")
+    if not isinstance(entry, str):
+        return None
+    found = client.xrange(streams.key("frames"), min=entry, max=entry)
+    if not found:
+        return None
+    try:
+        return unpack_image(decode_entry(found[0][1], "frame").body["image"])
+    except MessageError:
+        return None
 
 
 def _safe(frame_id: str) -> str:

@@ -2,8 +2,9 @@
 
 Starts (or connects to) Redis, makes sure the line has a model (publishes `--model`, or fits one
 on the source's first normal frames), starts one worker process per stage (`glad stage NAME`,
-exactly what compose.yaml runs), writes results to the output directory and shows a live summary
-until the source ends (or Ctrl-C). Workers' logs go to `OUT/logs/`.
+exactly what compose.yaml runs) and the dashboard (`glad dashboard`, on localhost), writes results
+to the output directory and shows a live summary until the source ends (or Ctrl-C). Workers' logs
+go to `OUT/logs/`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,7 @@ DEFAULT_SOURCE = "synth://nut?defect_rate=0.1&seed=0"
 PIPELINE_STAGES = ("align", "extract", "score")
 DRAIN_TIMEOUT = 120.0  # s to wait for in-flight frames after the source ended
 LOAD_TIMEOUT = 300.0  # s for the stage workers to load the model
+DASHBOARD_TIMEOUT = 60.0  # s for the dashboard to serve its page
 
 
 @dataclass
@@ -60,6 +63,8 @@ class RunOptions:
     scale: dict[str, int] = field(default_factory=dict)
     encoding: str = "png"
     quiet: bool = False
+    dashboard: bool = True
+    dashboard_port: int | None = None  # None: the dashboard's default port, else a free one
 
 
 @dataclass
@@ -88,6 +93,7 @@ class Summary:
     deadletters: int = 0
     latencies: list[float] = field(default_factory=list)
     model: int | None = None
+    dashboard: str | None = None  # the dashboard's URL
     started: float = field(default_factory=time.monotonic)
     printed: float = 0.0
 
@@ -108,7 +114,7 @@ class Summary:
                 "deadletter": self.deadletters, "fps": round(self.fps(), 2),
                 "latency_p50_ms": round(self.percentile(50), 1),
                 "latency_p99_ms": round(self.percentile(99), 1), "model_version": self.model,
-                "seconds": round(time.monotonic() - self.started, 1)}
+                "seconds": round(time.monotonic() - self.started, 1), "dashboard": self.dashboard}
 
 
 def run_pipeline(options: RunOptions) -> Summary:
@@ -145,9 +151,15 @@ def _run(options: RunOptions) -> Summary:
         skip = _ensure_model(options, registry)
         baseline = Baseline.now(client, streams)
         workers = start_stage_workers(options, url)
+        dashboard = start_dashboard(options, url) if options.dashboard else None
         wait_until_serving(client, streams, workers)
+        address = None
+        if dashboard is not None:
+            workers.append(dashboard)  # stopped with the others
+            address = wait_for_dashboard(client, streams, dashboard)
+            _say(options, f"dashboard at {address}")
         workers.append(start_capture(options, url, skip))
-        return _follow(options, client, streams, url, registry, workers, baseline)
+        return _follow(options, client, streams, url, registry, workers, baseline, address)
     finally:
         stop_workers(workers)
         if embedded is not None:
@@ -207,7 +219,7 @@ def start_stage_workers(options: RunOptions, url: str) -> list[subprocess.Popen]
             device = "cpu" if stage == "align" else options.device
             for replica in range(options.scale.get(stage, 1)):
                 workers.append(_spawn(options, stage + (f"-{replica}" if replica else ""), [
-                    stage, "--line", options.line, "--redis-url", url, "--models",
+                    "stage", stage, "--line", options.line, "--redis-url", url, "--models",
                     str(options.models), "--device", device, "--threads", str(threads)]))
     except BaseException:
         stop_workers(workers)
@@ -218,9 +230,46 @@ def start_stage_workers(options: RunOptions, url: str) -> list[subprocess.Popen]
 def start_capture(options: RunOptions, url: str, skip: int) -> subprocess.Popen:
     """The capture worker, `glad stage capture`."""
     return _spawn(options, "capture", [
-        "capture", "--line", options.line, "--redis-url", url, "--source", options.source,
+        "stage", "capture", "--line", options.line, "--redis-url", url, "--source", options.source,
         "--frames", str(options.frames), "--skip", str(skip), "--fps", str(options.fps),
         "--encoding", options.encoding] + (["--loop"] if options.loop else []))
+
+
+def start_dashboard(options: RunOptions, url: str) -> subprocess.Popen:
+    """`glad dashboard` on localhost: on `--dashboard-port`, else on its default port, or on a
+    free one when that is taken (another run's dashboard, say)."""
+    from dashboard.cli import DEFAULT_PORT
+
+    port = options.dashboard_port
+    if port is None:
+        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else 0
+    return _spawn(options, "dashboard", ["dashboard", "--line", options.line, "--redis-url", url,
+                                         "--port", str(port)])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_dashboard(client, streams: Streams, dashboard: subprocess.Popen,
+                       timeout: float = DASHBOARD_TIMEOUT) -> str:
+    """The dashboard's URL, once its heartbeat shows it serving."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in heartbeats(client, streams).values():
+            if record.get("pid") == dashboard.pid and record.get("url"):
+                return record["url"]
+        if dashboard.poll() is not None:
+            raise PipelineError(f"the dashboard exited with status {dashboard.returncode}: see "
+                                "logs/dashboard.log in the run's folder (--dashboard-port picks "
+                                "another port, --no-dashboard runs without it)")
+        time.sleep(0.2)
+    raise PipelineError(f"the dashboard did not serve within {timeout:.0f} s")
 
 
 def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen],
@@ -240,10 +289,11 @@ def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen]
 
 
 def _spawn(options: RunOptions, name: str, args: list[str]) -> subprocess.Popen:
+    """`glad -v ARGS...` as a child process, its output in OUT/logs/NAME.log."""
     logs = options.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"{name}.log").open("w") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", "stage", *args],
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", *args],
                                 stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
 
@@ -251,13 +301,14 @@ def _spawn(options: RunOptions, name: str, args: list[str]) -> subprocess.Popen:
 def _check_alive(workers: list[subprocess.Popen]) -> None:
     dead = [w for w in workers if w.poll() is not None and w.returncode != 0]
     if dead:
-        name = dead[0].args[dead[0].args.index("stage") + 1]
+        command = dead[0].args[dead[0].args.index("-v") + 1:]
+        name = command[1] if command[0] == "stage" else command[0]
         raise PipelineError(f"the {name} worker exited with status {dead[0].returncode}: see "
                             f"its log in the run's logs/ folder")
 
 
 def _follow(options: RunOptions, client, streams: Streams, url: str, registry: ModelRegistry,
-            workers: list[subprocess.Popen], baseline: Baseline) -> Summary:
+            workers: list[subprocess.Popen], baseline: Baseline, dashboard: str | None) -> Summary:
     """Write results and show the summary until every captured frame is accounted for."""
     writer = ResultWriter(options.out, client, streams)
     with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: the line's results group exists
@@ -266,7 +317,7 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
                          consumer="results-run")
     thread = threading.Thread(target=runner.run, daemon=True, name="results")
     thread.start()
-    summary = Summary()
+    summary = Summary(dashboard=dashboard)
     ended_at, interrupted = None, False
     _say(options, f"running line {options.line}: results in {options.out} "
                   f"(Ctrl-C to stop)")

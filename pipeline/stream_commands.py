@@ -114,6 +114,10 @@ def _add_run(commands) -> None:
     parser.add_argument("--encoding", choices=("png", "jpeg", "raw"), default="png",
                         help="how captured frames travel (default: %(default)s, lossless)")
     parser.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    parser.add_argument("--dashboard-port", type=int, default=None,
+                        help="port of the dashboard on 127.0.0.1 (default: 8765, or a free one "
+                             "when taken; 0 = a free one)")
+    parser.add_argument("--no-dashboard", action="store_true", help="run without the dashboard")
     _add_connection(parser)
     parser.set_defaults(handler=_run)
 
@@ -134,7 +138,8 @@ def _run(args) -> int:
                          models=args.models, frames=frames, fps=fps, loop=args.loop,
                          fit_frames=args.fit_frames, redis_url=args.redis_url,
                          persist=args.persist, device=resolve_device(args.device), scale=scale,
-                         encoding=args.encoding, quiet=args.json)
+                         encoding=args.encoding, quiet=args.json,
+                         dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port)
     summary = run_pipeline(options)
     if args.json:
         print(json.dumps(summary.to_dict() | {"out": str(args.out)}))
