@@ -20,6 +20,7 @@ fitted on `--fit` normal frames of the old variant.
 
     python3 bench/bench_online.py                      # the figures in bench/README.md
     python3 bench/bench_online.py --fit 16 --confirm 12 --seen 1000   # smoke run
+    python3 bench/bench_online.py --parts cost --model glad-data/model  # cost only, no fit
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def cost(args, model_dir: Path) -> dict:
             updater = Updater(client, streams, registry, replace(config, holdback_every=10**9))
             thread = threading.Thread(target=updater.run, daemon=True)
             thread.start()
+            while updater.state is None or updater._pending:  # leading, pending entries read
+                time.sleep(0.01)
             latencies, published, parts = [], 0, []
             for frame_id in ids[8:]:
                 version = registry.current()
@@ -213,24 +216,33 @@ def main() -> None:
     parser.add_argument("--seen", type=int, default=100_000, help="score entries already on the line")
     parser.add_argument("--updates", type=int, default=6, help="confirmations timed per line")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--model", type=Path, help="a fitted base model instead of fitting one "
+                        "(its training frames are taken to be the first --fit old-variant ones)")
+    parser.add_argument("--parts", nargs="+", choices=("adaptation", "cost"),
+                        default=["adaptation", "cost"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     old = normals(args.category, args.fit, 0, None)
     started = time.perf_counter()
-    base = GladModel().fit(old)
+    base = GladModel.load(args.model) if args.model else GladModel().fit(old)
     fit_seconds = time.perf_counter() - started
-    rows = adaptation(args, base, old)
-    if not args.json:
-        print_adaptation(args, rows, fit_seconds)
-    with tempfile.TemporaryDirectory() as tmp:
-        costs = cost(args, base.save(Path(tmp) / "base"))
+    rows, costs = {}, {}
+    if "adaptation" in args.parts:
+        rows = adaptation(args, base, old)
+        if not args.json:
+            print_adaptation(args, rows, fit_seconds)
+    if "cost" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            costs = cost(args, base.save(Path(tmp) / "base"))
     report = {"category": args.category, "variant": args.variant, "fit_seconds": fit_seconds,
               "confirmed": args.confirm, "adaptation": rows, "cost": costs,
               "load_average": os.getloadavg()[0], "cores": os.cpu_count()}
     if args.json:
         print(json.dumps(report, indent=2))
+        return
+    if not costs:
         return
     print("confirmation -> published version (glad updater, embedded Redis):")
     for seen, row in costs.items():

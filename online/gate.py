@@ -14,6 +14,7 @@ worse than production on frames neither of them trained on.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,7 +59,9 @@ class Gate:
         self.config = config or GateConfig()
         self.held_back: deque[Example] = deque(maxlen=self.config.held_back)
         self.canaries: deque[Example] = deque(maxlen=self.config.canaries)
-        self._cache: dict[tuple[int, str], float] = {}  # production scores by (model id, frame)
+        # scores by model (weakly: a model nobody holds any more drops out) and frame id
+        self._cache: weakref.WeakKeyDictionary[GladModel, dict[str, float]] = (
+            weakref.WeakKeyDictionary())
 
     def evaluate(self, candidate: GladModel, production: GladModel, base_components: list[int],
                  ) -> tuple[float, dict]:
@@ -79,7 +82,11 @@ class Gate:
     def _compare(self, candidate: GladModel, production: GladModel, normals: list[Example],
                  record: dict, reasons: list[str]) -> float:
         half = len(normals) // 2
-        cand_normal, prod_normal = scores(candidate, normals), self._production(production, normals)
+        canaries = list(self.canaries)
+        cand_all = self._scores(candidate, normals + canaries)
+        prod_all = self._scores(production, normals + canaries)
+        cand_normal, prod_normal = cand_all[: len(normals)], prod_all[: len(normals)]
+        cand_def, prod_def = cand_all[len(normals) :], prod_all[len(normals) :]
         threshold = max(float(production.threshold_), decision_threshold(cand_normal[:half]))
         far = {"candidate": int((cand_normal[half:] > threshold).sum()),
                "production": int((prod_normal[half:] > production.threshold_).sum()),
@@ -88,11 +95,9 @@ class Gate:
         if far["candidate"] > far["production"]:
             reasons.append(f"more false alarms on held-back normal frames: {far['candidate']} of "
                            f"{far['frames']} against production's {far['production']}")
-        canaries = list(self.canaries)
         if not canaries:
             reasons.append("no defect canaries to check recall on")
             return threshold
-        cand_def, prod_def = scores(candidate, canaries), self._production(production, canaries)
         # A canary pasted on a frame that a model already flags says nothing about how that model
         # sees defects: recall is compared on canaries whose frame both models accept.
         accepted = {e.frame_id for e, c, p in zip(normals, cand_normal, prod_normal, strict=True)
@@ -114,20 +119,17 @@ class Gate:
                            f"{auroc['production']:.4f} to {auroc['candidate']:.4f}")
         return threshold
 
-    def _production(self, production: GladModel, examples: list[Example]) -> np.ndarray:
-        """Production's scores, computed once per (model, frame)."""
-        key = id(production.layers_)
-        missing = [e for e in examples if (key, e.frame_id) not in self._cache]
-        if missing:
-            for example, value in zip(missing, scores(production, missing), strict=True):
-                self._cache[(key, example.frame_id)] = float(value)
-        if len(self._cache) > 4 * (self.config.held_back + self.config.canaries):
-            self._cache.clear()
-            return self._production(production, examples)
-        return np.array([self._cache[(key, e.frame_id)] for e in examples])
+    def _scores(self, model: GladModel, examples: list[Example]) -> np.ndarray:
+        """Scores of examples under `model`, each computed once per model (production's scores
+        carry over from when it was the candidate), in one batch for the missing ones."""
+        cache = self._cache.setdefault(model, {})
+        missing = [e for e in examples if e.frame_id not in cache]
+        for example, value in zip(missing, scores(model, missing), strict=True):
+            cache[example.frame_id] = float(value)
+        return np.array([cache[e.frame_id] for e in examples])
 
 
-def scores(model: GladModel, examples: list[Example], batch: int = 16) -> np.ndarray:
+def scores(model: GladModel, examples: list[Example], batch: int = 32) -> np.ndarray:
     """Image scores of examples under `model`."""
     out = []
     device = model.backbone_.device

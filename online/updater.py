@@ -16,6 +16,7 @@ it and never applies a confirmation twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import redis
 import torch
 from safetensors.numpy import load_file, save_file
 
-from glad.errors import GladError
+from glad.errors import GladError, ModelFileError
 from glad.model import GladModel
 from glad.synth import paste_defect
 from online.feedback import verdict_of
@@ -43,7 +44,7 @@ from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, Backoff
 from pipeline.errors import MessageError
 from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
-from pipeline.streams import Streams, as_text, deadletter, ensure_group, publish_event
+from pipeline.streams import Streams, as_text, beat, deadletter, ensure_group, publish_event
 from stages.score import message_features, message_validity
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,18 @@ log = logging.getLogger(__name__)
 GROUP = "updater"
 CONSUMER = "leader"  # one name: a new leader re-reads what a dead one left pending
 STATE_POINTER = "CURRENT"
+WAIT_FOR_MODEL_S = 30.0  # a line whose model cannot learn online is looked at again this often
 # Renew the lease only if we hold it, else take it if free; 1 when held afterwards.
 _LEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
 
@@ -110,11 +117,13 @@ class Updater:
         self._index: OrderedDict[str, dict] = OrderedDict()
         self._scores_cursor = "$"
         self._lease = client.register_script(_LEASE)
+        self._release = client.register_script(_RELEASE)
         self._leading = False
         self._pending = True
         self._rng = np.random.default_rng()
         self._applied: set[str] = set()
         self.timings: dict[str, float] = {}  # seconds per part of the last step
+        self._started, self._last_beat = time.time(), 0.0
         self.state: UpdaterState | None = None
         self.online: OnlineGlad | None = None
         self.production: GladModel | None = None
@@ -122,7 +131,16 @@ class Updater:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def run(self, once: bool = False) -> None:
-        """Serve until stopped (`once`: until the feedback stream has nothing more to read)."""
+        """Serve until stopped (`once`: until the feedback stream has nothing more to read);
+        on the way out, hand the lease over and remove the heartbeat."""
+        try:
+            self._serve(once)
+        finally:
+            with contextlib.suppress(*TRANSIENT):
+                self._release(keys=[self._lease_key], args=[self.worker])
+                self.client.hdel(self.streams.workers, self.worker)
+
+    def _serve(self, once: bool) -> None:
         ensure_group(self.client, self.streams.key("feedback"), GROUP)
         delays = Backoff().delays()
         while not self.stop_event.is_set():
@@ -134,15 +152,34 @@ class Updater:
                     self.stop_event.wait(self.config.lease_ms / 3000)
                     continue
                 handled = self.step()
+                self._beat()
             except TRANSIENT as error:  # nothing acknowledged: the batch comes again
                 delay = next(delays)
                 log.warning("Redis unavailable (%s); retrying in %.1f s", error, delay)
                 self._leading = False  # re-read the committed state and the pending entries
                 self.stop_event.wait(delay)
                 continue
+            except ModelFileError as error:  # e.g. a model fitted before online statistics
+                if once:
+                    raise
+                log.error("line %s: cannot learn: %s; waiting for another version",
+                          self.streams.line, error)
+                self._leading = False
+                self.stop_event.wait(WAIT_FOR_MODEL_S)
+                continue
             delays = Backoff().delays()
             if once and not handled:
                 return
+
+    def _beat(self) -> None:
+        """The heartbeat `glad status` and the dashboard show, at most once a second."""
+        now = time.monotonic()
+        if now - self._last_beat < 1.0:
+            return
+        self._last_beat = now
+        beat(self.client, self.streams, self.worker, "updater", self._started, state="leading",
+             model=self.state.version, processed=self.state.confirmed_normal,
+             updates=self.state.updates)
 
     def holder(self) -> str | None:
         value = self.client.get(self._lease_key)

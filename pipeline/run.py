@@ -2,9 +2,9 @@
 
 Starts (or connects to) Redis, makes sure the line has a model (publishes `--model`, or fits one
 on the source's first normal frames), starts one worker process per stage (`glad stage NAME`,
-exactly what compose.yaml runs) and the dashboard (`glad dashboard`, on localhost), writes results
-to the output directory and shows a live summary until the source ends (or Ctrl-C). Workers' logs
-go to `OUT/logs/`.
+exactly what compose.yaml runs), the online updater (`glad updater`) and the dashboard
+(`glad dashboard`, on localhost), writes results to the output directory and shows a live summary
+until the source ends (or Ctrl-C). Workers' logs go to `OUT/logs/`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class RunOptions:
     encoding: str = "png"
     quiet: bool = False
     dashboard: bool = True
+    updater: bool = True  # learn from confirmations (dashboard buttons, glad confirm)
     dashboard_port: int | None = None  # None: the dashboard's default port, else a free one
 
 
@@ -151,6 +152,10 @@ def _run(options: RunOptions) -> Summary:
         skip = _ensure_model(options, registry)
         baseline = Baseline.now(client, streams)
         workers = start_stage_workers(options, url)
+        if options.updater:
+            workers.append(_spawn(options, "updater", ["updater", "--line", options.line,
+                                                       "--redis-url", url, "--models",
+                                                       str(options.models)]))
         dashboard = start_dashboard(options, url) if options.dashboard else None
         wait_until_serving(client, streams, workers)
         address = None

@@ -118,6 +118,9 @@ def _add_run(commands) -> None:
                         help="port of the dashboard on 127.0.0.1 (default: 8765, or a free one "
                              "when taken; 0 = a free one)")
     parser.add_argument("--no-dashboard", action="store_true", help="run without the dashboard")
+    parser.add_argument("--no-updater", action="store_true",
+                        help="run without the online updater (confirmations are then kept in "
+                             "the feedback stream until an updater runs)")
     _add_connection(parser)
     parser.set_defaults(handler=_run)
 
@@ -139,7 +142,8 @@ def _run(args) -> int:
                          fit_frames=args.fit_frames, redis_url=args.redis_url,
                          persist=args.persist, device=resolve_device(args.device), scale=scale,
                          encoding=args.encoding, quiet=args.json,
-                         dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port)
+                         dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
+                         updater=not args.no_updater)
     summary = run_pipeline(options)
     if args.json:
         print(json.dumps(summary.to_dict() | {"out": str(args.out)}))

@@ -50,7 +50,7 @@ def test_glad_run_scores_a_folder_and_writes_results(pipeline_model, tiny_datase
     anomalous = [r for r in records if r["anomalous"]]
     assert len(list((out / "heatmaps").glob("*.png"))) == len(anomalous)
     assert {p.stem for p in (out / "logs").glob("*.log")} == {"capture", "align", "extract", "score",
-                                                             "dashboard"}
+                                                             "dashboard", "updater"}
     assert summary["dashboard"].startswith("http://127.0.0.1:")
     assert "glad dashboard: http://127.0.0.1:" in (out / "logs" / "dashboard.log").read_text()
     assert json.loads((out / "summary.json").read_text())["scored"] == len(expected)
