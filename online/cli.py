@@ -36,6 +36,10 @@ def add_command(commands) -> None:
     parser.add_argument("--min-held-back", type=int, default=4,
                         help="held-back normal frames needed before anything is published "
                              "(default: %(default)s)")
+    parser.add_argument("--gate-frames", type=int, default=6,
+                        help="most recent held-back normal frames, and canaries, the gate scores "
+                             "each candidate on (default: %(default)s; every frame costs about "
+                             "0.1 s per candidate on a CPU)")
     parser.add_argument("--once", action="store_true",
                         help="apply what the feedback stream holds now, then exit")
     parser.add_argument("--json", action="store_true", help="with --once: print a JSON summary")
@@ -52,10 +56,14 @@ def _updater(args) -> int:
 
     if args.holdback_every < 1 or args.min_held_back < 1 or args.half_life <= 0:
         raise GladError("--holdback-every and --min-held-back must be >= 1, --half-life > 0")
+    if args.gate_frames < args.min_held_back:
+        raise GladError(f"--gate-frames ({args.gate_frames}) must be at least --min-held-back "
+                        f"({args.min_held_back})")
     client = connect(_required_url(args), wait=5.0)
     streams = Streams(args.line)
     config = UpdaterConfig(online=replace(OnlineConfig(), half_life=args.half_life),
-                           gate=replace(GateConfig(), min_held_back=args.min_held_back),
+                           gate=GateConfig(min_held_back=args.min_held_back,
+                                           held_back=args.gate_frames, canaries=args.gate_frames),
                            holdback_every=args.holdback_every)
     updater = Updater(client, streams, ModelRegistry(args.models, client, streams), config,
                       resolve_device(args.device))

@@ -129,7 +129,7 @@ def test_a_failing_candidate_is_kept_with_its_reasons_not_published(line) -> Non
         confirm(line.client, line.name, frame_id, "normal")
     command = [sys.executable, "-m", "pipeline.cli", "updater", "--line", line.name,
                "--redis-url", line.url, "--models", str(line.models), "--holdback-every", "2",
-               "--min-held-back", "50", "--once", "--json"]
+               "--min-held-back", "50", "--gate-frames", "50", "--once", "--json"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
