@@ -130,8 +130,9 @@ def test_summary_series_gallery_and_overlay(redis_server) -> None:
         assert summary["latency"]["score"]["quantiles"]["0.5"] > 0
         assert summary["lags"]["dashboard"] == {"hop": "scores", "lag": 0, "pending": 0}
         assert summary["writes_need_token"] is False
-        assert any(w["stage"] == "dashboard" and w["url"] == d.server.url
-                   for w in summary["workers"])
+        wait_for(lambda: any(w["stage"] == "dashboard" and w["url"] == d.server.url
+                             for w in d.get_json("/api/summary")["workers"]),
+                 what="the dashboard's own heartbeat in the summary", timeout=20)
         series = wait_for(lambda: (p := d.get_json("/api/series?since=0"))["points"] and p,
                           what="a closed second")
         assert 0 < sum(p["frames"] for p in series["points"]) <= 400
