@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from glad.errors import ModelFileError
+from glad.errors import FeatureError, ModelFileError
 from glad.features import layer_validity
 from glad.local_weights import LocalWeights, neighbourhood, pool_counts, weights_from_counts
 from glad.mixture import (
@@ -230,7 +230,7 @@ class OnlineGlad:
         try:
             fitted, _ = fit_kmle(x, image_ids, k, max_iter=10, n_min=cfg.spawn_min_members,
                                  min_images=cfg.spawn_min_images)
-        except Exception:  # noqa: BLE001 - nothing coherent in the buffer yet: try again later
+        except FeatureError:  # every component pruned: nothing coherent yet, try again later
             return 0
         labels, _, _ = assign(x, fitted.factors())
         unlikely = global_loglik(x, layer.factors) < state.threshold
