@@ -21,12 +21,12 @@ from safetensors.numpy import load_file, save_file
 from glad.backbones import Backbone, BackboneSpec, create_backbone
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.local_weights import LocalWeights
+from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
 
-SCHEMA = "glad-model"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
+__all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "load_model", "read_manifest",
+           "save_model"]
 
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
 _SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
@@ -93,28 +93,6 @@ def save_model(model, path: Path) -> Path:
         os.replace(tmp_arrays, path / ARRAYS)
         os.replace(tmp_manifest, path / MANIFEST)
     return path
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest of the model at `path`, checked for schema and version."""
-    file = path / MANIFEST
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such model")
-    if not file.is_file():
-        raise ModelFileError(f"{path}: not a GLAD model directory (no {MANIFEST})")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{file}: corrupt manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ModelFileError(f"{file}: not a GLAD model manifest")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ModelFileError(
-            f"{path}: model schema version {version} is not supported by this glad-stream "
-            f"(it reads version {SCHEMA_VERSION}); refit the model or use a matching release"
-        )
-    return manifest
 
 
 def load_model(path: Path, backbone: str | Backbone | None = None, device: str = "cpu"):

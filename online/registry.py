@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import redis
 
-from glad.modelfile import read_manifest
+from glad.manifest import read_manifest
 from pipeline.errors import PipelineError
 from pipeline.streams import Streams, publish_event
 

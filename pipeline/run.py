@@ -27,7 +27,7 @@ import numpy as np
 import redis
 
 from glad.images import decode_image
-from glad.modelfile import read_manifest
+from glad.manifest import read_manifest
 from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, connect, redact, redis_url
 from pipeline.embedded import EmbeddedRedis
