@@ -9,7 +9,7 @@ import sys
 import threading
 
 from pipeline.errors import PipelineError
-from pipeline.stream_commands import _add_connection, _required_url
+from pipeline.stream_commands import add_connection, required_url
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def add_command(commands) -> None:
                     "letters; serve a live page (charts, model versions, the latest anomalies "
                     "with heat maps and buttons to confirm them), a JSON API under /api/ and "
                     "Prometheus metrics at /metrics.")
-    _add_connection(parser, models=False)
+    add_connection(parser, models=False)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only); any "
                              "other address needs --token")
@@ -57,7 +57,7 @@ def _dashboard(args) -> int:
         raise PipelineError(f"--gallery {args.gallery}: use 1 to 500")
     if not args.group or not args.group.isprintable() or len(args.group) > 64:
         raise PipelineError(f"--group {args.group!r}: use 1 to 64 printable characters")
-    url = _required_url(args)
+    url = required_url(args)
     client = connect(url, wait=5.0)
     consumer = DashboardConsumer(client, url, args.line, ConsumerConfig(
         group=args.group, history_s=args.history, gallery=args.gallery))

@@ -335,14 +335,29 @@ def assign_among(
     return labels, best
 
 
+def route(x: torch.Tensor, factors: MixtureFactors, n_candidates: int = 1):
+    """Per row: the global K-MLE label, the global log-likelihood, and the `n_candidates`
+    cheapest components with their costs D + logdet (for the local assignment)."""
+    n, d = x.shape
+    width = min(n_candidates, factors.n_components)
+    labels = torch.empty(n, dtype=torch.int64)
+    loglik = torch.empty(n, dtype=torch.float64)
+    cand_index = torch.empty(n, width, dtype=torch.int64)
+    cand_cost = torch.empty(n, width)
+    penalty = (-2.0 * factors.log_weights).to(torch.float32)
+    for start, costs in iter_costs(x, factors):
+        rows = slice(start, start + len(costs))
+        total = costs + penalty
+        labels[rows] = total.argmin(1)
+        loglik[rows] = torch.logsumexp(-0.5 * (total.double() + d * LOG_2PI), dim=1)
+        idx = torch.topk(total, width, dim=1, largest=False, sorted=False)[1]
+        cand_index[rows], cand_cost[rows] = idx, torch.gather(costs, 1, idx)
+    return labels, loglik, cand_index, cand_cost
+
+
 def global_loglik(x: torch.Tensor, factors: MixtureFactors) -> torch.Tensor:
     """log p(u) = LSE_k [log pi_k + log N(u; mu_k, Sigma_k)] of every row, float64."""
-    out = torch.empty(x.shape[0], dtype=torch.float64)
-    d = factors.dim
-    for start, costs in iter_costs(x, factors):
-        logits = factors.log_weights - 0.5 * (costs.double() + d * LOG_2PI)
-        out[start : start + len(costs)] = torch.logsumexp(logits, dim=1)
-    return out
+    return route(x, factors)[1]
 
 
 # --- K-MLE (spec §2.4) --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import signal
 
 from glad.errors import GladError
 from pipeline.connection import connect
-from pipeline.stream_commands import _add_connection, _required_url, resolve_device
+from pipeline.stream_commands import add_connection, required_url, resolve_device
 from pipeline.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def add_command(commands) -> None:
                     "held-back normals, recall and AUROC on canaries kept); otherwise it is kept "
                     "under MODELS/LINE/candidates with the reasons. One updater per line leads "
                     "(a lease in Redis); start a second one as a standby.")
-    _add_connection(parser)
+    add_connection(parser)
     parser.add_argument("--device", default="cpu",
                         help="torch device for re-extracting features (default: %(default)s)")
     parser.add_argument("--half-life", type=float, default=5000.0,
@@ -59,7 +59,7 @@ def _updater(args) -> int:
     if args.gate_frames < args.min_held_back:
         raise GladError(f"--gate-frames ({args.gate_frames}) must be at least --min-held-back "
                         f"({args.min_held_back})")
-    client = connect(_required_url(args), wait=5.0)
+    client = connect(required_url(args), wait=5.0)
     streams = Streams(args.line)
     config = UpdaterConfig(online=replace(OnlineConfig(), half_life=args.half_life),
                            gate=GateConfig(min_held_back=args.min_held_back,

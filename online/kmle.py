@@ -24,7 +24,6 @@ from glad.errors import FeatureError, ModelFileError
 from glad.features import layer_validity
 from glad.local_weights import LocalWeights, neighbourhood, pool_counts, weights_from_counts
 from glad.mixture import (
-    LOG_2PI,
     ComponentStats,
     GaussianMixture,
     _cholesky_with_jitter,
@@ -32,7 +31,7 @@ from glad.mixture import (
     assign,
     fit_kmle,
     global_loglik,
-    iter_costs,
+    route,
 )
 from glad.model import GladModel, LayerModel
 
@@ -86,7 +85,6 @@ class _LayerState:
     covariances: np.ndarray
     counts: torch.Tensor | None  # (HW, K) local counts c_k(x); None: global weights only
     threshold: float  # novelty log-likelihood (§7.4)
-    last_hit: np.ndarray  # (K,) image step of the last assignment
     buffer_x: torch.Tensor  # (n, d) novel vectors
     buffer_image: torch.Tensor  # (n,) image step
     buffer_pos: torch.Tensor  # (n,) position
@@ -120,7 +118,7 @@ class OnlineGlad:
             counts = layer.local.dense_counts()
         d = layer.mixture.means.shape[1]
         return _LayerState(layer.mixture.stats, layer.mixture.covariances.copy(), counts,
-                           float(threshold), np.full(layer.mixture.n_components, self.steps_),
+                           float(threshold),
                            torch.zeros(0, d), torch.zeros(0, dtype=torch.int64),
                            torch.zeros(0, dtype=torch.int64))
 
@@ -150,7 +148,7 @@ class OnlineGlad:
         image = steps.repeat_interleave(hw)
         position = torch.arange(hw).repeat(b)
         x, image, position = x[ok], image[ok], position[ok]
-        labels, loglik, cand_index, cand_cost = _route(x, layer.factors, self.config.n_candidates)
+        labels, loglik, cand_index, cand_cost = route(x, layer.factors, self.config.n_candidates)
         novel = loglik < state.threshold
         known = ~novel
         report.known.append(int(known.sum()))
@@ -161,7 +159,6 @@ class OnlineGlad:
                                                 image_ids[known.numpy()], state.stats.n_components)
         state.stats = state.stats.decayed(self._decay(b, self.config.half_life)).merged(batch_stats)
         touched = np.flatnonzero(batch_stats.weight > 0)
-        state.last_hit[touched] = self.steps_
         local_labels = torch.full((int(known.sum()),), -1, dtype=torch.int64)
         if state.counts is not None:
             local_labels = self._local_labels(layer, cand_index[known], cand_cost[known],
@@ -253,7 +250,6 @@ class OnlineGlad:
                                               image_ids[take.numpy()], len(accepted))
         state.stats = state.stats.concat(new_stats)
         state.covariances = np.concatenate([state.covariances, new_stats.covariances()])
-        state.last_hit = np.concatenate([state.last_hit, np.full(len(accepted), self.steps_)])
         if state.counts is not None:
             grown = torch.zeros(state.counts.shape[0], len(accepted))
             state.counts = torch.cat([state.counts, grown], dim=1)
@@ -273,7 +269,6 @@ class OnlineGlad:
         keep = np.flatnonzero(~fading)
         state.stats = state.stats.select(keep)
         state.covariances = state.covariances[keep]
-        state.last_hit = state.last_hit[keep]
         if state.counts is not None:
             state.counts = state.counts[:, torch.from_numpy(keep)]
         return int(fading.sum())
@@ -305,7 +300,7 @@ class OnlineGlad:
                 continue
             age = self.steps_ - replay.step
             weight = self._decay(age, self.config.half_life)
-            labels, _, cand_index, cand_cost = _route(x, layer.factors, self.config.n_candidates)
+            labels, _, cand_index, cand_cost = route(x, layer.factors, self.config.n_candidates)
             moved += int((labels != replay.labels[index]).sum())
             ids = np.zeros(len(x), dtype=np.int64)
             old = ComponentStats.of_members(x, replay.labels[index].numpy(), ids, k).scaled(weight)
@@ -368,25 +363,3 @@ class OnlineGlad:
                                                                          self.states_]}
         updated.__dict__.pop("_device_layers", None)
         return updated
-
-
-def _route(x: torch.Tensor, factors, n_candidates: int):
-    """Per row: the global K-MLE label, the global log-likelihood, and the `n_candidates`
-    cheapest components with their costs D + logdet (for the local assignment)."""
-    n, d = x.shape
-    width = min(n_candidates, factors.n_components)
-    labels = torch.empty(n, dtype=torch.int64)
-    loglik = torch.empty(n, dtype=torch.float64)
-    cand_index = torch.empty(n, width, dtype=torch.int64)
-    cand_cost = torch.empty(n, width)
-    penalty = (-2.0 * factors.log_weights).to(torch.float32)
-    for start, costs in iter_costs(x, factors):
-        rows = slice(start, start + len(costs))
-        total = costs + penalty
-        labels[rows] = total.argmin(1)
-        loglik[rows] = torch.logsumexp(-0.5 * (total.double() + d * LOG_2PI), dim=1)
-        idx = torch.topk(total, width, dim=1, largest=False, sorted=False)[1]
-        cand_index[rows], cand_cost[rows] = idx, torch.gather(costs, 1, idx)
-    return labels, loglik, cand_index, cand_cost
-
-

@@ -37,7 +37,7 @@ def add_commands(commands) -> None:
     _add_confirm(commands)
 
 
-def _add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
+def add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
     parser.add_argument("--line", default="line1",
                         help="production line: namespaces every stream and model (default: "
                              "%(default)s)")
@@ -61,7 +61,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _required_url(args) -> str:
+def required_url(args) -> str:
     """The Redis URL of a command that needs a running Redis (only `glad run` embeds one)."""
     url = redis_url(args.redis_url)
     if url is None:
@@ -121,7 +121,7 @@ def _add_run(commands) -> None:
     parser.add_argument("--no-updater", action="store_true",
                         help="run without the online updater (confirmations are then kept in "
                              "the feedback stream until an updater runs)")
-    _add_connection(parser)
+    add_connection(parser)
     parser.set_defaults(handler=_run)
 
 
@@ -164,7 +164,7 @@ def _add_stage(commands) -> None:
                     "on any machine that reaches the line's Redis: start more to scale out. "
                     "SIGTERM finishes the batch in flight and exits.")
     parser.add_argument("name", choices=WORKER_STAGES, help="the stage to run")
-    _add_connection(parser)
+    add_connection(parser)
     parser.add_argument("--device", default="auto",
                         help="torch device for extract and score: auto (cuda when available), "
                              "cpu, cuda, cuda:1... (default: %(default)s)")
@@ -192,7 +192,7 @@ def _add_stage(commands) -> None:
 
 
 def _stage(args) -> int:
-    url = _required_url(args)
+    url = required_url(args)
     if args.threads:
         import torch
 
@@ -260,7 +260,7 @@ def _add_status(commands) -> None:
         description="Show each worker's heartbeat (stage, host, state, messages processed), "
                     "each stream's length, lag and pending entries, the dead-letter count and "
                     "the current model version.")
-    _add_connection(parser, models=False)
+    add_connection(parser, models=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_status)
 
@@ -293,7 +293,7 @@ def line_status(client, streams: Streams) -> dict:
 
 
 def _status(args) -> int:
-    url = _required_url(args)
+    url = required_url(args)
     client = connect(url, wait=5.0)
     status = line_status(client, Streams(args.line))
     if args.json:
@@ -326,31 +326,31 @@ def _add_models(commands) -> None:
                                  "and make it current (scorers hot-swap to it)")
     publish.add_argument("model", type=Path, help="model directory from `glad fit`")
     publish.add_argument("--note", default="", help="why this version exists")
-    _add_connection(publish)
+    add_connection(publish)
     publish.add_argument("--json", action="store_true")
     publish.set_defaults(handler=_models_publish)
     listing = actions.add_parser("list", help="list the line's versions")
-    _add_connection(listing)
+    add_connection(listing)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_models_list)
     show = actions.add_parser("show", help="one version: provenance, threshold, K per layer")
     show.add_argument("version", type=int)
-    _add_connection(show)
+    add_connection(show)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_models_show)
     diff = actions.add_parser("diff", help="what differs between two versions")
     diff.add_argument("old", type=int)
     diff.add_argument("new", type=int)
-    _add_connection(diff)
+    add_connection(diff)
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(handler=_models_diff)
     promote = actions.add_parser("promote", help="make a published version current")
     promote.add_argument("version", type=int)
-    _add_connection(promote)
+    add_connection(promote)
     promote.set_defaults(handler=_models_promote)
     rollback = actions.add_parser("rollback", help="make the previous current version current "
                                   "again (repeat to step further back)")
-    _add_connection(rollback)
+    add_connection(rollback)
     rollback.set_defaults(handler=_models_rollback)
 
 
@@ -367,14 +367,14 @@ def _add_confirm(commands) -> None:
                          help="the part is defective")
     parser.add_argument("--by", default="operator", help="who confirms (kept with the feedback)")
     parser.add_argument("--note", default="")
-    _add_connection(parser, models=False)
+    add_connection(parser, models=False)
     parser.set_defaults(handler=_confirm, verdict="normal")
 
 
 def _confirm(args) -> int:
     from online.feedback import confirm
 
-    url = _required_url(args)
+    url = required_url(args)
     client = connect(url, wait=5.0)
     for frame_id in args.frame_ids:
         entry = confirm(client, args.line, frame_id, args.verdict, args.by, args.note)
@@ -385,7 +385,7 @@ def _confirm(args) -> int:
 def _registry(args):
     from online.registry import ModelRegistry
 
-    return ModelRegistry(args.models, connect(_required_url(args), wait=5.0), Streams(args.line))
+    return ModelRegistry(args.models, connect(required_url(args), wait=5.0), Streams(args.line))
 
 
 def _models_publish(args) -> int:
