@@ -63,16 +63,39 @@ def defects(category: str, count: int, seed: int, variant: str | None) -> list[n
             for i, image in enumerate(normals(category, count, seed, variant))]
 
 
-def examples(model: GladModel, images: list[np.ndarray], prefix: str) -> tuple[list[Example], list]:
-    """Registered images' features as the gate and the updater hold them."""
+def examples(model: GladModel, images: list[np.ndarray], ids: list[str]) -> tuple[list[Example], list]:
+    """Registered images' features as the gate and the updater hold them, and the registered images."""
     registered, valid, _ = model.register(images)
     out = []
     for start in range(0, len(registered), 8):
         batch = next(iter(feature_batches(model.backbone_, registered[start:start + 8], 8, False, "")))
         for row in range(len(batch[0])):
-            out.append(Example(f"{prefix}{start + row}",
-                               [f[row].to(torch.float16).numpy() for f in batch], valid[start + row]))
+            out.append(Example(ids[start + row], [f[row].to(torch.float16).numpy() for f in batch],
+                               valid[start + row]))
     return out, registered
+
+
+def updater_candidate(base: GladModel, confirmed: list[np.ndarray], batch: int) -> tuple[GladModel, dict]:
+    """What `glad updater` makes of confirmed-normal images: every 4th held back with a canary
+    defect pasted on it, the others learned in batches; the candidate with the gate's threshold,
+    and the gate's record."""
+    online, gate = OnlineGlad(base), Gate()
+    held_images = confirmed[::4]
+    held, registered = examples(base, held_images, [f"held{i}" for i in range(len(held_images))])
+    for index, (example, image) in enumerate(zip(held, registered, strict=True)):
+        pasted, _ = synth.paste_defect(image, example.valid & base.roi_.numpy(), rng(index))
+        gate.held_back.append(example)
+        gate.canaries.append(examples(base, [pasted], [example.frame_id + CANARY_SUFFIX])[0][0])
+    learned = [image for i, image in enumerate(confirmed) if i % 4]
+    for start in range(0, len(learned), batch):
+        chunk, _ = examples(base, learned[start:start + batch],
+                            [f"learn{i}" for i in range(start, start + batch)])
+        online.learn([torch.from_numpy(np.stack([e.features[i] for e in chunk])).float()
+                      for i in range(len(chunk[0].features))], np.stack([e.valid for e in chunk]))
+    candidate = online.model()
+    candidate.threshold_, record = gate.evaluate(
+        candidate, base, [layer.mixture.n_components for layer in base.layers_])
+    return candidate, record
 
 
 def evaluate(model: GladModel, test: dict[str, list[np.ndarray]]) -> dict:
@@ -95,23 +118,7 @@ def adaptation(args, base: GladModel, old: list[np.ndarray]) -> dict:
     rows = {"frozen": evaluate(base, test)}
 
     started = time.perf_counter()
-    online, gate = OnlineGlad(base), Gate()
-    held_images = [image for i, image in enumerate(confirmed) if i % 4 == 0]
-    learned = [image for i, image in enumerate(confirmed) if i % 4 != 0]
-    held, registered = examples(base, held_images, "held")
-    gate.held_back.extend(held)
-    for index, (example, image) in enumerate(zip(held, registered, strict=True)):
-        pasted, _ = synth.paste_defect(image, example.valid & base.roi_.numpy(), rng(index))
-        gate.canaries.append(examples(base, [pasted], example.frame_id + CANARY_SUFFIX)[0][0])
-        gate.canaries[-1].frame_id = example.frame_id + CANARY_SUFFIX
-    for start in range(0, len(learned), args.batch):
-        batch, _ = examples(base, learned[start:start + args.batch], f"learn{start}-")
-        online.learn([torch.from_numpy(np.stack([e.features[i] for e in batch])).float()
-                      for i in range(len(batch[0].features))], np.stack([e.valid for e in batch]))
-    candidate = online.model()
-    threshold, record = gate.evaluate(candidate, base,
-                                      [layer.mixture.n_components for layer in base.layers_])
-    candidate.threshold_ = threshold
+    candidate, record = updater_candidate(base, confirmed, args.batch)
     online_seconds = time.perf_counter() - started
     rows["online"] = evaluate(candidate, test) | {"gate": "passed" if record["passed"] else
                                                   "; ".join(record["reasons"]),

@@ -24,14 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_online import examples  # noqa: E402
+from bench.bench_online import updater_candidate  # noqa: E402
 from glad.datasets import MVTecCategory  # noqa: E402
 from glad.images import read_image  # noqa: E402
 from glad.metrics import image_auroc  # noqa: E402
 from glad.model import GladModel  # noqa: E402
-from glad.synth import paste_defect  # noqa: E402
-from online.gate import CANARY_SUFFIX, Gate  # noqa: E402
-from online.kmle import OnlineGlad  # noqa: E402
 
 
 def evaluate(model: GladModel, test: list[np.ndarray], labels: np.ndarray) -> str:
@@ -64,22 +61,7 @@ def main() -> None:
     print(f"frozen   {evaluate(base, test, labels)}", flush=True)
 
     started = time.perf_counter()
-    online, gate = OnlineGlad(base), Gate()
-    held, registered = examples(base, confirmed[::4], "held")
-    for index, (example, image) in enumerate(zip(held, registered, strict=True)):
-        pasted, _ = paste_defect(image, example.valid & base.roi_.numpy(), np.random.default_rng(index))
-        canary = examples(base, [pasted], "")[0][0]
-        canary.frame_id = example.frame_id + CANARY_SUFFIX
-        gate.held_back.append(example)
-        gate.canaries.append(canary)
-    learned = [image for i, image in enumerate(confirmed) if i % 4]
-    for start in range(0, len(learned), 8):
-        batch, _ = examples(base, learned[start : start + 8], f"learn{start}-")
-        online.learn([torch.from_numpy(np.stack([e.features[i] for e in batch])).float()
-                      for i in range(len(batch[0].features))], np.stack([e.valid for e in batch]))
-    candidate = online.model()
-    candidate.threshold_, record = gate.evaluate(
-        candidate, base, [layer.mixture.n_components for layer in base.layers_])
+    candidate, record = updater_candidate(base, confirmed, 8)
     verdict = "passed" if record["passed"] else "; ".join(record["reasons"])
     print(f"online   {evaluate(candidate, test, labels)}  gate {verdict} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
