@@ -8,6 +8,7 @@ result is stored sparse (CSR over positions, CSC view over Gaussians for grouped
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +49,44 @@ def top_candidates(
     return Candidates(index.view(m, hw, -1), cost.view(m, hw, -1), valid.bool())
 
 
+MAX_TILE = 256  # positions per tile of the batched sparse scoring (a bmm entry has B x tile rows)
+MIN_TILE = 4  # the smallest padded tile: fewer, larger buckets at the cost of a little padding
+
+
+@dataclass(frozen=True)
+class TileBucket:
+    """Tiles of one length T: each holds up to T positions of a single Gaussian, padded (§4.6)."""
+
+    components: torch.Tensor  # int64 (n,): the Gaussian of each tile
+    positions: torch.Tensor  # int64 (n * T,): its positions; padding repeats the tile's first one
+    log_weights: torch.Tensor  # float32 (n, T): log pi_k(x) at those positions; padding 0
+
+    @property
+    def tile(self) -> int:
+        return self.log_weights.shape[1]
+
+
+@dataclass(frozen=True)
+class ScoringTiles:
+    """The (position, Gaussian) pairs of LocalWeights laid out for batched sparse scoring (§4.6).
+
+    Each Gaussian's position list is cut into tiles of MAX_TILE positions; the remainder is padded
+    to the next power of two (at least MIN_TILE) and joins the bucket of that length, so one
+    `torch.baddbmm` per bucket whitens every pair and padding stays below 2x of the remainders.
+    The buckets' tiles, concatenated, number the pair slots; `slots` lists each position's active
+    slots (CSR order, padded with the sentinel `n_slots`), so the log-sum-exp over a position's
+    Gaussians is a gather and a dense reduction instead of a scatter.
+    """
+
+    buckets: tuple[TileBucket, ...]
+    slots: torch.Tensor  # int64 (HW, S_max)
+    n_slots: int
+
+
 @dataclass
 class LocalWeights:
-    """Sparse pi_k(x) of one layer: CSR rows = positions, with a cached CSC view per Gaussian."""
+    """Sparse pi_k(x) of one layer: CSR rows = positions, with cached per-device views for scoring
+    (CSC over Gaussians, scoring tiles, a dense log-weight mask)."""
 
     grid: tuple[int, int]
     n_components: int
@@ -60,8 +96,9 @@ class LocalWeights:
     # float32 (nnz,): the pooled assignment counts c_k(x) behind the weights, which online
     # updates decay and add to (spec §7.3); None for models that cannot be updated.
     counts: np.ndarray | None = None
-    _csc: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False)
+    # Derived views keyed by (kind, device); the arrays above are never modified in place (online
+    # updates build new LocalWeights), so the views never go stale.
+    _cache: dict[tuple[str, str], object] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dense(cls, weights: torch.Tensor, grid: tuple[int, int],
@@ -80,6 +117,10 @@ class LocalWeights:
     def nnz(self) -> int:
         return len(self.components)
 
+    @property
+    def n_positions(self) -> int:
+        return len(self.indptr) - 1
+
     def dense(self) -> torch.Tensor:
         """Dense (HW, K) float32 weights."""
         return self._scatter(np.exp(self.log_weights))
@@ -90,34 +131,88 @@ class LocalWeights:
             raise ValueError("these local weights carry no counts (fitted before online updates)")
         return self._scatter(self.counts)
 
-    def _scatter(self, values: np.ndarray) -> torch.Tensor:
-        hw = len(self.indptr) - 1
-        rows = np.repeat(np.arange(hw), np.diff(self.indptr))
-        out = torch.zeros(hw, self.n_components)
-        out[torch.from_numpy(rows), torch.from_numpy(self.components).long()] = torch.from_numpy(
-            np.asarray(values, np.float32))
+    def dense_log(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Dense (HW, K) float32 log pi_k(x), -inf where inactive: the mask of dense scoring (§4.6)."""
+        key = ("dense_log", str(device))
+        if key not in self._cache:
+            out = self._scatter(self.log_weights, fill=-math.inf)
+            self._cache[key] = out.to(device)
+        return self._cache[key]
+
+    def _scatter(self, values: np.ndarray, fill: float = 0.0) -> torch.Tensor:
+        out = torch.full((self.n_positions, self.n_components), fill)
+        out[torch.from_numpy(self._rows()), torch.from_numpy(self.components).long()] = (
+            torch.from_numpy(np.asarray(values, np.float32)))
         return out
+
+    def _rows(self) -> np.ndarray:
+        """The position of every stored pair (CSR row indices)."""
+        return np.repeat(np.arange(self.n_positions), np.diff(self.indptr))
 
     def csc(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gptr (K+1,), positions (nnz,), log weights (nnz,)) grouped by Gaussian (§3.4).
 
-        `gptr` stays on the CPU (it drives a Python loop); the others live on `device`.
+        `gptr` stays on the CPU (it indexes host-side bookkeeping); the others live on `device`.
         """
-        key = str(device)
-        if key not in self._csc:
-            hw = len(self.indptr) - 1
-            rows = np.repeat(np.arange(hw), np.diff(self.indptr))
+        key = ("csc", str(device))
+        if key not in self._cache:
             order = np.argsort(self.components, kind="stable")
             gptr = np.zeros(self.n_components + 1, dtype=np.int64)
             np.cumsum(np.bincount(self.components, minlength=self.n_components), out=gptr[1:])
-            self._csc[key] = (torch.from_numpy(gptr),
-                              torch.from_numpy(rows[order]).long().to(device),
-                              torch.from_numpy(self.log_weights[order]).to(device))
-        return self._csc[key]
+            self._cache[key] = (torch.from_numpy(gptr),
+                                torch.from_numpy(self._rows()[order]).to(device),
+                                torch.from_numpy(self.log_weights[order]).to(device))
+        return self._cache[key]
+
+    def tiles(self, device: torch.device | str = "cpu") -> ScoringTiles:
+        """The pairs cut into padded per-Gaussian tiles for batched sparse scoring (§4.6), built
+        once per device."""
+        key = ("tiles", str(device))
+        if key not in self._cache:
+            self._cache[key] = self._build_tiles(device)
+        return self._cache[key]
+
+    def _build_tiles(self, device: torch.device | str) -> ScoringTiles:
+        gptr, positions, log_w = (t.numpy() for t in self.csc("cpu"))
+        sizes = np.diff(gptr)
+        full = sizes // MAX_TILE
+        rest = sizes - full * MAX_TILE
+        # Tiles as (Gaussian, first pair in CSC order, pair count, padded length).
+        comp = np.concatenate([np.repeat(np.arange(self.n_components), full),
+                               np.flatnonzero(rest)])
+        first = np.concatenate([np.repeat(gptr[:-1], full) + _ranks(full) * MAX_TILE,
+                                gptr[:-1][rest > 0] + full[rest > 0] * MAX_TILE])
+        count = np.concatenate([np.full(full.sum(), MAX_TILE), rest[rest > 0]])
+        padded = np.maximum(MIN_TILE, 1 << np.ceil(np.log2(np.maximum(count, 1))).astype(np.int64))
+        pair_slot = np.empty(self.nnz, dtype=np.int64)
+        buckets, offset = [], 0
+        for tile in sorted(set(padded.tolist()), reverse=True):
+            chosen = padded == tile
+            within = np.arange(tile)
+            used = within < count[chosen, None]
+            pair = first[chosen, None] + np.where(used, within, 0)
+            pair_slot[pair[used]] = offset + np.flatnonzero(used)
+            buckets.append(TileBucket(
+                torch.from_numpy(comp[chosen]).to(device),
+                torch.from_numpy(positions[pair].ravel()).to(device),
+                torch.from_numpy(np.where(used, log_w[pair], 0.0).astype(np.float32)).to(device)))
+            offset += used.size
+        # Each position's slots in CSR order: pairs sorted by position, ranked within it.
+        order = np.argsort(positions, kind="stable")
+        support = np.diff(self.indptr)
+        slots = np.full((self.n_positions, max(1, int(support.max(initial=0)))), offset, np.int64)
+        slots[positions[order], _ranks(support)] = pair_slot[order]
+        return ScoringTiles(tuple(buckets), torch.from_numpy(slots).to(device), offset)
 
     def mean_support(self) -> float:
         """Average number of active Gaussians per position."""
-        return self.nnz / max(1, len(self.indptr) - 1)
+        return self.nnz / max(1, self.n_positions)
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c-1 for each count c, concatenated."""
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(int(counts.sum())) - starts
 
 
 def neighbourhood(radius: int, shape: str = "disk") -> list[tuple[int, int]]:

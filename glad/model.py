@@ -38,6 +38,7 @@ from glad.mixture import (
     global_loglik,
 )
 from glad.scoring import (
+    choose_method,
     combine_layers,
     heatmaps,
     image_scores,
@@ -92,10 +93,18 @@ class LayerModel:
     local: LocalWeights | None  # None: global mixture weights at every position
     report: FitReport | None = None
 
-    def loglik(self, features: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, HW, d) features -> (B, h, w) log-likelihood map, NaN where `valid` is False."""
+    def loglik(self, features: torch.Tensor, valid: torch.Tensor | None = None,
+               method: str = "auto") -> torch.Tensor:
+        """(B, HW, d) features -> (B, h, w) log-likelihood map, NaN where `valid` is False.
+
+        `method` picks how local weights are evaluated (§4.6): "sparse" (active pairs only),
+        "dense" (all K, masked) or "auto" (`glad.scoring.choose_method`).
+        """
+        method = choose_method(method, features.device)
         if self.local is None:
             out = layer_loglik_dense(features, self.factors, self.factors.log_weights)
+        elif method == "dense":
+            out = layer_loglik_dense(features, self.factors, self.local.dense_log(features.device))
         else:
             out = layer_loglik_sparse(features, self.factors, self.local)
         if valid is not None:

@@ -15,50 +15,93 @@ import torch.nn.functional as F
 from glad.local_weights import LocalWeights
 from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
 
+# Floats of whitened features (B x rows x d) materialised at once: 4 MB stays in a CPU cache; a
+# GPU wants few, large kernels, and 256 MB bounds a batch of 64 on every layer shape.
+CPU_BUDGET = 1 << 20
+GPU_BUDGET = 1 << 26
+METHODS = ("auto", "sparse", "dense")
 
+
+def budget_for(device: torch.device) -> int:
+    """Floats of intermediate results one chunk may hold on `device`."""
+    return CPU_BUDGET if device.type == "cpu" else GPU_BUDGET
+
+
+def choose_method(method: str, device: torch.device) -> str:
+    """Resolve "auto": sparse on the CPU (several times fewer flops, §4.7); dense on a GPU, where a
+    few large GEMMs beat many gathers while d is small (§4.6). The GPU choice is not measured yet:
+    `bench/bench_scoring.py --device cuda` prints both."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; use one of {METHODS}")
+    if method != "auto":
+        return method
+    return "sparse" if device.type == "cpu" else "dense"
+
+
+@torch.no_grad()
 def layer_loglik_sparse(
-    features: torch.Tensor, factors: MixtureFactors, local: LocalWeights
+    features: torch.Tensor, factors: MixtureFactors, local: LocalWeights,
+    budget: int | None = None,
 ) -> torch.Tensor:
-    """log p(u(x) | x) for features (B, HW, d), summing only the Gaussians active at x (§4.6).
+    """log p(u(x) | x) for features (B, HW, d), summing only the Gaussians active at x (§4.1, §4.6).
 
-    Gaussian-grouped: each W_k is applied once per batch to the positions where pi_k(x) > 0, then
-    a scatter log-sum-exp per position combines the terms.
+    Grouped by Gaussian without a loop over Gaussians: the pairs are cut into padded tiles of one
+    Gaussian each (`LocalWeights.tiles`), and each bucket of equal-length tiles is whitened by
+    one batched GEMM per chunk of `budget` floats, y = W_k u - b_k ("subtract then multiply",
+    §2.6). Each position then gathers its active terms and takes a dense log-sum-exp.
     """
     b, hw, d = features.shape
     device = features.device
-    gptr, positions, log_w = local.csc(device)
-    const = (d * LOG_2PI + factors.logdets).to(torch.float32)
-    values = torch.empty(b, len(positions), device=device)
-    bounds = gptr.tolist()
-    for k in range(factors.n_components):
-        start, stop = bounds[k], bounds[k + 1]
-        if start == stop:
-            continue
-        y = features[:, positions[start:stop]] @ factors.whiteners[k].t()
-        y -= factors.offsets[k]
-        values[:, start:stop] = log_w[start:stop] - 0.5 * (torch.einsum("bnd,bnd->bn", y, y)
-                                                            + const[k])
-    index = positions.expand(b, -1)
-    peak = torch.full((b, hw), -math.inf, device=device).scatter_reduce(1, index, values, "amax")
-    terms = torch.exp(values - peak.gather(1, index))
-    total = torch.zeros(b, hw, device=device).scatter_add_(1, index, terms)
-    return peak + torch.log(total)
+    tiles = local.tiles(device)
+    budget = budget or budget_for(device)
+    half_const = 0.5 * (d * LOG_2PI + factors.logdets).to(device, torch.float32)
+    by_position = features.transpose(0, 1).contiguous()  # (HW, B, d): a tile's rows are contiguous
+    values = torch.empty(tiles.n_slots + 1, b, device=device)
+    values[-1] = -math.inf  # the sentinel that pads every position's slot list
+    offset = 0
+    for bucket in tiles.buckets:
+        tile = bucket.tile
+        step = max(1, budget // (tile * b * d))
+        for start in range(0, len(bucket.components), step):
+            comp = bucket.components[start : start + step]
+            n = len(comp)
+            x = by_position.index_select(0, bucket.positions[start * tile : (start + n) * tile])
+            y = torch.baddbmm(-factors.offsets[comp, None], x.view(n, tile * b, d),
+                              factors.whiteners[comp].transpose(1, 2))
+            distance = y.mul_(y).sum(-1).view(n, tile, b)
+            bias = bucket.log_weights[start : start + n] - half_const[comp, None]
+            torch.add(bias[..., None], distance, alpha=-0.5,
+                      out=values[offset : offset + n * tile].view(n, tile, b))
+            offset += n * tile
+    terms = values.index_select(0, tiles.slots.view(-1)).view(hw, -1, b)
+    return torch.logsumexp(terms, dim=1).t().contiguous()
 
 
+@torch.no_grad()
 def layer_loglik_dense(
-    features: torch.Tensor, factors: MixtureFactors, log_weights: torch.Tensor
+    features: torch.Tensor, factors: MixtureFactors, log_weights: torch.Tensor,
+    budget: int | None = None,
 ) -> torch.Tensor:
-    """log p(u(x) | x) with all K Gaussians; `log_weights` is (K,) global or (HW, K) local (§4.6)."""
+    """log p(u(x) | x) with all K Gaussians (§4.1, dense fallback of §4.6).
+
+    `log_weights` is (K,) for the global model or (HW, K) local, -inf where a Gaussian is inactive
+    (`LocalWeights.dense_log`): one GEMM against all whiteners per chunk of positions (as
+    `iter_costs`), then a masked log-sum-exp over K. Chunks hold whole positions of every image,
+    so the weights broadcast over the batch instead of being gathered.
+    """
     b, hw, d = features.shape
-    flat = features.reshape(b * hw, d)
-    out = torch.empty(b * hw, device=features.device)
-    log_weights = log_weights.to(features.device, torch.float32)
-    for start, costs in iter_costs(flat, factors):
-        rows = slice(start, start + len(costs))
-        weights = log_weights if log_weights.ndim == 1 else log_weights[torch.arange(
-            rows.start, rows.stop, device=features.device) % hw]
-        out[rows] = torch.logsumexp(weights - 0.5 * (costs + d * LOG_2PI), dim=1)
-    return out.view(b, hw)
+    k = factors.n_components
+    device = features.device
+    log_weights = log_weights.to(device, torch.float32)
+    positions = max(1, (budget or budget_for(device)) // (b * k * d))
+    flat = features.transpose(0, 1).reshape(hw * b, d)
+    out = torch.empty(hw, b, device=device)
+    for start, costs in iter_costs(flat, factors, budget=positions * b * k * d):
+        rows = slice(start // b, (start + len(costs)) // b)
+        weights = log_weights if log_weights.ndim == 1 else log_weights[rows, None]
+        terms = weights - 0.5 * (costs.view(-1, b, k) + d * LOG_2PI)
+        out[rows] = torch.logsumexp(terms, dim=-1)
+    return out.t().contiguous()
 
 
 def combine_layers(logliks: list[torch.Tensor], size: int) -> torch.Tensor:
