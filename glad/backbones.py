@@ -13,6 +13,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -59,8 +60,35 @@ class BackboneSpec:
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 
 
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What models need of a backbone, whichever runtime runs it: the torch `Backbone` here, or
+    an exported one (`glad.runtime.ExportedBackbone`, ONNX Runtime or OpenVINO)."""
+
+    spec: BackboneSpec
+    device: torch.device
+    runtime: str  # "torch", "onnxruntime" or "openvino"
+
+    def extract(self, images: np.ndarray) -> list[torch.Tensor]:
+        """Features of uint8 images (B, S, S, 3): one float32 (B, d, h, w) tensor per layer."""
+        ...
+
+
+def check_images(images: np.ndarray, size: int) -> np.ndarray:
+    """`images` as a uint8 array (B, size, size, 3), or an `ImageError` saying what it is instead."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
+        raise ImageError(
+            f"backbone expects uint8 images of shape (B, {size}, {size}, 3), got "
+            f"{images.dtype} {images.shape}"
+        )
+    return images
+
+
 class Backbone(nn.Module):
     """A frozen CNN truncated after its stride-16 stage; `extract` maps uint8 images to features."""
+
+    runtime = "torch"
 
     def __init__(self, body: nn.Module, spec: BackboneSpec, device: str | torch.device = "cpu"):
         super().__init__()
@@ -74,18 +102,17 @@ class Backbone(nn.Module):
         if self.device.type == "cpu":
             self.body = self.body.to(memory_format=torch.channels_last)
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, S, S, 3) -> the network's float input (B, 3, S, S). Exported
+        backbones include this step in their graph (glad.runtime), so both paths share it."""
+        x = images.permute(0, 3, 1, 2).float().div(255.0)
+        return (x - self.mean) / self.std
+
     @torch.inference_mode()
     def extract(self, images: np.ndarray) -> list[torch.Tensor]:
         """Features of a batch of uint8 images (B, S, S, 3), S = input size: one (B, d, h, w) per layer."""
-        images = np.asarray(images)
-        size = self.spec.input_size
-        if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-            raise ImageError(
-                f"backbone expects uint8 images of shape (B, {size}, {size}, 3), got "
-                f"{images.dtype} {images.shape}"
-            )
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        images = check_images(images, self.spec.input_size)
+        x = self.normalize(torch.from_numpy(images).to(self.device))
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         return [f.float().contiguous() for f in self._network(x)(x)]
@@ -133,12 +160,20 @@ def create_backbone(
     return Backbone(body, spec, device)
 
 
+def backbone_for_spec(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:
+    """The torch backbone a model recorded in its manifest (weights from a file cannot be found
+    again, so those load as "pretrained"; the preprocessing hash still has to match)."""
+    weights = spec.weights if spec.weights != "file" else "pretrained"
+    return create_backbone(spec.name, weights, spec.antialiased, device, spec.input_size)
+
+
 def resolve_backbone(
-    backbone: str | Backbone, weights: str | Path = "pretrained", antialiased: bool = False,
+    backbone: str | FeatureExtractor, weights: str | Path = "pretrained", antialiased: bool = False,
     device: str | torch.device = "cpu",
-) -> Backbone:
-    """Use a built `Backbone` as is (so detectors can share one), or build one by name."""
-    if isinstance(backbone, Backbone):
+) -> FeatureExtractor:
+    """Use a built backbone as is (so detectors can share one, whatever runs it), or build one
+    by name."""
+    if isinstance(backbone, FeatureExtractor):
         return backbone
     return create_backbone(backbone, weights, antialiased, device)
 

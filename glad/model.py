@@ -514,11 +514,12 @@ class GladModel:
 
     @classmethod
     def load(cls, path: str | Path, backbone: str | Backbone | None = None,
-             device: str = "cpu") -> GladModel:
-        """Read a saved model; refuses one whose backbone/preprocessing differs from `backbone`."""
+             device: str = "cpu", runtime: str | None = None) -> GladModel:
+        """Read a saved model; refuses one whose backbone/preprocessing differs from `backbone`.
+        `runtime` (auto, torch, onnx, openvino; default $GLAD_RUNTIME or auto) runs the backbone."""
         from glad.modelfile import load_model
 
-        return load_model(Path(path), backbone=backbone, device=device)
+        return load_model(Path(path), backbone=backbone, device=device, runtime=runtime)
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ checks all of it and raises `ModelFileError` / `ModelMismatchError` with one cle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,11 +17,12 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from glad.backbones import Backbone, BackboneSpec, create_backbone
+from glad.backbones import BackboneSpec, FeatureExtractor
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.local_weights import LocalWeights
 from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
+from glad.runtime import carry_export, file_sha256, open_backbone
 
 ARRAYS = "arrays.safetensors"
 __all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "load_model", "read_manifest",
@@ -87,26 +87,34 @@ def save_model(model, path: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         tmp_arrays = Path(tmp) / ARRAYS
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp_arrays))
-        manifest["arrays_sha256"] = _sha256(tmp_arrays)
+        manifest["arrays_sha256"] = file_sha256(tmp_arrays)
         tmp_manifest = Path(tmp) / MANIFEST
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_arrays, path / ARRAYS)
         os.replace(tmp_manifest, path / MANIFEST)
+    carry_export(model.backbone_, path)
     return path
 
 
-def load_model(path: Path, backbone: str | Backbone | None = None, device: str = "cpu"):
-    """Load a model; `backbone` (a name or a built `Backbone`) must match the one it was fit with."""
+def load_model(path: Path, backbone: str | FeatureExtractor | None = None, device: str = "cpu",
+               runtime: str | None = None):
+    """Load a model; `backbone` (a name or a built backbone) must match the one it was fit with.
+
+    Without a built backbone, `runtime` (else $GLAD_RUNTIME, else "auto") says what runs it:
+    an exported one in the model directory when there is one (see `glad.runtime`), or torch.
+    The content hash covers the arrays file only, so exported backbones beside it (with their
+    own sidecar and hashes) do not disturb it.
+    """
     from glad.model import GladModel, LayerModel
 
     manifest = read_manifest(path)
     arrays_file = path / ARRAYS
     if not arrays_file.is_file():
         raise ModelFileError(f"{path}: model arrays file {ARRAYS} is missing")
-    if _sha256(arrays_file) != manifest.get("arrays_sha256"):
+    if file_sha256(arrays_file) != manifest.get("arrays_sha256"):
         raise ModelFileError(f"{arrays_file}: content hash does not match the manifest (corrupt?)")
     spec = BackboneSpec.from_dict(manifest["backbone"])
-    built = _matching_backbone(spec, backbone, device, path)
+    built = _matching_backbone(spec, backbone, device, path, runtime)
     try:
         arrays = load_file(str(arrays_file))
     except Exception as error:  # safetensors raises its own error types
@@ -130,13 +138,13 @@ def load_model(path: Path, backbone: str | Backbone | None = None, device: str =
     return model
 
 
-def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path) -> Backbone:
+def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path,
+                       runtime: str | None) -> FeatureExtractor:
     if backbone is None or isinstance(backbone, str):
         if backbone not in (None, spec.name):
             raise ModelMismatchError(
                 f"{path}: model was fitted on backbone {spec.name}, not {backbone}")
-        weights = spec.weights if spec.weights != "file" else "pretrained"
-        return create_backbone(spec.name, weights, spec.antialiased, device, spec.input_size)
+        return open_backbone(path, spec, device, runtime)
     if backbone.spec.preprocessing_hash() != spec.preprocessing_hash():
         raise ModelMismatchError(
             f"{path}: model was fitted on {spec.name} (preprocessing {spec.preprocessing_hash()}); "
@@ -179,11 +187,3 @@ def _covariances(whiteners: torch.Tensor) -> np.ndarray:
     """Sigma_k = (W_k^T W_k)^-1, rebuilt from the stored whiteners."""
     inverse = torch.linalg.inv(whiteners.double())
     return (inverse @ inverse.transpose(1, 2)).numpy()
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

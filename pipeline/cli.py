@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_score(commands)
     _add_eval(commands)
+    _add_export(commands)
     add_commands(commands)
     add_updater_command(commands)
     add_dashboard_command(commands)
@@ -318,6 +319,43 @@ def _eval(args) -> int:
         print(json.dumps({"results": [r.to_dict() for r in records]}))
     else:
         print(format_table(records))
+    return 0
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser(
+        "export", help="export a model's backbone to ONNX Runtime or OpenVINO (faster on CPU)",
+        description="Export the backbone of a fitted model (the layers GLAD taps, preprocessing "
+                    "included, any batch size) into the model directory, with a sidecar "
+                    "backbone.FORMAT.json recording the preprocessing hash, input size and file "
+                    "hashes. Loading the model then runs the backbone on that runtime on CPU "
+                    "when it is installed (pip install glad-stream[onnx] or [openvino]), and on "
+                    "torch otherwise; GLAD_RUNTIME=auto|torch|onnx|openvino overrides the "
+                    "choice. The export is checked against torch's features before it is "
+                    "installed. Exporting needs the onnx package. Published versions copy the "
+                    "whole model directory, so export before 'glad models publish', or export "
+                    "a published version's directory in place.")
+    parser.add_argument("model", type=Path, help="model directory written by 'glad fit'")
+    parser.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                        help="onnx (ONNX Runtime) or openvino (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"model", "format", "files", "sidecar", '
+                             '"preprocessing_hash", "max_rel_diff", "seconds"}')
+    parser.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    from glad.runtime import export_model
+
+    report = export_model(args.model, args.format)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"exported {args.format} backbone ({', '.join(f.name for f in report.files)}, "
+              f"max relative difference to torch {report.max_rel_diff:.1e}) -> {args.model}")
     return 0
 
 

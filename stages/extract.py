@@ -1,11 +1,13 @@
 """The extract stage: aligned -> features. The backbone on a batch of frames (GPU when the worker
 runs with a CUDA device), features sent as float16 per layer (d, h, w).
 
-Frames that failed alignment are passed on without features.
+Frames that failed alignment are passed on without features. The backbone runs on torch or, on
+CPU, on an exported runtime (ONNX Runtime, OpenVINO: `glad export`); the worker logs which.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -16,15 +18,22 @@ from pipeline.errors import MessageError
 from pipeline.schema import Message, pack_array, unpack_array
 from stages._model import ModelStage
 
+log = logging.getLogger(__name__)
+
 
 class ExtractStage(ModelStage):
     name = "extract"
     input = "aligned"
     output = "features"
+    _reported: object = None  # the backbone whose runtime was last logged
 
     def process(self, messages: list[Message]) -> list[Message]:
         started = time.perf_counter()
         backbone = self.model.backbone_
+        if backbone is not self._reported:
+            log.info("extract: backbone %s on %s (model version %s)", backbone.spec.name,
+                     backbone.runtime, self.model_version)
+            self._reported = backbone
         size = backbone.spec.input_size
         usable = [i for i, m in enumerate(messages) if m.body["status"] == "ok"]
         images = [unpack_array(messages[i].body["image"], "image", dtype="uint8", ndim=3)
