@@ -8,9 +8,12 @@ frame is first warped onto a reference image. The OpenCV route of spec §6.3 is 
 2. a coarse warp comes from ORB features, Lowe's ratio test and a RANSAC similarity
    (`cv2.estimateAffinePartial2D`), robust to large motion and to defects; with too few inliers it
    falls back to a `cv2.phaseCorrelate` translation;
-3. pyramidal `cv2.findTransformECC` refines it coarse to fine. OpenCV 4.x has no template-side mask,
-   so the roles are swapped (template = frame, input = reference, input mask = the reference ROI):
-   ECC then estimates V with reference(V y) ≈ frame(y) and the warp is W = V⁻¹;
+3. an inverse compositional Gauss-Newton (spec §6.1) refines it coarse to fine on a `cv2.pyrDown`
+   pyramid, with ECC's objective (spec §6.2: the correlation coefficient, so a gain or offset
+   change does not bias it) and a template-side mask (the reference ROI). Everything that depends
+   on the reference alone (its blurred pyramid, gradients, steepest-descent images) is computed once
+   per aligner, so a frame costs one warp and a few dot products per iteration; `cv2.findTransformECC`
+   recomputes the reference side on every call and cannot mask the template in OpenCV 4.x;
 4. a robust pass (an emulation of IRLS) masks pixels whose normalised residual is an outlier (a
    defect, an occluder) and refines the finest level without them (with the robust pass on, the
    pyramid of step 3 stops one level above the finest, which then runs once, masked); when the
@@ -37,15 +40,6 @@ from glad.errors import ImageError
 
 MOTIONS = ("translation", "euclidean", "similarity", "affine", "homography")
 
-# ECC has no similarity model: similarity runs as MOTION_AFFINE and is projected onto the nearest
-# similarity after every level (least squares on the linear part, keeping the centre's image).
-_ECC_MOTION = {
-    "translation": cv2.MOTION_TRANSLATION,
-    "euclidean": cv2.MOTION_EUCLIDEAN,
-    "similarity": cv2.MOTION_AFFINE,
-    "affine": cv2.MOTION_AFFINE,
-    "homography": cv2.MOTION_HOMOGRAPHY,
-}
 _PARTIAL = ("translation", "euclidean", "similarity")  # motions a RANSAC similarity covers
 MIN_SIDE = 32  # px: smaller images carry too little structure to register
 MIN_STD = 2.0  # grey levels: a flatter image is blank
@@ -54,11 +48,14 @@ ORB_FAST_THRESHOLD = 5  # grey levels; the default 20 finds only ~50 corners on 
 ORB_FEATURES = 300  # enough for RANSAC; brute-force matching costs O(n²)
 RATIO = 0.75  # Lowe's ratio test
 RANSAC_THRESHOLD = 3.0  # px at working resolution
-ECC_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 60, 1e-5)
-# The finest level after the pyramid starts within a fraction of a working pixel (the next level's
-# estimate); a few Gauss-Newton steps reach the same accuracy there (each costs 1.5-4 ms at 256²).
-ECC_FINE_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 2, 1e-5)
-ECC_BLUR = 5  # gaussFiltSize of findTransformECC; the same blur is used for residuals and the NCC
+# Gauss-Newton refinement (spec §6.1): a level ends when no corner of its image moves by more than
+# the tolerance (px at that level) or after the iteration budget. The finest level starts within a
+# fraction of a working pixel (the next level's estimate) and converges in 2-3 steps.
+GN_ITERATIONS = 30
+GN_FINE_ITERATIONS = 5
+GN_TOLERANCE = 0.01
+GRADIENT_MARGIN = 2  # px at each level's border, where the blur and gradient see the padding
+BLUR = 5  # Gaussian pre-blur of both images at every level (ECC's gaussFiltSize), also for the NCC
 OUTLIER_SIGMAS = 3.0
 OUTLIER_DILATION = 5  # px
 MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard deviations
@@ -132,9 +129,10 @@ class Aligner:
         roi = cv2.resize(full_roi, self._ref_work.shape[::-1], interpolation=cv2.INTER_NEAREST)
         self._roi = roi.astype(bool)
         self._full_roi = cv2.resize(roi, gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
-        self._ref_pyramid = _pyramid(self._ref_work, self._levels)
+        # the reference side of the refinement, once per aligner (spec §6.1: "precompute once per scale")
+        self._templates = [_template(level, motion) for level in _pyramid(self._ref_work, self._levels)]
         self._roi_pyramid = _mask_pyramid(self._roi, self._levels)
-        self._ref_smooth = _smooth(self._ref_work)
+        self._ref_smooth = self._templates[0].image
         self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._cache: dict[tuple[str, bytes], object] = {}
@@ -153,13 +151,14 @@ class Aligner:
         try:
             gray = _gray(_check_frame(frame))
             work, frame_scale = _to_work(gray, self.work_size)
-            warp_work = self._estimate(work, start, warnings)
+            frames = [_smooth(level) for level in _pyramid(work, self._levels)]
+            warp_work = self._estimate(work, frames, start, warnings)
         except _Failure as failure:
             self._cache = {}
             return Alignment(np.eye(3), None, None, 0.0, False, f"alignment_failed: {failure}",
                              self.shape, warnings)
         warp = frame_scale @ warp_work @ np.linalg.inv(self._ref_scale)
-        correlation = self._correlation(work, warp_work)
+        correlation = self._correlation(frames[0], warp_work)
         self._cache = {}
         reason = self._gate(warp, gray.shape, correlation)
         aligned, valid = self._warp_frame(frame, warp, warnings)
@@ -170,50 +169,51 @@ class Aligner:
     # Estimation at working resolution
     # ---------------------------------------------------------------------------------------
 
-    def _estimate(self, work: np.ndarray, start: float, warnings: list[str]) -> np.ndarray:
+    def _estimate(self, work: np.ndarray, frames: list[np.ndarray], start: float,
+                  warnings: list[str]) -> np.ndarray:
         """Coarse, pyramidal and robust estimation of the working-resolution warp.
 
-        With the robust pass on, the pyramid stops one level above the finest and the finest level
-        runs once, masked by the outliers found at that level's estimate (or unmasked when the pass
-        is skipped), which halves the cost of full-resolution ECC. When the result strays far from a
-        trusted feature-based estimate (a defect can drag the first ECC levels), the robust
-        refinement is also started from the coarse estimate and the better correlated one is kept.
+        `frames` is the frame's pyramid after the pre-blur. With the robust pass on, the pyramid
+        stops one level above the finest and the finest level runs once, masked by the outliers
+        found at that level's estimate (or unmasked when the pass is skipped), so the costliest
+        level runs once. When the result strays far from a trusted feature-based estimate (a defect
+        can drag the first levels), the robust refinement is also started from the coarse estimate
+        and the better correlated one is kept.
         """
         coarse, trusted = self._coarse(work)
         self._check_time(start)
-        pyramid = _pyramid(work, self._levels)
         split = self.robust and self._levels > 1
-        warp, converged = self._refine_pyramid(pyramid, coarse, start, 1 if split else 0)
+        warp, converged = self._refine_pyramid(frames, coarse, start, 1 if split else 0)
         strayed = _corner_shift(coarse, warp, work.shape)
         if split:
-            robust, _ = self._robust_pass(work, warp, start, criteria=ECC_FINE_CRITERIA)
+            robust, _ = self._robust_pass(frames, warp, start, iterations=GN_FINE_ITERATIONS)
             if robust is None:
-                robust = self._ecc(work, 0, warp, self._roi_pyramid[0], ECC_FINE_CRITERIA)
+                robust = self._refine(frames, 0, warp, self._roi_pyramid[0], GN_FINE_ITERATIONS)
             if robust is not None:
                 warp, converged = robust, True
         if not converged:
             if not trusted:
                 raise _Failure("no convergence")
-            warnings.append("ecc_failed: kept the coarse feature-based estimate")
+            warnings.append("refinement_failed: kept the coarse feature-based estimate")
         if self.robust and not split:
-            robust, _ = self._robust_pass(work, warp, start)
+            robust, _ = self._robust_pass(frames, warp, start)
             warp = warp if robust is None else robust
         strayed = max(strayed, _corner_shift(coarse, warp, work.shape))
         if self.robust and trusted and strayed > DIVERGENCE:
-            warp = self._second_opinion(work, coarse, warp, start)
+            warp = self._second_opinion(frames, coarse, warp, start)
         return warp
 
-    def _second_opinion(self, work: np.ndarray, coarse: np.ndarray, warp: np.ndarray,
+    def _second_opinion(self, frames: list[np.ndarray], coarse: np.ndarray, warp: np.ndarray,
                         start: float) -> np.ndarray:
         """Robust refinement started from the coarse estimate; the better of the two is kept.
 
         The comparison uses the correlation outside the outliers of both estimates.
         """
-        alternative, outliers = self._robust_pass(work, coarse, start, pyramid=True)
+        alternative, outliers = self._robust_pass(frames, coarse, start, pyramid=True)
         if alternative is None:
             return warp
-        keep = self._roi & ~(outliers | self._outlier_mask(work, warp))
-        if self._correlation(work, alternative, keep) > self._correlation(work, warp, keep):
+        keep = self._roi & ~(outliers | self._outlier_mask(frames[0], warp))
+        if self._correlation(frames[0], alternative, keep) > self._correlation(frames[0], warp, keep):
             return alternative
         return warp
 
@@ -252,101 +252,94 @@ class Aligner:
         (dx, dy), _ = cv2.phaseCorrelate(self._ref_work.copy(), canvas, window)
         return _translation(dx, dy)
 
-    def _refine_pyramid(self, pyramid: list[np.ndarray], warp: np.ndarray, start: float,
+    def _refine_pyramid(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
                         finest: int = 0, rois: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
-        """ECC from the coarsest level down to `finest`; a level that fails keeps the current warp."""
+        """Refine from the coarsest level down to `finest`; a level that fails keeps the current warp."""
         rois = self._roi_pyramid if rois is None else rois
         converged = False
         for level in reversed(range(finest, self._levels)):
-            refined = self._ecc(pyramid[level], level, warp, rois[level])
+            refined = self._refine(frames, level, warp, rois[level])
             if refined is not None:
                 warp, converged = refined, True
             self._check_time(start)
         return warp, converged
 
-    def _robust_pass(self, work: np.ndarray, warp: np.ndarray, start: float, pyramid: bool = False,
-                     criteria: tuple[int, int, float] = ECC_CRITERIA) -> tuple[np.ndarray | None, np.ndarray]:
+    def _robust_pass(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
+                     pyramid: bool = False,
+                     iterations: int = GN_ITERATIONS) -> tuple[np.ndarray | None, np.ndarray]:
         """Refine the finest level without the pixels whose residual is an outlier (defects).
 
         Returns (refined warp or None, outlier mask). None when almost nothing or too much is
-        masked (then it is misfit, not a defect), when ECC fails, or when the new warp does not
-        correlate better than `warp` on the pixels that are not outliers. With `pyramid`, every
-        level runs masked (for a start that may be a few pixels off).
+        masked (then it is misfit, not a defect), when the refinement fails, or when the new warp
+        does not correlate better than `warp` on the pixels that are not outliers. With `pyramid`,
+        every level runs masked (for a start that may be a few pixels off).
         """
-        region = self._roi & self._view(work, warp)[1]
-        outliers = self._outlier_mask(work, warp)
+        region = self._roi & self._view(frames[0], warp)[1]
+        outliers = self._outlier_mask(frames[0], warp)
         low, high = OUTLIER_FRACTION
         if not low * region.sum() <= outliers.sum() <= high * region.sum():
             return None, outliers
         keep = self._roi & ~outliers
         if pyramid:
-            rois = _mask_pyramid(keep, self._levels)
-            refined, converged = self._refine_pyramid(_pyramid(work, self._levels), warp, start, 0, rois)
+            refined, converged = self._refine_pyramid(frames, warp, start, 0,
+                                                      _mask_pyramid(keep, self._levels))
             refined = refined if converged else None
         else:
-            refined = self._ecc(work, 0, warp, keep.astype(np.uint8), criteria)
+            refined = self._refine(frames, 0, warp, keep, iterations)
         self._check_time(start)
-        if refined is None or self._correlation(work, refined, keep) <= self._correlation(work, warp, keep):
+        if refined is None or (self._correlation(frames[0], refined, keep)
+                               <= self._correlation(frames[0], warp, keep)):
             return None, outliers
         return refined, outliers
 
-    def _ecc(self, frame: np.ndarray, level: int, warp: np.ndarray, roi: np.ndarray,
-             criteria: tuple[int, int, float] = ECC_CRITERIA) -> np.ndarray | None:
-        """One `findTransformECC` call at pyramid `level` with the reference as the masked input.
+    def _refine(self, frames: list[np.ndarray], level: int, warp: np.ndarray, roi: np.ndarray,
+                iterations: int = GN_ITERATIONS) -> np.ndarray | None:
+        """Gauss-Newton at pyramid `level` on the reference pixels of `roi` (spec §6.1).
 
-        `warp` (reference -> frame, level 0) is inverted into V (frame -> reference) for ECC,
-        conjugated to the level, refined, and returned at level 0; None when ECC raises.
+        `warp` (level 0) is conjugated to the level (pyrDown: coarse pixel c is fine pixel 2c,
+        spec §6.3 step 3), refined and returned at level 0; None when the refinement fails.
         """
         scale = np.diag([2.0**level, 2.0**level, 1.0])
-        inverse = np.linalg.inv(scale) @ np.linalg.inv(warp) @ scale
-        size = 3 if self.motion == "homography" else 2
-        initial = (inverse / inverse[2, 2])[:size].astype(np.float32)
-        try:
-            _, refined = cv2.findTransformECC(frame, self._ref_pyramid[level], initial,
-                                              _ECC_MOTION[self.motion], criteria,
-                                              roi.astype(np.uint8), ECC_BLUR)
-        except cv2.error:
+        refined = _gauss_newton(self._templates[level], frames[level],
+                                np.linalg.inv(scale) @ warp @ scale, roi, iterations)
+        if refined is None:
             return None
-        full = np.vstack([refined, [0.0, 0.0, 1.0]])[:3].astype(np.float64)
-        if not _invertible(full):
-            return None
-        result = np.linalg.inv(scale @ full @ np.linalg.inv(scale))
-        projected = self._project(result / result[2, 2])
+        projected = self._project(scale @ refined @ np.linalg.inv(scale))
         return projected if _invertible(projected) else None
 
     def _project(self, warp: np.ndarray) -> np.ndarray:
         """The nearest warp of this aligner's motion family (working resolution)."""
         return _project(warp, self.motion, _centre(self._ref_work.shape))
 
-    def _view(self, work: np.ndarray, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The frame warped onto the reference after ECC's pre-blur, and its validity mask.
+    def _view(self, frame: np.ndarray, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pre-blurred working frame warped onto the reference, and its validity mask.
 
         Cached per `align` call (keyed by the warp), since gates and comparisons revisit warps.
         """
         key = ("view", warp.tobytes())
         if key not in self._cache:
-            aligned, valid = _warp_gray(work, warp, self._ref_work.shape)
-            self._cache[key] = (_smooth(aligned), valid)
+            self._cache[key] = (_warp(frame, warp, self._ref_work.shape, cv2.INTER_LINEAR),
+                                _valid(frame.shape, warp, self._ref_work.shape))
         return self._cache[key]
 
-    def _outlier_mask(self, work: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    def _outlier_mask(self, frame: np.ndarray, warp: np.ndarray) -> np.ndarray:
         """Outlier blobs of the residual under `warp` (see `_outliers`), cached like `_view`."""
         key = ("outliers", warp.tobytes())
         if key not in self._cache:
-            smooth, valid = self._view(work, warp)
-            self._cache[key] = _outliers(self._ref_smooth, smooth, self._roi & valid)
+            aligned, valid = self._view(frame, warp)
+            self._cache[key] = _outliers(self._ref_smooth, aligned, self._roi & valid)
         return self._cache[key]
 
-    def _correlation(self, work: np.ndarray, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
+    def _correlation(self, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
         """Zero-mean normalised cross-correlation of the aligned and reference greys.
 
-        Computed on the valid pixels of `roi` (default: the reference ROI), after ECC's pre-blur.
+        Computed on the valid pixels of `roi` (default: the reference ROI), after the pre-blur.
         """
-        smooth, valid = self._view(work, warp)
+        aligned, valid = self._view(frame, warp)
         region = (self._roi if roi is None else roi) & valid
         if region.sum() < 16:
             return 0.0
-        return _ncc(self._ref_smooth[region], smooth[region])
+        return _ncc(self._ref_smooth[region], aligned[region])
 
     # ---------------------------------------------------------------------------------------
     # Gates and outputs
@@ -379,9 +372,7 @@ class Aligner:
         """The frame resampled in the reference frame, and its validity mask (spec §6.4)."""
         rgb = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame[..., :3]
         aligned = _warp(np.ascontiguousarray(rgb), warp, self.shape, cv2.INTER_LINEAR)
-        ones = np.ones(frame.shape[:2], np.uint8)
-        valid = cv2.erode(_warp(ones, warp, self.shape, cv2.INTER_NEAREST), np.ones((3, 3), np.uint8))
-        valid = valid.astype(bool)
+        valid = _valid(frame.shape, warp, self.shape)
         roi = self._full_roi
         fraction = valid[roi].mean() if roi.any() else valid.mean()
         if fraction < MIN_VALID_FRACTION:
@@ -530,8 +521,8 @@ def _as_uint8(gray: np.ndarray) -> np.ndarray:
 
 
 def _smooth(gray: np.ndarray) -> np.ndarray:
-    """The same Gaussian pre-blur as ECC's gaussFiltSize, so residuals and NCC match its view."""
-    return cv2.GaussianBlur(gray, (ECC_BLUR, ECC_BLUR), 0)
+    """The Gaussian pre-blur of both images at every level (ECC's gaussFiltSize), also for the NCC."""
+    return cv2.GaussianBlur(gray, (BLUR, BLUR), 0)
 
 
 def _to_work(gray: np.ndarray, work_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -561,8 +552,8 @@ def _pyramid(gray: np.ndarray, levels: int) -> list[np.ndarray]:
 
 
 def _mask_pyramid(mask: np.ndarray, levels: int) -> list[np.ndarray]:
-    """The ROI at each level (even samples, as pyrDown keeps), uint8 for ECC."""
-    return [mask[:: 2**level, :: 2**level].astype(np.uint8) for level in range(levels)]
+    """A boolean mask at each level (even samples, as pyrDown keeps)."""
+    return [mask[:: 2**level, :: 2**level] for level in range(levels)]
 
 
 def _centre(shape: tuple[int, ...]) -> np.ndarray:
@@ -625,12 +616,156 @@ def _warp(image: np.ndarray, warp: np.ndarray, shape: tuple[int, int], interpola
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def _warp_gray(work: np.ndarray, warp: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A working-resolution frame warped onto the reference, with its eroded validity mask."""
-    aligned = _warp(work, warp, shape, cv2.INTER_LINEAR)
-    ones = _warp(np.ones(work.shape, np.uint8), warp, shape, cv2.INTER_NEAREST)
-    valid = cv2.erode(ones, np.ones((2 * ECC_BLUR + 1,) * 2, np.uint8)) > 0
-    return aligned, valid
+def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of the reference frame whose bilinear sample lies inside the source (spec §6.4).
+
+    An all-ones image warped with nearest interpolation and a zero border, eroded by the 1 px
+    support of bilinear interpolation.
+    """
+    ones = _warp(np.ones(source_shape[:2], np.uint8), warp, shape, cv2.INTER_NEAREST)
+    return cv2.erode(ones, np.ones((3, 3), np.uint8)).astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inverse compositional Gauss-Newton refinement (spec §6.1 with ECC's objective, §6.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit(row: int, col: int) -> np.ndarray:
+    unit = np.zeros((3, 3))
+    unit[row, col] = 1.0
+    return unit
+
+
+# Generators B_k of each motion family in normalised coordinates: an increment is I + Σ p_k B_k
+# (the parametrisations of spec §6.1; a Euclidean increment is projected back onto a rotation).
+_SHIFTS = [_unit(0, 2), _unit(1, 2)]
+_ROTATION = _unit(1, 0) - _unit(0, 1)
+_LINEAR = [_unit(0, 0), _unit(0, 1), _unit(1, 0), _unit(1, 1)]
+_GENERATORS = {
+    "translation": _SHIFTS,
+    "euclidean": [*_SHIFTS, _ROTATION],
+    "similarity": [*_SHIFTS, _unit(0, 0) + _unit(1, 1), _ROTATION],
+    "affine": [*_SHIFTS, *_LINEAR],
+    "homography": [*_SHIFTS, *_LINEAR, _unit(2, 0), _unit(2, 1)],
+}
+
+
+@dataclass(frozen=True)
+class _Template:
+    """One pyramid level of the reference, prepared once per aligner for `_gauss_newton`.
+
+    `image` is the pre-blurred reference (float32), `steepest` its steepest-descent images
+    G_k = ∇I₁ · ∂W/∂p_k (one flattened row per parameter of `motion`) and `sparse` the same on every
+    other row and column, enough for the Hessian (`_hessian`). `normalise` maps pixel to normalised
+    coordinates (centre 0, half the longest side 1, which keeps the Hessian well conditioned) and
+    `interior` excludes the border where the blur and gradient see padding.
+    """
+
+    motion: str
+    image: np.ndarray
+    steepest: np.ndarray
+    sparse: np.ndarray
+    normalise: np.ndarray
+    interior: np.ndarray
+
+
+def _template(reference: np.ndarray, motion: str) -> _Template:
+    """The `_Template` of one level of the (unblurred) working reference."""
+    image = _smooth(reference)
+    h, w = image.shape
+    half = max(h, w) / 2.0
+    normalise = np.array([[1 / half, 0.0, -(w - 1) / (2 * half)],
+                          [0.0, 1 / half, -(h - 1) / (2 * half)], [0.0, 0.0, 1.0]])
+    rows, cols = np.mgrid[0:h, 0:w]
+    points = normalise @ np.stack([cols.ravel(), rows.ravel(), np.ones(h * w)])
+    # Sobel / 8 is the derivative in grey levels per pixel; times `half`, per normalised unit
+    gx, gy = (cv2.Sobel(image, cv2.CV_32F, dx, 1 - dx, ksize=3, scale=half / 8).ravel() for dx in (1, 0))
+    steepest = []
+    for generator in _GENERATORS[motion]:
+        moved = generator @ points  # derivative of the homogeneous image; then of its projection
+        steepest.append(gx * (moved[0] - points[0] * moved[2]) + gy * (moved[1] - points[1] * moved[2]))
+    steepest = np.array(steepest, np.float32)
+    sparse = np.ascontiguousarray(steepest.reshape(-1, h, w)[:, ::2, ::2].reshape(len(steepest), -1))
+    interior = np.zeros((h, w), bool)
+    interior[GRADIENT_MARGIN:h - GRADIENT_MARGIN, GRADIENT_MARGIN:w - GRADIENT_MARGIN] = True
+    return _Template(motion, image, steepest, sparse, normalise, interior)
+
+
+def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray,
+                  iterations: int) -> np.ndarray | None:
+    """Refine `warp` (template pixels -> `frame` pixels, one pyramid level) on the pixels of `roi`.
+
+    Inverse compositional Gauss-Newton (spec §6.1): each iteration warps the (pre-blurred) frame
+    once, takes its residual to the template after both are brought to zero mean and equal norm
+    over the counted pixels (ECC's correlation objective, §6.2: blind to gain and offset), solves
+    with the template's steepest-descent images and composes the inverse increment. The Hessian
+    is the first iteration's (the counted pixels barely change by sub-pixel steps). Stops when no
+    corner moves by more than GN_TOLERANCE px, and keeps the previous warp when the correlation
+    drops (an overshoot). None when the problem is degenerate: too few counted pixels, a flat
+    image, a singular Hessian or a collapsing warp.
+    """
+    shape = template.image.shape
+    to_pixels = np.linalg.inv(template.normalise)
+    centre = _centre(shape)
+    counted = roi & template.interior
+    hessian, best, previous = None, -np.inf, warp
+    for _ in range(iterations):
+        weights = (counted & _valid(frame.shape, warp, shape)).ravel().astype(np.float32)
+        if weights.sum() < 16 * len(template.steepest):
+            return None
+        aligned = _warp(frame, warp, shape, cv2.INTER_LINEAR).ravel()
+        residual = _normalised_residual(template.image.ravel(), aligned, weights)
+        if residual is None:
+            return None
+        error, correlation = residual
+        if correlation < best:
+            return previous
+        hessian = _hessian(template, weights) if hessian is None else hessian
+        try:
+            # einsum, not `@`: OpenBLAS runs a gemv this long on all cores (4x slower when loaded)
+            step = np.linalg.solve(hessian, np.einsum("kn,n->k", template.steepest, error))
+        except np.linalg.LinAlgError:
+            return None
+        increment = to_pixels @ (np.eye(3) + np.tensordot(step, _GENERATORS[template.motion], 1)) \
+            @ template.normalise
+        if not _invertible(increment):
+            return None
+        previous, best = warp, correlation
+        warp = _project(warp @ np.linalg.inv(increment), template.motion, centre)
+        if not _invertible(warp):
+            return None
+        if _corner_shift(increment, np.eye(3), shape) < GN_TOLERANCE:
+            break
+    return warp
+
+
+def _hessian(template: _Template, weights: np.ndarray) -> np.ndarray:
+    """Σ w GᵀG estimated on every other row and column (a quarter of the cost), float64.
+
+    The Hessian only scales the Gauss-Newton step; the fixed point, Σ w Gᵀe = 0, still uses every
+    pixel, so the estimate's accuracy does not depend on this sampling.
+    """
+    shape = template.image.shape
+    sparse = weights.reshape(shape)[::2, ::2].ravel()
+    scale = float(weights.sum()) / max(float(sparse.sum()), 1.0)
+    return scale * ((template.sparse * sparse) @ template.sparse.T).astype(np.float64)
+
+
+def _normalised_residual(template: np.ndarray, aligned: np.ndarray,
+                         weights: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(weighted residual, correlation) of two flattened images over the pixels of `weights`.
+
+    Both are centred on their weighted mean and the aligned image is scaled to the template's norm,
+    so the residual is in the template's grey levels; None when either image is flat there.
+    """
+    count = float(weights.sum())
+    a = aligned - float(weights @ aligned) / count
+    t = template - float(weights @ template) / count
+    norm_a, norm_t = math.sqrt(float(weights @ (a * a))), math.sqrt(float(weights @ (t * t)))
+    if norm_a < 1e-6 * count or norm_t < 1e-6 * count:
+        return None
+    return weights * (a * (norm_t / norm_a) - t), float(weights @ (a * t)) / (norm_a * norm_t)
 
 
 def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) -> np.ndarray:
