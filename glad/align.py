@@ -46,19 +46,28 @@ MIN_STD = 2.0  # grey levels: a flatter image is blank
 MIN_INLIERS = 15  # RANSAC inliers needed to trust the feature-based coarse warp
 ORB_FAST_THRESHOLD = 5  # grey levels; the default 20 finds only ~50 corners on a smooth part
 ORB_FEATURES = 300  # enough for RANSAC; brute-force matching costs O(n²)
+# ORB's pyramid (scale factor 1.2): 3 levels span 1.44x, more than the scale gate (0.9-1.1) allows;
+# the default 8 cost a third more and found no more RANSAC inliers on bench_align's parts
+ORB_LEVELS = 3
 RATIO = 0.75  # Lowe's ratio test
 RANSAC_THRESHOLD = 3.0  # px at working resolution
+# A trusted feature-based warp (RANSAC, 3 px threshold at working resolution) is within about a
+# working pixel, well inside the capture range of the half-resolution level: start there.
+TRUSTED_LEVEL = 1
 # Gauss-Newton refinement (spec §6.1): a level ends when no corner of its image moves by more than
 # the tolerance (px at that level) or after the iteration budget. The finest level starts within a
 # fraction of a working pixel (the next level's estimate) and converges in 2-3 steps.
 GN_ITERATIONS = 30
 GN_FINE_ITERATIONS = 5
 GN_TOLERANCE = 0.01
+VALIDITY_SLACK = 0.5  # px: the counted pixels are renewed once the warp has moved this far
+CORRELATION_SLACK = 1e-5  # a drop this small is rounding (float32 sums), not an overshoot
 GRADIENT_MARGIN = 2  # px at each level's border, where the blur and gradient see the padding
 BLUR = 5  # Gaussian pre-blur of both images at every level (ECC's gaussFiltSize), also for the NCC
 OUTLIER_SIGMAS = 3.0
 OUTLIER_DILATION = 5  # px
 MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard deviations
+MEDIAN_STRIDE = 4  # robust statistics of the residual on every 4th region pixel
 OUTLIER_FRACTION = (0.002, 0.25)  # robust pass only when this share of the ROI is masked
 MIN_VALID_FRACTION = 0.9
 # px at working resolution (largest corner distance): ECC this far from a trusted coarse warp gets a
@@ -133,7 +142,8 @@ class Aligner:
         self._templates = [_template(level, motion) for level in _pyramid(self._ref_work, self._levels)]
         self._roi_pyramid = _mask_pyramid(self._roi, self._levels)
         self._ref_smooth = self._templates[0].image
-        self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)
+        self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD,
+                                   nlevels=ORB_LEVELS)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self._cache: dict[tuple[str, bytes], object] = {}
         self._ref_keypoints, self._ref_descriptors = self._orb.detectAndCompute(
@@ -173,8 +183,9 @@ class Aligner:
                   warnings: list[str]) -> np.ndarray:
         """Coarse, pyramidal and robust estimation of the working-resolution warp.
 
-        `frames` is the frame's pyramid after the pre-blur. With the robust pass on, the pyramid
-        stops one level above the finest and the finest level runs once, masked by the outliers
+        `frames` is the frame's pyramid after the pre-blur. The pyramid starts at the level that
+        `_first_level` picks for the coarse estimate. With the robust pass on, it stops one level
+        above the finest and the finest level runs once, masked by the outliers
         found at that level's estimate (or unmasked when the pass is skipped), so the costliest
         level runs once. When the result strays far from a trusted feature-based estimate (a defect
         can drag the first levels), the robust refinement is also started from the coarse estimate
@@ -183,7 +194,8 @@ class Aligner:
         coarse, trusted = self._coarse(work)
         self._check_time(start)
         split = self.robust and self._levels > 1
-        warp, converged = self._refine_pyramid(frames, coarse, start, 1 if split else 0)
+        warp, converged = self._refine_pyramid(frames, coarse, start, 1 if split else 0,
+                                               coarsest=self._first_level(trusted))
         strayed = _corner_shift(coarse, warp, work.shape)
         if split:
             robust, _ = self._robust_pass(frames, warp, start, iterations=GN_FINE_ITERATIONS)
@@ -209,7 +221,7 @@ class Aligner:
 
         The comparison uses the correlation outside the outliers of both estimates.
         """
-        alternative, outliers = self._robust_pass(frames, coarse, start, pyramid=True)
+        alternative, outliers = self._robust_pass(frames, coarse, start, pyramid=self._first_level(True))
         if alternative is None:
             return warp
         keep = self._roi & ~(outliers | self._outlier_mask(frames[0], warp))
@@ -252,12 +264,18 @@ class Aligner:
         (dx, dy), _ = cv2.phaseCorrelate(self._ref_work.copy(), canvas, window)
         return _translation(dx, dy)
 
+    def _first_level(self, trusted: bool) -> int:
+        """The pyramid level to start refining at: the coarsest, or TRUSTED_LEVEL (when it exists)
+        for a trusted feature-based estimate, which is already within about a working pixel."""
+        return min(self._levels - 1, TRUSTED_LEVEL) if trusted else self._levels - 1
+
     def _refine_pyramid(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
-                        finest: int = 0, rois: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
-        """Refine from the coarsest level down to `finest`; a level that fails keeps the current warp."""
+                        finest: int, coarsest: int,
+                        rois: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
+        """Refine from level `coarsest` down to `finest`; a level that fails keeps the current warp."""
         rois = self._roi_pyramid if rois is None else rois
         converged = False
-        for level in reversed(range(finest, self._levels)):
+        for level in range(coarsest, finest - 1, -1):
             refined = self._refine(frames, level, warp, rois[level])
             if refined is not None:
                 warp, converged = refined, True
@@ -265,14 +283,14 @@ class Aligner:
         return warp, converged
 
     def _robust_pass(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
-                     pyramid: bool = False,
+                     pyramid: int | None = None,
                      iterations: int = GN_ITERATIONS) -> tuple[np.ndarray | None, np.ndarray]:
         """Refine the finest level without the pixels whose residual is an outlier (defects).
 
         Returns (refined warp or None, outlier mask). None when almost nothing or too much is
         masked (then it is misfit, not a defect), when the refinement fails, or when the new warp
-        does not correlate better than `warp` on the pixels that are not outliers. With `pyramid`,
-        every level runs masked (for a start that may be a few pixels off).
+        does not correlate better than `warp` on the pixels that are not outliers. With `pyramid`
+        (a level), every level from that one down runs masked (for a start a few pixels off).
         """
         region = self._roi & self._view(frames[0], warp)[1]
         outliers = self._outlier_mask(frames[0], warp)
@@ -280,8 +298,8 @@ class Aligner:
         if not low * region.sum() <= outliers.sum() <= high * region.sum():
             return None, outliers
         keep = self._roi & ~outliers
-        if pyramid:
-            refined, converged = self._refine_pyramid(frames, warp, start, 0,
+        if pyramid is not None:
+            refined, converged = self._refine_pyramid(frames, warp, start, 0, pyramid,
                                                       _mask_pyramid(keep, self._levels))
             refined = refined if converged else None
         else:
@@ -657,16 +675,19 @@ class _Template:
 
     `image` is the pre-blurred reference (float32), `steepest` its steepest-descent images
     G_k = ∇I₁ · ∂W/∂p_k (one flattened row per parameter of `motion`) and `sparse` the same on every
-    other row and column, enough for the Hessian (`_hessian`). `normalise` maps pixel to normalised
-    coordinates (centre 0, half the longest side 1, which keeps the Hessian well conditioned) and
-    `interior` excludes the border where the blur and gradient see padding.
+    other row and column, enough for the Hessian (`_hessian`). `generators` holds the flattened
+    B_k of the motion. `normalise` maps pixel to normalised coordinates (centre 0, half the longest
+    side 1, which keeps the Hessian well conditioned), `to_pixels` back; `interior` excludes the
+    border where the blur and gradient see padding.
     """
 
     motion: str
     image: np.ndarray
     steepest: np.ndarray
     sparse: np.ndarray
+    generators: np.ndarray
     normalise: np.ndarray
+    to_pixels: np.ndarray
     interior: np.ndarray
 
 
@@ -689,55 +710,52 @@ def _template(reference: np.ndarray, motion: str) -> _Template:
     sparse = np.ascontiguousarray(steepest.reshape(-1, h, w)[:, ::2, ::2].reshape(len(steepest), -1))
     interior = np.zeros((h, w), bool)
     interior[GRADIENT_MARGIN:h - GRADIENT_MARGIN, GRADIENT_MARGIN:w - GRADIENT_MARGIN] = True
-    return _Template(motion, image, steepest, sparse, normalise, interior)
+    generators = np.array([g.ravel() for g in _GENERATORS[motion]])
+    return _Template(motion, image, steepest, sparse, generators, normalise, np.linalg.inv(normalise),
+                     interior)
 
 
-def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray,
-                  iterations: int) -> np.ndarray | None:
-    """Refine `warp` (template pixels -> `frame` pixels, one pyramid level) on the pixels of `roi`.
+@dataclass(frozen=True)
+class _Fit:
+    """The template side of the normal equations on one set of counted pixels (weights w in {0, 1}).
 
-    Inverse compositional Gauss-Newton (spec §6.1): each iteration warps the (pre-blurred) frame
-    once, takes its residual to the template after both are brought to zero mean and equal norm
-    over the counted pixels (ECC's correlation objective, §6.2: blind to gain and offset), solves
-    with the template's steepest-descent images and composes the inverse increment. The Hessian
-    is the first iteration's (the counted pixels barely change by sub-pixel steps). Stops when no
-    corner moves by more than GN_TOLERANCE px, and keeps the previous warp when the correlation
-    drops (an overshoot). None when the problem is degenerate: too few counted pixels, a flat
-    image, a singular Hessian or a collapsing warp.
+    With t̄ the template centred on the counted pixels and a the warped frame, the Gauss-Newton
+    right-hand side Σ w G (g (a − ā) − t̄) equals g (G·(w a) − ā G·w) − G·(w t̄): everything but
+    G·(w a) is fixed while the set is, so an iteration makes a single pass of G over the image.
     """
-    shape = template.image.shape
-    to_pixels = np.linalg.inv(template.normalise)
-    centre = _centre(shape)
-    counted = roi & template.interior
-    hessian, best, previous = None, -np.inf, warp
-    for _ in range(iterations):
-        weights = (counted & _valid(frame.shape, warp, shape)).ravel().astype(np.float32)
-        if weights.sum() < 16 * len(template.steepest):
-            return None
-        aligned = _warp(frame, warp, shape, cv2.INTER_LINEAR).ravel()
-        residual = _normalised_residual(template.image.ravel(), aligned, weights)
-        if residual is None:
-            return None
-        error, correlation = residual
-        if correlation < best:
-            return previous
-        hessian = _hessian(template, weights) if hessian is None else hessian
-        try:
-            # einsum, not `@`: OpenBLAS runs a gemv this long on all cores (4x slower when loaded)
-            step = np.linalg.solve(hessian, np.einsum("kn,n->k", template.steepest, error))
-        except np.linalg.LinAlgError:
-            return None
-        increment = to_pixels @ (np.eye(3) + np.tensordot(step, _GENERATORS[template.motion], 1)) \
-            @ template.normalise
-        if not _invertible(increment):
-            return None
-        previous, best = warp, correlation
-        warp = _project(warp @ np.linalg.inv(increment), template.motion, centre)
-        if not _invertible(warp):
-            return None
-        if _corner_shift(increment, np.eye(3), shape) < GN_TOLERANCE:
-            break
-    return warp
+
+    weights: np.ndarray
+    count: float
+    centred: np.ndarray  # w t̄, flattened
+    norm: float  # ‖w t̄‖
+    steepest_weights: np.ndarray  # G·w
+    steepest_centred: np.ndarray  # G·(w t̄)
+    hessian: np.ndarray
+
+
+def _fit(template: _Template, counted: np.ndarray) -> _Fit | None:
+    """The `_Fit` of the pixels `counted` (bool image); None when too few or the template is flat."""
+    weights = counted.ravel().astype(np.float32)
+    count = float(weights.sum())
+    if count < 16 * len(template.steepest):
+        return None
+    image = template.image.ravel()
+    centred = weights * (image - float(weights @ image) / count)
+    norm = math.sqrt(float(centred @ centred))
+    if norm < MIN_STD * math.sqrt(count):
+        return None
+    return _Fit(weights, count, centred, norm, _dot_rows(template.steepest, weights),
+                _dot_rows(template.steepest, centred), _hessian(template, weights))
+
+
+def _dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """rows · vector (float64), one 1-D dot per row.
+
+    Not `rows @ vector`: OpenBLAS spreads a matrix-vector product this long over every core, which
+    breaks the one-core budget and stalls for milliseconds when the cores are busy; einsum avoids
+    BLAS but is twice slower than the row dots.
+    """
+    return np.array([float(row @ vector) for row in rows])
 
 
 def _hessian(template: _Template, weights: np.ndarray) -> np.ndarray:
@@ -752,20 +770,64 @@ def _hessian(template: _Template, weights: np.ndarray) -> np.ndarray:
     return scale * ((template.sparse * sparse) @ template.sparse.T).astype(np.float64)
 
 
-def _normalised_residual(template: np.ndarray, aligned: np.ndarray,
-                         weights: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """(weighted residual, correlation) of two flattened images over the pixels of `weights`.
+def _step(template: _Template, fit: _Fit, aligned: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(Gauss-Newton step, correlation) for the flattened warped frame `aligned` (spec §6.1, §6.2).
 
-    Both are centred on their weighted mean and the aligned image is scaled to the template's norm,
-    so the residual is in the template's grey levels; None when either image is flat there.
+    The residual is that of the frame brought to the template's mean and norm over the counted
+    pixels (ECC's correlation objective: blind to gain and offset); None when the frame is flat.
     """
-    count = float(weights.sum())
-    a = aligned - float(weights @ aligned) / count
-    t = template - float(weights @ template) / count
-    norm_a, norm_t = math.sqrt(float(weights @ (a * a))), math.sqrt(float(weights @ (t * t)))
-    if norm_a < 1e-6 * count or norm_t < 1e-6 * count:
+    weighted = fit.weights * aligned
+    mean = float(weighted.sum()) / fit.count
+    spread = math.sqrt(max(float(weighted @ aligned) - mean * mean * fit.count, 0.0))
+    if spread < MIN_STD * math.sqrt(fit.count):
         return None
-    return weights * (a * (norm_t / norm_a) - t), float(weights @ (a * t)) / (norm_a * norm_t)
+    gain = fit.norm / spread
+    gradient = gain * (_dot_rows(template.steepest, weighted) - mean * fit.steepest_weights)
+    try:
+        step = np.linalg.solve(fit.hessian, gradient - fit.steepest_centred)
+    except np.linalg.LinAlgError:
+        return None
+    return step, float(fit.centred @ aligned) / (spread * fit.norm)
+
+
+def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray,
+                  iterations: int) -> np.ndarray | None:
+    """Refine `warp` (template pixels -> `frame` pixels, one pyramid level) on the pixels of `roi`.
+
+    Inverse compositional Gauss-Newton (spec §6.1) on ECC's objective (§6.2): each iteration warps
+    the (pre-blurred) frame once, solves with the template's steepest-descent images (`_step`) and
+    composes the inverse increment. The counted pixels (`roi`, inside the frame) and with them the
+    template side (`_fit`) are renewed only once the warp has moved by VALIDITY_SLACK px. Stops
+    when no corner moves by more than GN_TOLERANCE px, and keeps the previous warp when the
+    correlation drops (an overshoot). None when the problem is degenerate: too few counted pixels,
+    a flat image, a singular Hessian or a collapsing warp.
+    """
+    shape = template.image.shape
+    centre = _centre(shape)
+    counted = roi & template.interior
+    fit, moved, best, previous = None, math.inf, -math.inf, warp
+    for _ in range(iterations):
+        if moved > VALIDITY_SLACK:
+            fit, moved, best = _fit(template, counted & _valid(frame.shape, warp, shape)), 0.0, -math.inf
+            if fit is None:
+                return None
+        solved = _step(template, fit, _warp(frame, warp, shape, cv2.INTER_LINEAR).ravel())
+        if solved is None:
+            return None
+        step, correlation = solved
+        if correlation < best - CORRELATION_SLACK:
+            return previous
+        linear = np.eye(3) + (step @ template.generators).reshape(3, 3)
+        increment = template.to_pixels @ linear @ template.normalise
+        if not _invertible(increment):
+            return None
+        previous, best = warp, correlation
+        warp = _project(warp @ np.linalg.inv(increment), template.motion, centre)
+        shift = _corner_shift(increment, np.eye(3), shape)
+        if shift < GN_TOLERANCE:
+            break
+        moved += shift
+    return warp
 
 
 def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -773,12 +835,13 @@ def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) ->
 
     The sigma is floored at `MIN_OUTLIER_Z` (z units of the reference) because flat backgrounds make
     the MAD tiny; a 3x3 opening drops the thin residual lines that sub-pixel misfit leaves on edges,
-    so that only defect-like blobs are masked.
+    so that only defect-like blobs are masked. The median and MAD come from every MEDIAN_STRIDE-th
+    pixel of the region (their standard error stays near 1 % of sigma; a full median costs 10x).
     """
     if region.sum() < 16:
         return np.zeros(region.shape, bool)
     residual = _zscore(reference, region) - _zscore(aligned, region)
-    values = residual[region]
+    values = residual[region][::MEDIAN_STRIDE]
     centre = float(np.median(values))
     sigma = 1.4826 * float(np.median(np.abs(values - centre)))
     threshold = max(OUTLIER_SIGMAS * sigma, MIN_OUTLIER_Z)
@@ -794,7 +857,9 @@ def _zscore(gray: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.mean()
-    b = b.astype(np.float64) - b.mean()
-    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+    """Zero-mean normalised cross-correlation of two 1-D arrays, in their own precision (float32
+    sums are good to ~1e-6 here, and a float64 copy of every operand would double the cost)."""
+    a = a - a.mean()
+    b = b - b.mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denominator if denominator > 0 else 0.0
