@@ -9,9 +9,11 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from glad.local_weights import LocalWeights
+from glad.local_weights import MAX_TILE, LocalWeights, tile_lengths
 from glad.mixture import GaussianMixture
+from glad.model import LayerModel
 from glad.scoring import (
+    choose_method,
     combine_layers,
     heatmaps,
     image_scores,
@@ -114,6 +116,140 @@ def test_sparse_is_stable_far_from_every_gaussian() -> None:
     assert torch.isfinite(out).all()
     assert (reference < -1000).all()
     np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4)
+
+
+def test_dense_is_stable_far_from_every_gaussian() -> None:
+    rng = np.random.default_rng(4)
+    mixture = random_mixture(rng, 4, 3)
+    local = LocalWeights.from_dense(random_local_weights(rng, 4, 4), (2, 2))
+    features = torch.full((1, 4, 3), 300.0)
+    out = layer_loglik_dense(features, mixture.factors(), local.dense_log())
+    reference = reference_loglik(features.numpy(), mixture, local.dense().double().numpy())
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4)
+
+
+# --- batched sparse kernel and dense masked path against a dense float64 reference (§4.1, §4.6) ---
+
+
+def heterogeneous_weights(rng: np.random.Generator, hw: int, k: int) -> np.ndarray:
+    """(HW, K) weights with supports of every size: Gaussian 0 active everywhere, 1 and 2 nowhere,
+    the others on log-uniformly many random positions (so tiles of every length, and some longer
+    than MAX_TILE when HW allows); rows sum to 1."""
+    active = np.zeros((hw, k), dtype=bool)
+    active[:, 0] = True
+    for comp in range(3, k):
+        size = int(np.exp(rng.uniform(0.0, np.log(hw))))
+        active[rng.choice(hw, size=size, replace=False), comp] = True
+    weights = np.where(active, rng.uniform(0.05, 1.0, size=(hw, k)), 0.0)
+    return weights / weights.sum(1, keepdims=True)
+
+
+def dense_reference(features: np.ndarray, mixture: GaussianMixture,
+                    weights: np.ndarray) -> np.ndarray:
+    """float64 LSE over all K of log pi_k(x) + log N(u; mu_k, Sigma_k), -inf where pi_k(x) = 0."""
+    d = features.shape[-1]
+    chol = np.linalg.cholesky(mixture.covariances)
+    terms = []
+    for k in range(mixture.n_components):
+        z = np.linalg.solve(chol[k], (features.astype(np.float64) - mixture.means[k]).reshape(-1, d).T)
+        logdet = 2.0 * np.log(np.diag(chol[k])).sum()
+        terms.append(-0.5 * (d * math.log(2 * math.pi) + logdet + (z * z).sum(0)))
+    log_density = np.stack(terms, -1).reshape(*features.shape[:2], -1)
+    with np.errstate(divide="ignore"):
+        return logsumexp(np.log(weights)[None] + log_density, axis=-1)
+
+
+@pytest.mark.parametrize("d,k,grid", [(3, 12, (5, 7)), (24, 40, (20, 20)), (40, 30, (16, 18))])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sparse_and_dense_masked_match_dense_reference(d, k, grid, batch) -> None:
+    rng = np.random.default_rng(d * 100 + batch)
+    mixture = random_mixture(rng, k, d)
+    factors = mixture.factors()
+    hw = grid[0] * grid[1]
+    weights = heterogeneous_weights(rng, hw, k)
+    local = LocalWeights.from_dense(torch.from_numpy(weights.astype(np.float32)), grid)
+    features = features_near(rng, mixture, batch, hw)
+    reference = dense_reference(features.numpy(), mixture, local.dense().double().numpy())
+
+    sparse = layer_loglik_sparse(features, factors, local)
+    dense = layer_loglik_dense(features, factors, local.dense_log())
+    for out in (sparse, dense):
+        assert out.shape == (batch, hw) and out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_tiles_hold_every_active_pair_once() -> None:
+    rng = np.random.default_rng(8)
+    hw, k = 600, 20
+    weights = heterogeneous_weights(rng, hw, k)
+    local = LocalWeights.from_dense(torch.from_numpy(weights.astype(np.float32)), (20, 30))
+    tiles = local.tiles()
+    assert tiles.slots.shape == (int((weights > 0).sum(1).max()), hw)
+    assert {b.tile for b in tiles.buckets} <= set(tile_lengths().tolist())
+    assert max(b.tile for b in tiles.buckets) == MAX_TILE  # Gaussian 0 spans several full tiles
+    comp = torch.cat([b.components.repeat_interleave(b.tile) for b in tiles.buckets])
+    position = torch.cat([b.positions for b in tiles.buckets])
+    log_w = torch.cat([b.log_weights.flatten() for b in tiles.buckets])
+    assert len(comp) == tiles.n_slots
+    found = np.zeros((hw, k))
+    for row in range(tiles.slots.shape[0]):
+        slot = tiles.slots[row]
+        used = slot < tiles.n_slots
+        assert (position[slot[used]] == torch.nonzero(used).flatten()).all()
+        found[position[slot[used]].numpy(), comp[slot[used]].numpy()] += np.exp(
+            log_w[slot[used]].numpy())
+    np.testing.assert_allclose(found, weights, rtol=1e-6)  # each pair once, with its weight
+    assert local.tiles() is tiles  # built once per device
+
+
+def test_small_chunks_give_the_same_result() -> None:
+    rng = np.random.default_rng(9)
+    mixture = random_mixture(rng, 10, 6)
+    local = LocalWeights.from_dense(torch.from_numpy(heterogeneous_weights(rng, 300, 10)
+                                                     .astype(np.float32)), (15, 20))
+    features = features_near(rng, mixture, 3, 300)
+    factors = mixture.factors()
+    for method, log_weights in ((layer_loglik_sparse, local), (layer_loglik_dense,
+                                                                local.dense_log())):
+        whole = method(features, factors, log_weights, budget=1 << 30)
+        chunked = method(features, factors, log_weights, budget=1)
+        np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=1e-6, atol=1e-5)
+
+
+def test_position_without_active_gaussian_is_minus_infinity() -> None:
+    rng = np.random.default_rng(10)
+    mixture = random_mixture(rng, 3, 2)
+    weights = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.2, 0.8]])
+    local = LocalWeights.from_dense(weights, (1, 3))
+    features = features_near(rng, mixture, 2, 3)
+    for out in (layer_loglik_sparse(features, mixture.factors(), local),
+                layer_loglik_dense(features, mixture.factors(), local.dense_log())):
+        assert torch.isneginf(out[:, 1]).all() and torch.isfinite(out[:, [0, 2]]).all()
+
+
+def test_layer_model_methods_agree_and_mask_invalid() -> None:
+    rng = np.random.default_rng(11)
+    mixture = random_mixture(rng, 8, 5)
+    grid = (4, 6)
+    local = LocalWeights.from_dense(torch.from_numpy(heterogeneous_weights(rng, 24, 8)
+                                                     .astype(np.float32)), grid)
+    layer = LayerModel(mixture, mixture.factors(), grid, local)
+    features = features_near(rng, mixture, 2, 24)
+    valid = torch.from_numpy(rng.uniform(size=(2, 24)) < 0.8)
+    maps = {m: layer.loglik(features, valid, method=m) for m in ("auto", "sparse", "dense")}
+    for out in maps.values():
+        assert out.shape == (2, *grid)
+        assert torch.isnan(out).flatten(1).equal(~valid)
+    np.testing.assert_allclose(maps["dense"].numpy(), maps["sparse"].numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(maps["auto"].numpy(), maps["sparse"].numpy())  # CPU: sparse
+    with pytest.raises(ValueError):
+        layer.loglik(features, method="fast")
+
+
+def test_auto_method_is_sparse_on_cpu_and_dense_on_cuda() -> None:
+    assert choose_method("auto", torch.device("cpu")) == "sparse"
+    assert choose_method("auto", torch.device("cuda")) == "dense"
+    assert choose_method("sparse", torch.device("cuda")) == "sparse"
 
 
 def test_image_scores_is_minus_linear_quantile_over_roi() -> None:
