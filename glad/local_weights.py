@@ -72,8 +72,8 @@ class ScoringTiles:
     """The (position, Gaussian) pairs of LocalWeights laid out for batched sparse scoring (§4.6).
 
     Each Gaussian's position list is cut into tiles of MAX_TILE positions; the remainder is padded
-    to the next power of two (at least MIN_TILE) and joins the bucket of that length, so one
-    `torch.baddbmm` per bucket whitens every pair and padding stays below 2x of the remainders.
+    to the next of `tile_lengths()` and joins the bucket of that length, so one batched GEMM per
+    bucket (and chunk) whitens every pair, with under 19% padding of the remainders.
     The buckets' tiles, concatenated, number the pair slots; `slots` holds each position's active
     slots (a column, padded with the sentinel `n_slots`), so the log-sum-exp over a position's
     Gaussians is a gather and a dense reduction over the leading axis (which vectorises across
