@@ -60,7 +60,8 @@ TRUSTED_LEVEL = 1
 GN_ITERATIONS = 10
 GN_FINE_ITERATIONS = 5
 GN_TOLERANCE = 0.01
-VALIDITY_SLACK = 0.5  # px: the counted pixels are renewed once the warp has moved this far
+GN_COARSE_TOLERANCE = 0.05  # coarser levels: the finest one does the last hundredths
+VALIDITY_SLACK = 2  # px: the counted pixels keep this far inside the frame, renewed after such a move
 CORRELATION_SLACK = 1e-5  # a drop this small is rounding (float32 sums), not an overshoot
 GRADIENT_MARGIN = 2  # px at each level's border, where the blur and gradient see the padding
 BLUR = 5  # Gaussian pre-blur of both images at every level (ECC's gaussFiltSize), also for the NCC
@@ -317,8 +318,8 @@ class Aligner:
         spec §6.3 step 3), refined and returned at level 0; None when the refinement fails.
         """
         scale = np.diag([2.0**level, 2.0**level, 1.0])
-        refined = _gauss_newton(self._templates[level], frames[level],
-                                np.linalg.inv(scale) @ warp @ scale, roi, iterations)
+        refined = _gauss_newton(self._templates[level], frames[level], np.linalg.inv(scale) @ warp @ scale,
+                                roi, iterations, GN_TOLERANCE if level == 0 else GN_COARSE_TOLERANCE)
         if refined is None:
             return None
         projected = self._project(scale @ refined @ np.linalg.inv(scale))
@@ -634,14 +635,15 @@ def _warp(image: np.ndarray, warp: np.ndarray, shape: tuple[int, int], interpola
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, int],
+           margin: int = 1) -> np.ndarray:
     """Pixels of the reference frame whose bilinear sample lies inside the source (spec §6.4).
 
-    An all-ones image warped with nearest interpolation and a zero border, eroded by the 1 px
-    support of bilinear interpolation.
+    An all-ones image warped with nearest interpolation and a zero border, eroded by `margin` px:
+    the 1 px support of bilinear interpolation, plus any motion the warp may still make.
     """
     ones = _warp(np.ones(source_shape[:2], np.uint8), warp, shape, cv2.INTER_NEAREST)
-    return cv2.erode(ones, np.ones((3, 3), np.uint8)).astype(bool)
+    return cv2.erode(ones, np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,8 +735,13 @@ class _Fit:
     hessian: np.ndarray  # Σ w G_c G_cᵀ
 
 
-def _fit(template: _Template, counted: np.ndarray) -> _Fit | None:
-    """The `_Fit` of the pixels `counted` (bool image); None when too few or the template is flat."""
+def _fit(template: _Template, counted: np.ndarray, previous: _Fit | None = None) -> _Fit | None:
+    """The `_Fit` of the pixels `counted` (bool image); None when too few or the template is flat.
+
+    Given the `previous` fit of the same level (the counted set moved by a few border pixels), its
+    Hessian is rescaled to the new count instead of recomputed: inverse compositional's constant
+    Hessian (spec §6.1), which only scales the step.
+    """
     weights = counted.ravel().astype(np.float32)
     count = float(weights.sum())
     if count < 16 * len(template.steepest):
@@ -744,8 +751,9 @@ def _fit(template: _Template, counted: np.ndarray) -> _Fit | None:
     norm = math.sqrt(float(centred @ centred))
     if norm < MIN_STD * math.sqrt(count):
         return None
+    hessian = _hessian(template, weights) if previous is None else previous.hessian * (count / previous.count)
     return _Fit(weights, count, centred, norm, _dot_rows(template.steepest, weights),
-                _dot_rows(template.steepest, centred), _hessian(template, weights))
+                _dot_rows(template.steepest, centred), hessian)
 
 
 def _dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -799,14 +807,15 @@ def _step(template: _Template, fit: _Fit, aligned: np.ndarray) -> tuple[np.ndarr
 
 
 def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray,
-                  iterations: int) -> np.ndarray | None:
+                  iterations: int, tolerance: float) -> np.ndarray | None:
     """Refine `warp` (template pixels -> `frame` pixels, one pyramid level) on the pixels of `roi`.
 
     Inverse compositional Gauss-Newton (spec §6.1) on ECC's objective (§6.2): each iteration warps
     the (pre-blurred) frame once, solves with the template's steepest-descent images (`_step`) and
-    composes the inverse increment. The counted pixels (`roi`, inside the frame) and with them the
-    template side (`_fit`) are renewed only once the warp has moved by VALIDITY_SLACK px. Stops
-    when no corner moves by more than GN_TOLERANCE px, and keeps the previous warp when the
+    composes the inverse increment. The counted pixels (`roi`, inside the frame by VALIDITY_SLACK
+    px more than bilinear sampling needs) and with them the template side (`_fit`) are renewed
+    only once the warp has moved that far. Stops
+    when no corner moves by more than `tolerance` px, and keeps the previous warp when the
     correlation drops (an overshoot). None when the problem is degenerate: too few counted pixels,
     a flat image, a singular Hessian or a collapsing warp.
     """
@@ -816,7 +825,8 @@ def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi:
     fit, moved, best, previous = None, math.inf, -math.inf, warp
     for _ in range(iterations):
         if moved > VALIDITY_SLACK:
-            fit, moved, best = _fit(template, counted & _valid(frame.shape, warp, shape)), 0.0, -math.inf
+            inside = _valid(frame.shape, warp, shape, 1 + VALIDITY_SLACK)
+            fit, moved, best = _fit(template, counted & inside, fit), 0.0, -math.inf
             if fit is None:
                 return None
         solved = _step(template, fit, _warp(frame, warp, shape, cv2.INTER_LINEAR).ravel())
@@ -832,7 +842,7 @@ def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi:
         previous, best = warp, correlation
         warp = _project(warp @ np.linalg.inv(increment), template.motion, centre)
         shift = _corner_shift(increment, np.eye(3), shape)
-        if shift < GN_TOLERANCE:
+        if shift < tolerance:
             break
         moved += shift
     return warp
