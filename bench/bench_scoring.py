@@ -120,14 +120,21 @@ def main() -> None:
             size=(args.batch, side * side, d))).astype(np.float32)).to(device)
         cases.append((name, d, side, k, local, factors, features))
         # Warm-up builds the per-device caches (CSC, tiles, dense mask) and checks agreement.
+        outputs, peaks = {}, []
         with torch.no_grad():
-            outputs = {m: fn(features, factors, local) for m, fn in methods.items()}
+            for method, fn in methods.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                outputs[method] = fn(features, factors, local)
+                if device.type == "cuda":
+                    peaks.append(f"{method} {torch.cuda.max_memory_allocated(device) / 2**20:.0f}")
         gap = max(float(((outputs[m] - outputs["loop"]).abs() / outputs["loop"].abs()).max())
                   for m in methods)
-        tiles = local.tiles(device)
+        tiles = local.tiles(features.device)
         print(f"{name}: d={d} grid={side}x{side} K={k} active/position={local.mean_support():.1f} "
               f"(max {tiles.slots.shape[0]}) padded pairs/active={tiles.n_slots / local.nnz:.2f} "
-              f"max relative gap vs loop {gap:.1e}")
+              f"max relative gap vs loop {gap:.1e}"
+              + (f"; peak GPU MiB {', '.join(peaks)}" if peaks else ""))
 
     times = {(m, c[0]): [] for m in methods for c in cases}
     with torch.no_grad():
