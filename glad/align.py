@@ -68,7 +68,7 @@ BLUR = 5  # Gaussian pre-blur of both images at every level (ECC's gaussFiltSize
 OUTLIER_SIGMAS = 3.0
 OUTLIER_DILATION = 5  # px
 MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard deviations
-MEDIAN_STRIDE = 4  # robust statistics of the residual on every 4th region pixel
+MEDIAN_STRIDE = 16  # robust statistics of the residual on every 16th region pixel (see _outliers)
 OUTLIER_FRACTION = (0.002, 0.25)  # robust pass only when this share of the ROI is masked
 MIN_VALID_FRACTION = 0.9
 # px at working resolution (largest corner distance): ECC this far from a trusted coarse warp gets a
@@ -854,11 +854,12 @@ def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) ->
     The sigma is floored at `MIN_OUTLIER_Z` (z units of the reference) because flat backgrounds make
     the MAD tiny; a 3x3 opening drops the thin residual lines that sub-pixel misfit leaves on edges,
     so that only defect-like blobs are masked. The median and MAD come from every MEDIAN_STRIDE-th
-    pixel of the region (their standard error stays near 1 % of sigma; a full median costs 10x).
+    pixel of the region: their standard error stays near 2 % of sigma (the threshold is often at its
+    floor anyway), while a median over a whole 256x256 region costs about 0.6 ms on fresh data.
     """
     if region.sum() < 16:
         return np.zeros(region.shape, bool)
-    residual = _zscore(reference, region) - _zscore(aligned, region)
+    residual = _standardised_difference(reference, aligned, region)
     values = residual[region][::MEDIAN_STRIDE]
     centre = float(np.median(values))
     sigma = 1.4826 * float(np.median(np.abs(values - centre)))
@@ -869,9 +870,17 @@ def _outliers(reference: np.ndarray, aligned: np.ndarray, region: np.ndarray) ->
     return cv2.dilate(outliers, kernel) > 0
 
 
-def _zscore(gray: np.ndarray, region: np.ndarray) -> np.ndarray:
-    values = gray[region]
-    return (gray - values.mean()) / (values.std() + 1e-6)
+def _standardised_difference(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """ẑ(a) − ẑ(b), each image standardised by its mean and deviation over `region` (float32).
+
+    One masked pass per image for the statistics and one for the difference (three full passes
+    per image with NumPy).
+    """
+    mask = region.view(np.uint8)
+    mean_a, std_a = cv2.meanStdDev(a, mask=mask)
+    mean_b, std_b = cv2.meanStdDev(b, mask=mask)
+    scale_a, scale_b = 1 / (std_a.item() + 1e-6), 1 / (std_b.item() + 1e-6)
+    return cv2.addWeighted(a, scale_a, b, -scale_b, mean_b.item() * scale_b - mean_a.item() * scale_a)
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
