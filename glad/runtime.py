@@ -68,6 +68,9 @@ def _open_onnxruntime(path: Path, threads: int) -> Runner:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle threads sleep instead of spinning: a worker shares the CPU with the other stages, and
+    # spinning threads take cycles from them (it was also slower on the loaded 2-core machine).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {INPUT: images})
 
@@ -108,9 +111,9 @@ FORMATS = {
     "openvino": ExportFormat("openvino", "openvino", "openvino", ("backbone.xml", "backbone.bin"),
                              _open_openvino),
 }
-# Tried in this order when the runtime is "auto": the faster one on the 2-core development CPU
-# first (bench/README.md, "Backbone runtimes").
-AUTO_ORDER = ("onnx", "openvino")
+# Tried in this order when the runtime is "auto": OpenVINO f32 was the faster of the two in every
+# run of bench/bench_backbone.py on the 2-core development machine (README, "Faster CPU scoring").
+AUTO_ORDER = ("openvino", "onnx")
 RUNTIME_CHOICES = ("auto", "torch", *FORMATS)
 
 

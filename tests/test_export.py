@@ -104,12 +104,12 @@ def test_auto_runtime_uses_the_export_and_says_so(exported, monkeypatch, caplog)
     monkeypatch.delenv("GLAD_RUNTIME", raising=False)
     with caplog.at_level(logging.INFO, logger="glad.runtime"):
         model = GladModel.load(model_dir)
-    assert model.backbone_.runtime == "onnxruntime"
+    assert model.backbone_.runtime == "openvino"  # preferred when both are exported
     lines = [r.getMessage() for r in caplog.records if "runs on" in r.getMessage()]
-    assert len(lines) == 1 and "runs on onnxruntime" in lines[0] and "backbone.onnx" in lines[0]
+    assert len(lines) == 1 and "runs on openvino" in lines[0] and "backbone.xml" in lines[0]
 
-    monkeypatch.setenv("GLAD_RUNTIME", "openvino")
-    assert GladModel.load(model_dir).backbone_.runtime == "openvino"
+    monkeypatch.setenv("GLAD_RUNTIME", "onnx")
+    assert GladModel.load(model_dir).backbone_.runtime == "onnxruntime"
     monkeypatch.setenv("GLAD_RUNTIME", "torch")
     assert GladModel.load(model_dir).backbone_.runtime == "torch"
     monkeypatch.setenv("GLAD_RUNTIME", "tensorrt")
@@ -136,24 +136,24 @@ def test_missing_runtime_package_falls_back_to_torch(exported, monkeypatch, capl
 
 def test_mismatching_or_corrupt_export_is_refused(exported, tmp_path, caplog) -> None:
     model_dir = copy_of(exported[0], tmp_path)
-    sidecar_file = model_dir / "backbone.onnx.json"
+    sidecar_file = model_dir / "backbone.openvino.json"
     sidecar = json.loads(sidecar_file.read_text())
     sidecar["preprocessing_hash"] = "0123456789abcdef"
     sidecar_file.write_text(json.dumps(sidecar))
     with pytest.raises(ModelMismatchError) as error:
-        GladModel.load(model_dir, runtime="onnx")
+        GladModel.load(model_dir, runtime="openvino")
     message = str(error.value)
     assert "\n" not in message
     assert "0123456789abcdef" in message and read_manifest(model_dir)["preprocessing_hash"] in message
     assert "glad export" in message
     # auto: the stale export is refused with the same line, and the next usable one runs
     with caplog.at_level(logging.INFO, logger="glad.runtime"):
-        assert GladModel.load(model_dir, runtime="auto").backbone_.runtime == "openvino"
+        assert GladModel.load(model_dir, runtime="auto").backbone_.runtime == "onnxruntime"
     assert "0123456789abcdef" in caplog.text
 
-    (model_dir / "backbone.bin").write_bytes(b"not the weights")
-    with pytest.raises(ModelFileError, match="backbone.bin: content hash does not match"):
-        GladModel.load(model_dir, runtime="openvino")
+    (model_dir / "backbone.onnx").write_bytes(b"not the network")
+    with pytest.raises(ModelFileError, match="backbone.onnx: content hash does not match"):
+        GladModel.load(model_dir, runtime="onnx")
     assert GladModel.load(model_dir).backbone_.runtime == "torch"  # nothing usable left
     with pytest.raises(RuntimeUnavailableError, match="CPU only"):
         GladModel.load(model_dir, runtime="onnx", device="cuda")
@@ -178,4 +178,4 @@ def test_export_travels_with_published_and_resaved_models(exported, redis_server
     with caplog.at_level(logging.INFO, logger="stages.extract"):
         out = stage.process([message])
     assert len(out[0].body["features"]) == 3
-    assert "extract: backbone efficientnet_lite0 on onnxruntime (model version 1)" in caplog.text
+    assert "extract: backbone efficientnet_lite0 on openvino (model version 1)" in caplog.text
