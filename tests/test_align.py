@@ -192,3 +192,131 @@ def test_partial_occlusion_gives_a_clear_outcome() -> None:
         assert corner_error(result.warp, warp) < 2.0
     else:
         assert result.reason.startswith("alignment_failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gauss-Newton refinement (spec §6.1 with ECC's objective) and its reference-side cache
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_reused_aligner_matches_a_fresh_one(motion: str) -> None:
+    """The reference pyramid, gradients and steepest-descent images computed in __init__ serve
+    every frame: after other frames, an aligner gives exactly what a fresh one gives."""
+    reference = part("pcb", 2)
+    rng = np.random.default_rng(11)
+    frames = [move(reference, align.random_warp(motion, rng), rng) for _ in range(3)]
+    reused = Aligner(reference, motion=motion)
+    for frame in frames[1:]:
+        reused.align(frame)
+    again, fresh = reused.align(frames[0]), Aligner(reference, motion=motion).align(frames[0])
+    np.testing.assert_array_equal(again.warp, fresh.warp)
+    np.testing.assert_array_equal(again.aligned, fresh.aligned)
+    assert again.correlation == fresh.correlation
+
+
+def test_finest_level_exits_early_on_an_easy_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame already close to the reference: the finest level stops after its first step (no
+    corner moves by GN_TOLERANCE) and the warp is still accurate."""
+    reference = part("nut", 4)
+    rng = np.random.default_rng(4)
+    warp = np.array([[1.0, 0.0, 0.3], [0.0, 1.0, -0.2], [0.0, 0.0, 1.0]])
+    frame = move(reference, warp, rng)
+    steps: list[int] = []
+    step = align._step
+
+    def counting(template: align._Template, fit: align._Fit,
+                 aligned: np.ndarray) -> tuple[np.ndarray, float] | None:
+        steps.append(template.image.shape[0])
+        return step(template, fit, aligned)
+
+    monkeypatch.setattr(align, "_step", counting)
+    result = Aligner(reference, motion="euclidean").align(frame)
+    assert result.ok, result.reason
+    assert corner_error(warp, result.warp) < 0.05
+    assert steps.count(SIZE) == 1, steps
+
+
+@pytest.mark.parametrize("motion", ["euclidean", "homography"])
+def test_gain_and_offset_do_not_move_the_warp(motion: str) -> None:
+    """The refinement maximises the correlation coefficient, as ECC does: a brighter, lower-contrast
+    frame aligns where the original does."""
+    reference = part("pcb", 6)
+    rng = np.random.default_rng(6)
+    frame = move(reference, align.random_warp(motion, rng), rng)
+    dimmed = np.clip(0.7 * frame.astype(float) + 40, 0, 255).astype(np.uint8)
+    aligner = Aligner(reference, motion=motion)
+    plain, changed = aligner.align(frame), aligner.align(dimmed)
+    assert plain.ok and changed.ok, (plain.reason, changed.reason)
+    assert corner_error(plain.warp, changed.warp) < 0.05
+    assert abs(plain.correlation - changed.correlation) < 0.01
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_gauss_newton_recovers_a_small_warp_at_one_level(motion: str) -> None:
+    """One pyramid level on its own: a known sub-pixel-to-pixel warp of the blurred reference is
+    recovered from the identity, and a flat frame is refused rather than answered."""
+    reference = cv2.cvtColor(part("pcb", 7), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    template = align._template(reference, motion)
+    pose = align.random_warp(motion, np.random.default_rng(8))
+    warp = np.eye(3) + 0.1 * (pose - np.eye(3))  # a tenth of a bench pose, still about the centre
+    frame = cv2.warpPerspective(reference, warp, (SIZE, SIZE), borderMode=cv2.BORDER_REPLICATE)
+    roi = np.ones((SIZE, SIZE), bool)
+    estimate = align._gauss_newton(template, align._smooth(frame), np.eye(3), roi, 30)
+    assert estimate is not None
+    assert corner_error(warp, estimate) < 0.05
+    flat = np.full((SIZE, SIZE), 90, np.float32)
+    assert align._gauss_newton(template, flat, np.eye(3), roi, 30) is None
+
+
+def test_standardised_difference_matches_the_numpy_definition() -> None:
+    rng = np.random.default_rng(9)
+    a = (rng.random((64, 80)) * 200).astype(np.float32)
+    b = (0.6 * a + 30 + rng.normal(0, 3, a.shape)).astype(np.float32)
+    region = rng.random(a.shape) > 0.4
+
+    def z(image: np.ndarray) -> np.ndarray:
+        return (image - image[region].mean()) / (image[region].std() + 1e-6)
+
+    np.testing.assert_allclose(align._standardised_difference(a, b, region), z(a) - z(b), atol=1e-5)
+
+
+def test_row_dots_and_subsampled_hessian_match_the_dense_products() -> None:
+    """The BLAS-thread-free products equal their matrix forms; the Hessian is the centred Gram of
+    the steepest-descent images on the HESSIAN grid, scaled to the counted pixels."""
+    reference = cv2.cvtColor(part("nut", 3), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    template = align._template(reference, "homography")
+    weights = (np.random.default_rng(3).random(SIZE * SIZE) > 0.3).astype(np.float32)
+    np.testing.assert_allclose(align._dot_rows(template.steepest, weights),
+                               template.steepest.astype(np.float64) @ weights, rtol=1e-4)
+    sparse = weights.reshape(SIZE, SIZE)[::2, ::2].ravel().astype(np.float64)
+    rows = template.sparse.astype(np.float64)
+    mean = rows @ sparse / sparse.sum()
+    centred = (rows - mean[:, None]) * sparse
+    expected = centred @ rows.T * (weights.sum() / sparse.sum())
+    np.testing.assert_allclose(align._hessian(template, weights), expected, rtol=1e-3,
+                               atol=1e-6 * np.abs(expected).max())
+
+
+def test_untrusted_start_refines_from_the_coarsest_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without enough RANSAC inliers the pyramid starts from a phase-correlation shift at its
+    coarsest level (a trusted feature warp starts one level finer): a ±8° pose is still recovered."""
+    levels: list[int] = []
+    refine = Aligner._refine
+
+    def phase_only(self: Aligner, work: np.ndarray) -> tuple[np.ndarray, bool]:
+        return self._project(self._phase_shift(work)), False
+
+    def recording(self: Aligner, frames: list[np.ndarray], level: int, *args: object) -> np.ndarray | None:
+        levels.append(level)
+        return refine(self, frames, level, *args)
+
+    monkeypatch.setattr(Aligner, "_coarse", phase_only)
+    monkeypatch.setattr(Aligner, "_refine", recording)
+    reference = part("pcb", 1)
+    rng = np.random.default_rng(21)
+    warp = align.random_warp("euclidean", rng)
+    result = Aligner(reference, motion="euclidean").align(move(reference, warp, rng))
+    assert result.ok, result.reason
+    assert levels[0] == 2
+    assert corner_error(warp, result.warp) < 0.05
