@@ -71,8 +71,8 @@ MIN_OUTLIER_Z = 0.3  # floor of the outlier threshold, in reference standard dev
 MEDIAN_STRIDE = 16  # robust statistics of the residual on every 16th region pixel (see _outliers)
 OUTLIER_FRACTION = (0.002, 0.25)  # robust pass only when this share of the ROI is masked
 MIN_VALID_FRACTION = 0.9
-# px at working resolution (largest corner distance): ECC this far from a trusted coarse warp gets a
-# second opinion, the robust refinement started from the coarse warp (see `Aligner._estimate`)
+# px at working resolution (largest corner distance): a refinement this far from a trusted coarse warp
+# gets a second opinion, the robust refinement started from the coarse warp (see `Aligner._estimate`)
 DIVERGENCE = 10.0
 
 
@@ -185,11 +185,10 @@ class Aligner:
 
         `frames` is the frame's pyramid after the pre-blur. The pyramid starts at the level that
         `_first_level` picks for the coarse estimate. With the robust pass on, it stops one level
-        above the finest and the finest level runs once, masked by the outliers
-        found at that level's estimate (or unmasked when the pass is skipped), so the costliest
-        level runs once. When the result strays far from a trusted feature-based estimate (a defect
-        can drag the first levels), the robust refinement is also started from the coarse estimate
-        and the better correlated one is kept.
+        above the finest, and the finest (costliest) level runs once, masked by the outliers found
+        at that estimate (or unmasked when the pass is skipped). When the result strays far from a
+        trusted feature-based estimate (a defect can drag the first levels), the robust refinement
+        is also started from the coarse estimate and the better correlated one is kept.
         """
         coarse, trusted = self._coarse(work)
         self._check_time(start)
@@ -652,6 +651,7 @@ def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, in
 
 
 def _unit(row: int, col: int) -> np.ndarray:
+    """The 3x3 matrix unit E_(row, col)."""
     unit = np.zeros((3, 3))
     unit[row, col] = 1.0
     return unit

@@ -283,7 +283,7 @@ def test_standardised_difference_matches_the_numpy_definition() -> None:
 
 def test_row_dots_and_subsampled_hessian_match_the_dense_products() -> None:
     """The BLAS-thread-free products equal their matrix forms; the Hessian is the centred Gram of
-    the steepest-descent images on the HESSIAN grid, scaled to the counted pixels."""
+    the steepest-descent images on every other row and column, scaled to the counted pixels."""
     reference = cv2.cvtColor(part("nut", 3), cv2.COLOR_RGB2GRAY).astype(np.float32)
     template = align._template(reference, "homography")
     weights = (np.random.default_rng(3).random(SIZE * SIZE) > 0.3).astype(np.float32)
