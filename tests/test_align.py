@@ -320,3 +320,69 @@ def test_untrusted_start_refines_from_the_coarsest_level(monkeypatch: pytest.Mon
     assert result.ok, result.reason
     assert levels[0] == 2
     assert corner_error(warp, result.warp) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# glad.warp: the batched torch resampling against OpenCV's
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_same_resampling(aligned: np.ndarray, valid: np.ndarray, expected_aligned: np.ndarray,
+                           expected_valid: np.ndarray) -> None:
+    """Validity equal but on the 1 px band along the mask's edge; grey levels within 2 where both
+    are valid (OpenCV rounds coordinates to 1/32 px)."""
+    ones = np.ones((3, 3), np.uint8)
+    mask = expected_valid.astype(np.uint8)
+    band = cv2.dilate(mask, ones) != cv2.erode(mask, ones)
+    assert not ((valid != expected_valid) & ~band).any()
+    both = valid & expected_valid
+    assert both.mean() > 0.3
+    assert np.abs(aligned.astype(int) - expected_aligned.astype(int))[both].max() <= 2
+
+
+def test_warp_batch_reproduces_the_aligners_resampling() -> None:
+    torch = pytest.importorskip("torch")
+    from glad.warp import warp_batch
+
+    reference = part("pcb", 8)
+    aligner = Aligner(reference, motion="similarity")
+    rng = np.random.default_rng(31)
+    frames = [move(reference, align.random_warp("similarity", rng), rng) for _ in range(3)]
+    results = [aligner.align(frame) for frame in frames]
+    assert all(result.ok for result in results)
+    aligned, valid = warp_batch(torch.from_numpy(np.stack(frames)),
+                                torch.from_numpy(np.stack([r.warp for r in results])), reference.shape[:2])
+    assert aligned.dtype == torch.uint8 and valid.dtype == torch.bool
+    assert tuple(aligned.shape) == (3, SIZE, SIZE, 3) and tuple(valid.shape) == (3, SIZE, SIZE)
+    for index, result in enumerate(results):
+        assert_same_resampling(aligned[index].numpy(), valid[index].numpy(), result.aligned, result.valid)
+
+
+def test_warp_batch_matches_opencv_on_rectangular_frames_and_homographies() -> None:
+    """Frames of another size than the reference, shifted far enough to leave invalid regions."""
+    torch = pytest.importorskip("torch")
+    from glad.warp import warp_batch
+
+    rng = np.random.default_rng(32)
+    frames = np.stack([cv2.resize(part(category, seed), (320, 180), interpolation=cv2.INTER_AREA)
+                       for category, seed in (("nut", 1), ("pcb", 2), ("nut", 3), ("pcb", 4))])
+    warps = []
+    for shift in ((0, 0), (60, -30), (-45, 20), (10, 70)):
+        warp = align.random_warp("homography", rng)
+        warp[:2, 2] += shift
+        warps.append(np.diag([320 / SIZE, 180 / SIZE, 1.0]) @ warp)
+    aligned, valid = warp_batch(torch.from_numpy(frames), torch.from_numpy(np.stack(warps)), (SIZE, SIZE))
+    for frame, warp, out, inside in zip(frames, warps, aligned.numpy(), valid.numpy(), strict=True):
+        expected = align._warp(frame, warp, (SIZE, SIZE), cv2.INTER_LINEAR)
+        assert_same_resampling(out, inside, expected, align._valid(frame.shape, warp, (SIZE, SIZE)))
+    assert not valid.all(dim=(1, 2)).any()  # every shifted frame leaves part of the reference uncovered
+
+
+def test_warp_batch_rejects_wrong_inputs() -> None:
+    torch = pytest.importorskip("torch")
+    from glad.warp import warp_batch
+
+    with pytest.raises(ValueError, match="uint8"):
+        warp_batch(torch.zeros((1, 8, 8, 3)), torch.eye(3)[None], (8, 8))
+    with pytest.raises(ValueError, match="warps"):
+        warp_batch(torch.zeros((2, 8, 8, 3), dtype=torch.uint8), torch.eye(3)[None], (8, 8))
