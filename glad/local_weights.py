@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glad.mixture import MixtureFactors, iter_costs
+from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +29,36 @@ class Candidates:
     index: torch.Tensor  # int64 (M, HW, L) component ids
     cost: torch.Tensor  # float32 (M, HW, L) c_k = D_k + logdet_k (no weight term)
     valid: torch.Tensor  # bool (M, HW)
+    # float32 (M, HW): each vector's log-likelihood under the global mixture, a by-product of
+    # the same pass (the online novelty thresholds need it); None for subsets
+    loglik: torch.Tensor | None = None
+
+    def of_images(self, images: np.ndarray) -> Candidates:
+        """The candidates of the given training images only."""
+        return Candidates(self.index[images], self.cost[images], self.valid[images])
 
 
 def top_candidates(
     features: torch.Tensor, valid: torch.Tensor, factors: MixtureFactors,
     n_candidates: int = DEFAULT_CANDIDATES,
 ) -> Candidates:
-    """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L."""
+    """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L; the
+    same pass gives each vector's global log-likelihood."""
     m, hw, d = features.shape
     flat = features.reshape(m * hw, d)
     n_candidates = min(n_candidates, factors.n_components)
     index = torch.empty(m * hw, n_candidates, dtype=torch.int64)
     cost = torch.empty(m * hw, n_candidates, dtype=torch.float32)
+    loglik = torch.empty(m * hw, dtype=torch.float32)
     penalty = (-2.0 * factors.log_weights).to(torch.float32)
     for start, costs in iter_costs(flat, factors):
-        _, idx = torch.topk(costs + penalty, n_candidates, dim=1, largest=False, sorted=False)
-        index[start : start + len(idx)] = idx
-        cost[start : start + len(idx)] = torch.gather(costs, 1, idx)
-    return Candidates(index.view(m, hw, -1), cost.view(m, hw, -1), valid.bool())
+        rows = slice(start, start + len(costs))
+        total = costs + penalty
+        _, idx = torch.topk(total, n_candidates, dim=1, largest=False, sorted=False)
+        index[rows], cost[rows] = idx, torch.gather(costs, 1, idx)
+        loglik[rows] = torch.logsumexp(total.mul_(-0.5), dim=1).sub_(0.5 * d * LOG_2PI)
+    return Candidates(index.view(m, hw, -1), cost.view(m, hw, -1), valid.bool(),
+                      loglik.view(m, hw))
 
 
 MAX_TILE = 256  # positions per tile of the batched sparse scoring (a bmm entry has B x tile rows)

@@ -29,6 +29,8 @@ from glad.features import feature_batches, layer_validity
 from glad.images import as_rgb, resize_square
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import (
+    CANDIDATES,
+    FULL_PASS_EVERY,
     ComponentStats,
     FitReport,
     GaussianMixture,
@@ -59,6 +61,26 @@ THRESHOLD_SIGMAS = 4.0  # see decision_threshold
 BASE_FLOOR_SHARE = 0.25  # see _base_statistics
 NOVELTY_QUANTILE = 1e-3  # see _novelty_thresholds
 AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
+# K-MLE's assignment work per layer in whitening multiply-adds (d^2 per vector and component
+# compared): about 3 s on the 2-core development CPU. See kmle_sample_size.
+FIT_BUDGET = 1.2e11
+MIN_SAMPLES_PER_COMPONENT = 16  # K-MLE keeps at least this many vectors per starting component
+
+
+def kmle_sample_size(available: int, k: int, d: int, max_iter: int, max_samples: int,
+                     budget: float = FIT_BUDGET) -> int:
+    """How many of a layer's `available` training vectors K-MLE fits on.
+
+    All of them up to `max_samples`, fewer when the expected assignment work would exceed
+    `budget` multiply-adds: d^2 per (vector, component) pair, against all K components in a full
+    pass every FULL_PASS_EVERY iterations and against CANDIDATES in the others. Deep layers
+    (large d) get fewer vectors, so the fit time no longer grows with d^2 x N; never fewer than
+    MIN_SAMPLES_PER_COMPONENT per starting component, so K-MLE keeps something to prune from.
+    """
+    full_passes = 1 + max_iter // FULL_PASS_EVERY
+    per_vector = d * d * (k * full_passes + CANDIDATES * max_iter)
+    affordable = int(budget // per_vector)
+    return min(available, max(min(max_samples, affordable), MIN_SAMPLES_PER_COMPONENT * k))
 
 
 def _base_statistics(stats: ComponentStats, sample_weight: float) -> ComponentStats:
@@ -138,6 +160,7 @@ class GladModel:
         max_iter: int = 30,
         rel_tol: float = 1e-6,
         max_fit_samples: int = 50_000,
+        fit_budget: float = FIT_BUDGET,
         min_images: int = 3,
         oas_formula: str = "sklearn",
         local: bool = True,
@@ -165,6 +188,7 @@ class GladModel:
         self.max_iter = max_iter
         self.rel_tol = rel_tol
         self.max_fit_samples = max_fit_samples
+        self.fit_budget = fit_budget
         self.min_images = min_images
         self.oas_formula = oas_formula
         self.local = local
@@ -201,27 +225,28 @@ class GladModel:
         valid = layer_validity(valid, [f.shape[1:3] for f in features])
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
-        layers = [self._fit_layer(f[fitting], v[fitting], index) for index, (f, v) in enumerate(
-            tqdm(list(zip(features, valid, strict=True)), desc="mixtures", unit="layer",
-                 disable=not self.progress))]
+        layers = [self._fit_layer(f[fitting], v[fitting], index)
+                  for index, (f, v) in enumerate(zip(features, valid, strict=True))]
         flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
         self.selection_ = {}
         candidates = None
         if self.local:
             candidates = [top_candidates(f, v, layer.factors, self.n_candidates)
-                          for f, v, layer in zip(flat, valid, layers, strict=True)]
+                          for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
+                                                  desc="local candidates", unit="layer",
+                                                  disable=not self.progress)]
         held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
-        self.radius_, held_out_layers = self._select_radius(layers, candidates, held_features,
-                                                            fitting)
+        self.radius_, held_scores = self._select_radius(layers, candidates, held_features, held,
+                                                        fitting)
         if len(held):  # threshold from images the local weights have not seen
-            self.threshold_ = decision_threshold(self._scores_of(held_features, held_out_layers))
+            self.threshold_ = decision_threshold(held_scores)
         layers = self._localized(layers, candidates, self.radius_, np.arange(m))
         if not len(held):
             self.threshold_ = decision_threshold(self._scores_of(list(zip(flat, valid, strict=True)),
                                                                  layers))
         self.layers_ = layers
-        self.online_ = {"novelty_loglik": self._novelty_thresholds(held_features if len(held) else
-                                                                   list(zip(flat, valid, strict=True)))}
+        unseen = held if len(held) else np.arange(m)
+        self.online_ = {"novelty_loglik": self._novelty_thresholds(flat, valid, candidates, unseen)}
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
         return self
@@ -273,18 +298,26 @@ class GladModel:
         keep = valid.flatten()
         x = features.reshape(-1, d)[keep]
         image_ids = np.repeat(np.arange(m), h * w)[keep.numpy()]
-        if len(x) > self.max_fit_samples:
-            rng = np.random.default_rng(self.seed + layer)
-            rows = np.sort(rng.choice(len(x), size=self.max_fit_samples, replace=False))
-            x, image_ids = x[torch.from_numpy(rows)], image_ids[rows]
         k = self.n_components
         if k == "auto":
             k = int(np.clip(m * h * w // (2 * d), 8, self.max_components))
+        samples = kmle_sample_size(len(x), int(k), d, self.max_iter, self.max_fit_samples,
+                                   self.fit_budget)
+        if len(x) > samples:
+            rng = np.random.default_rng(self.seed + layer)
+            rows = np.sort(rng.choice(len(x), size=samples, replace=False))
+            x, image_ids = x[torch.from_numpy(rows)], image_ids[rows]
         common = dict(init=self.init, max_iter=self.max_iter, rel_tol=self.rel_tol,
                       oas_formula=self.oas_formula, seed=self.seed + layer)
         if self.mixture == "kmle":
-            mixture, report = fit_kmle(x, image_ids, int(k), min_images=min(self.min_images, m),
-                                       **common)
+            with tqdm(total=self.max_iter, desc=f"layer {layer + 1} K-MLE", unit="it",
+                      disable=not self.progress) as bar:
+                def show(iteration: int, n_components: int, loglik: float) -> None:
+                    bar.update(1)
+                    bar.set_postfix(K=n_components, ll=f"{loglik / len(x):.4g}/vector")
+
+                mixture, report = fit_kmle(x, image_ids, int(k), min_images=min(self.min_images, m),
+                                           on_iteration=show, **common)
             mixture.stats = _base_statistics(mixture.stats, int(keep.sum()) / len(x))
             return mixture, report
         if self.mixture == "em":
@@ -292,9 +325,11 @@ class GladModel:
         raise ValueError(f"unknown mixture {self.mixture!r}; use 'kmle' or 'em'")
 
     def _fit_layer(self, features: torch.Tensor, valid: torch.Tensor, index: int) -> LayerModel:
+        started = time.perf_counter()
         mixture, report = self._fit_mixture(features, valid, index)
-        log.info("layer %d: K=%d after %d iterations (%s)", index + 1, mixture.n_components,
-                 report.iterations, report.stop_reason)
+        log.info("layer %d: K=%d after %d K-MLE iterations (%s), log-likelihood %.4g, %.1f s",
+                 index + 1, mixture.n_components, report.iterations, report.stop_reason,
+                 report.log_likelihood, time.perf_counter() - started)
         return LayerModel(mixture, mixture.factors(), tuple(features.shape[1:3]), None, report)
 
     def _localized(self, layers: list[LayerModel], candidates, radius: int | None,
@@ -304,41 +339,62 @@ class GladModel:
             return [replace(layer, local=None) for layer in layers]
         out = []
         for layer, cand in zip(layers, candidates, strict=True):
-            subset = Candidates(cand.index[images], cand.cost[images], cand.valid[images])
-            local = fit_local_weights(subset, layer.factors.log_weights, layer.grid, radius,
+            local = fit_local_weights(cand.of_images(images), layer.factors.log_weights, layer.grid, radius,
                                       self.neighbourhood, self.local_mode)
             out.append(replace(layer, local=local))
         return out
 
-    def _select_radius(self, layers, candidates, held_features, fitting):
+    def _select_radius(self, layers, candidates, held_features, held, fitting):
         """The radius (None = global weights) whose held-back normal images score lowest.
 
-        Returns it with the layers localized on the non-held-back images at that radius.
+        Returns it with the held-back images' scores under the layers localized on the other
+        images at that radius (None when there are no held-back images).
         """
         radii = (*RADIUS_CANDIDATES, None) if self.radius == "auto" else (int(self.radius),)
         if not self.local:
             radii = (None,)
-        elif self.radius == "auto" and not len(held_features[0][0]):
+        elif self.radius == "auto" and not len(held):
             radii = RADIUS_CANDIDATES[:1]
-        best, best_layers, best_score = None, None, math.inf
-        for radius in radii:
-            candidate_layers = self._localized(layers, candidates, radius, fitting)
-            if len(radii) == 1:
-                return radius, candidate_layers
-            score = float(np.mean(self._scores_of(held_features, candidate_layers)))
-            self.selection_["global" if radius is None else f"r={radius}"] = score
-            if score < best_score:
-                best, best_layers, best_score = radius, candidate_layers, score
-        log.info("held-out normal score per localisation: %s -> %s", self.selection_,
-                 "global" if best is None else f"r={best}")
-        return best, best_layers
+        if not len(held):
+            return radii[0], None
+        best, best_scores = None, None
+        for radius in tqdm(radii, desc="localisation radius", unit="radius",
+                           disable=not self.progress or len(radii) == 1):
+            if radius is None and candidates is not None:  # the candidates' pass scored them
+                scores = self._global_scores(candidates, held_features, held, layers)
+            else:
+                scores = self._scores_of(held_features,
+                                         self._localized(layers, candidates, radius, fitting))
+            self.selection_["global" if radius is None else f"r={radius}"] = float(np.mean(scores))
+            if best_scores is None or np.mean(scores) < np.mean(best_scores):
+                best, best_scores = radius, scores
+        if len(radii) > 1:
+            log.info("held-out normal score per localisation: %s -> %s", self.selection_,
+                     "global" if best is None else f"r={best}")
+        return best, best_scores
 
-    def _novelty_thresholds(self, features: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        """Per layer, the NOVELTY_QUANTILE of normal vectors' global-mixture log-likelihood:
-        online updates treat vectors below it as a new appearance (§7.4), not as more of a known one."""
+    def _global_scores(self, candidates: list[Candidates],
+                       held_features: list[tuple[torch.Tensor, torch.Tensor]],
+                       held: np.ndarray, layers: list[LayerModel]) -> np.ndarray:
+        """Image scores of the held-back images under the global mixtures, from the global
+        log-likelihoods the candidates' pass computed (no second pass over every Gaussian)."""
+        logliks = [torch.where(v, c.loglik[held], math.nan).view(len(held), *layer.grid)
+                   for c, (_, v), layer in zip(candidates, held_features, layers, strict=True)]
+        total = combine_layers(logliks, self.backbone_.spec.input_size)
+        return image_scores(total, self.roi_, self.quantile)
+
+    def _novelty_thresholds(self, features: list[torch.Tensor], valid: list[torch.Tensor],
+                            candidates: list[Candidates] | None, images: np.ndarray) -> list[float]:
+        """Per layer, the NOVELTY_QUANTILE of the given images' valid vectors' global-mixture
+        log-likelihood (from the candidates' pass when there is one): online updates treat
+        vectors below it as a new appearance (§7.4), not as more of a known one."""
         out = []
-        for (f, v), layer in zip(features, self.layers_, strict=True):
-            loglik = global_loglik(f.reshape(-1, f.shape[-1])[v.flatten()], layer.factors)
+        for index, (f, v, layer) in enumerate(zip(features, valid, self.layers_, strict=True)):
+            keep = v[images]
+            if candidates is not None:
+                loglik = candidates[index].loglik[images][keep].double()
+            else:
+                loglik = global_loglik(f[images][keep], layer.factors)
             out.append(float(torch.quantile(loglik, NOVELTY_QUANTILE)) if len(loglik) else -math.inf)
         return out
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import glad.errors
+import glad.mixture
 import glad.model
 from glad.backbones import create_backbone
 from glad.datasets import MVTecCategory, image_folder
@@ -282,3 +283,28 @@ def test_decision_threshold_reaches_past_a_few_held_back_scores() -> None:
     assert decision_threshold(scores) > scores.max()
     outlier = np.array([400.0, 400.0, 400.0, 900.0])  # MAD 0: the maximum still bounds it
     assert decision_threshold(outlier) == 900.0
+
+
+def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, nut) -> None:
+    """The radius selection scores the global mixtures from the candidates' pass; the held-back
+    images must get the scores the dense global path gives them."""
+    train = [read_image(p) for p in nut.train_paths()]
+    held = fitted._holdout_indices(len(train))
+    assert len(held) >= 2 and "global" in fitted.selection_
+    dense = fitted.without_local_weights().score([train[i] for i in held]).scores
+    assert fitted.selection_["global"] == pytest.approx(float(np.mean(dense)), rel=1e-4)
+
+
+@pytest.mark.parametrize(("available", "k", "d", "expected"), [
+    (1_000, 16, 24, 1_000),  # small data: everything
+    (856_000, 256, 24, 50_000),  # a shallow layer: the sample cap, within budget
+    (53_000, 256, 112, 6_912),  # a deep layer: what the budget affords
+    (53_000, 256, 1024, 4_096),  # a huge d: never under 16 vectors per component
+    (2_000, 256, 1024, 2_000),  # ... unless fewer exist
+])
+def test_kmle_sample_size_keeps_the_assignment_work_in_budget(available, k, d, expected) -> None:
+    n = glad.model.kmle_sample_size(available, k, d, max_iter=30, max_samples=50_000)
+    assert n == expected
+    per_vector = d * d * (k * (1 + 30 // glad.mixture.FULL_PASS_EVERY)
+                          + glad.mixture.CANDIDATES * 30)
+    assert n * per_vector <= glad.model.FIT_BUDGET or n == min(available, 16 * k)
