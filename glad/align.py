@@ -722,15 +722,15 @@ class _Fit:
     """The template side of the normal equations on one set of counted pixels (weights w in {0, 1}).
 
     With t̄ the template and ā the warped frame, both centred on the counted pixels, and G_c the
-    centred steepest-descent images, Σ w G_c ā = G·(w a) − mean(a) G·w and Σ w G_c t̄ = G·(w t̄):
-    only G·(w a) changes with the warp, so an iteration makes a single pass of G over the image.
+    centred steepest-descent images, Σ w G_c t̄ = G·(w t̄) and Σ w G_c ā = G·(w ā) (centred images
+    need no centred G): the first is fixed while the set is, so an iteration makes a single pass
+    of G over the image.
     """
 
     weights: np.ndarray
     count: float
     centred: np.ndarray  # w t̄, flattened
     norm: float  # ‖w t̄‖
-    steepest_weights: np.ndarray  # G·w
     steepest_centred: np.ndarray  # G·(w t̄)
     hessian: np.ndarray  # Σ w G_c G_cᵀ
 
@@ -752,8 +752,7 @@ def _fit(template: _Template, counted: np.ndarray, previous: _Fit | None = None)
     if norm < MIN_STD * math.sqrt(count):
         return None
     hessian = _hessian(template, weights) if previous is None else previous.hessian * (count / previous.count)
-    return _Fit(weights, count, centred, norm, _dot_rows(template.steepest, weights),
-                _dot_rows(template.steepest, centred), hessian)
+    return _Fit(weights, count, centred, norm, _dot_rows(template.steepest, centred), hessian)
 
 
 def _dot_rows(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -791,13 +790,13 @@ def _step(template: _Template, fit: _Fit, aligned: np.ndarray) -> tuple[np.ndarr
     direction is projected out of the Hessian, Σ G_c (I − ā āᵀ/‖ā‖²) G_cᵀ (a rank-one update).
     None when the frame is flat on the counted pixels.
     """
-    weighted = fit.weights * aligned
-    mean = float(weighted.sum()) / fit.count
-    energy = float(weighted @ aligned) - mean * mean * fit.count  # ‖ā‖²
+    mean = float(fit.weights @ aligned) / fit.count
+    centred = fit.weights * (aligned - mean)  # w ā
+    energy = float(centred @ aligned)  # ‖ā‖²
     if energy < MIN_STD**2 * fit.count:
         return None
     covariance = float(fit.centred @ aligned)  # ⟨t̄, ā⟩
-    frame_side = _dot_rows(template.steepest, weighted) - mean * fit.steepest_weights  # Σ G_c ā
+    frame_side = _dot_rows(template.steepest, centred)  # Σ w G_c ā
     hessian = fit.hessian - np.outer(frame_side, frame_side) / energy
     try:
         step = np.linalg.solve(hessian, covariance / energy * frame_side - fit.steepest_centred)
