@@ -314,11 +314,13 @@ class Aligner:
         """Gauss-Newton at pyramid `level` on the reference pixels of `roi` (spec §6.1).
 
         `warp` (level 0) is conjugated to the level (pyrDown: coarse pixel c is fine pixel 2c,
-        spec §6.3 step 3), refined and returned at level 0; None when the refinement fails.
+        spec §6.3 step 3), refined and returned at level 0; None when the refinement fails. At
+        level 0 the first iteration reuses the `_view` of `warp` when this call already made it.
         """
         scale = np.diag([2.0**level, 2.0**level, 1.0])
+        view = self._cache.get(("view", warp.tobytes())) if level == 0 else None
         refined = _gauss_newton(self._templates[level], frames[level],
-                                np.linalg.inv(scale) @ warp @ scale, roi, iterations)
+                                np.linalg.inv(scale) @ warp @ scale, roi, iterations, view)
         if refined is None:
             return None
         projected = self._project(scale @ refined @ np.linalg.inv(scale))
@@ -641,8 +643,14 @@ def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, in
     An all-ones image warped with nearest interpolation and a zero border, eroded by `margin` px:
     the 1 px support of bilinear interpolation, plus any motion the warp may still make.
     """
-    ones = _warp(np.ones(source_shape[:2], np.uint8), warp, shape, cv2.INTER_NEAREST)
-    return cv2.erode(ones, np.ones((2 * margin + 1,) * 2, np.uint8)).astype(bool)
+    return _erode(_warp(np.ones(source_shape[:2], np.uint8), warp, shape, cv2.INTER_NEAREST), margin)
+
+
+def _erode(mask: np.ndarray, margin: int) -> np.ndarray:
+    """A boolean or 0/1 uint8 mask eroded by `margin` px (square kernel; successive erosions add
+    up, so a `_valid` mask eroded by m more equals one computed with margin + m)."""
+    kernel = np.ones((2 * margin + 1,) * 2, np.uint8)
+    return cv2.erode(mask.view(np.uint8), kernel).astype(bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,17 +814,18 @@ def _step(template: _Template, fit: _Fit, aligned: np.ndarray) -> tuple[np.ndarr
 
 
 def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray,
-                  iterations: int) -> np.ndarray | None:
+                  iterations: int,
+                  view: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | None:
     """Refine `warp` (template pixels -> `frame` pixels, one pyramid level) on the pixels of `roi`.
 
     Inverse compositional Gauss-Newton (spec §6.1) on ECC's objective (§6.2): each iteration warps
     the (pre-blurred) frame once, solves with the template's steepest-descent images (`_step`) and
-    composes the inverse increment. The counted pixels (`roi`, inside the frame by VALIDITY_SLACK
-    px more than bilinear sampling needs) and with them the template side (`_fit`) are renewed
-    only once the warp has moved that far. Stops
-    when no corner moves by more than GN_TOLERANCE px, and keeps the previous warp when the
-    correlation drops (an overshoot). None when the problem is degenerate: too few counted pixels,
-    a flat image, a singular Hessian or a collapsing warp.
+    composes the inverse increment; `view`, the frame already warped by `warp` and its `_valid`
+    mask, saves the first warp. The counted pixels (`roi`, inside the frame by VALIDITY_SLACK px
+    more than bilinear sampling needs) and with them the template side (`_fit`) are renewed only
+    once the warp has moved that far. Stops when no corner moves by more than GN_TOLERANCE px, and
+    keeps the previous warp when the correlation drops (an overshoot). None when the problem is
+    degenerate: too few counted pixels, a flat image, a singular Hessian or a collapsing warp.
     """
     shape = template.image.shape
     centre = _centre(shape)
@@ -824,11 +833,14 @@ def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi:
     fit, moved, best, previous = None, math.inf, -math.inf, warp
     for _ in range(iterations):
         if moved > VALIDITY_SLACK:
-            inside = _valid(frame.shape, warp, shape, 1 + VALIDITY_SLACK)
+            inside = (_valid(frame.shape, warp, shape, 1 + VALIDITY_SLACK) if view is None
+                      else _erode(view[1], VALIDITY_SLACK))
             fit, moved, best = _fit(template, counted & inside, fit), 0.0, -math.inf
             if fit is None:
                 return None
-        solved = _step(template, fit, _warp(frame, warp, shape, cv2.INTER_LINEAR).ravel())
+        aligned = _warp(frame, warp, shape, cv2.INTER_LINEAR) if view is None else view[0]
+        view = None  # only the first iteration starts at `warp`
+        solved = _step(template, fit, aligned.ravel())
         if solved is None:
             return None
         step, correlation = solved
