@@ -1,13 +1,20 @@
-"""Speed and memory of GLAD beside PaDiM on the same backbone, in one run.
+"""Speed and memory of GLAD beside PaDiM on the same backbone, in one run; how GLAD's cost scales.
 
-Each method runs in its own child process (so peak RSS is its own) on the same images:
-fit on N normal images, then score test images in batches. Prints one table and the ratios
-GLAD / PaDiM. GLAD runs without alignment here (the paper's timings exclude it too); alignment
-costs about 25 ms per frame on this CPU, measured by bench_align.py.
+Each method runs in its own child process (so peak RSS is its own) on the same images: fit on N
+normal images, then score test images in batches, backbone included. GLAD is scored twice: with
+the torch backbone, and with the backbone exported to the fastest installed runtime
+(`glad export`, OpenVINO or ONNX Runtime; `--runtime` picks one) as workers run it. PaDiM runs its
+torch backbone. Prints one table with the ratios GLAD / PaDiM. GLAD runs without alignment here
+(the paper's timings exclude it too); bench_align.py times alignment.
+
+With --scaling it also prints how GLAD's cost grows: fit time and model size against the number
+of training images (the model's size must not grow with it), and scoring time (mixtures only,
+and with the backbone) against K, the feature grid (input size) and the batch size.
 
     python3 bench/bench_core.py                       # synth nut, 200 training images, CPU
     python3 bench/bench_core.py --data ../shared/realdata/bottle
-    python3 bench/bench_core.py --device cuda --json
+    python3 bench/bench_core.py --scaling             # plus the scaling tables
+    python3 bench/bench_core.py --device cuda --batch-size 64 --json
 """
 
 from __future__ import annotations
@@ -15,30 +22,56 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+SCALING_TRAIN = (25, 50, 100, 200)
+SCALING_K = (32, 64, 128, 256)
+SCALING_SIZES = (128, 256, 384)
+SCALING_BATCHES = (1, 8, 32, 64)
 
-def run_method(method: str, data: str, n_train: int, batch_size: int, device: str,
-               threads: int, queue) -> None:
-    from glad.baselines import PaDiM
+
+def _timed_score(detector, images: list, batch_size: int) -> float:
+    """ms per image of `detector.score` over `images` in batches, after one warm-up batch."""
+    detector.batch_size = batch_size
+    detector.score(images[:batch_size])
+    if detector.device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    detector.score(images)
+    if detector.device != "cpu":
+        torch.cuda.synchronize()
+    return 1000.0 * (time.perf_counter() - started) / len(images)
+
+
+def _load_category(data: str, n_train: int):
     from glad.datasets import MVTecCategory
     from glad.images import read_image
-    from glad.model import GladModel
 
-    torch.set_num_threads(threads)
     category = MVTecCategory(Path(data))
     train = [read_image(p) for p in category.train_paths()[:n_train]]
     test = [read_image(item.path) for item in category.test_items()][:64]
+    return category, train, test
+
+
+def run_method(method: str, data: str, n_train: int, batch_size: int, device: str,
+               threads: int, runtime: str, queue) -> None:
+    from glad.baselines import PaDiM
+    from glad.model import GladModel
+    from glad.runtime import export_model
+
+    torch.set_num_threads(threads)
+    category, train, test = _load_category(data, n_train)
     if method == "glad":
-        # Alignment excluded, as in the paper's Table 5: bench_align.py times it separately.
         detector = GladModel(device=device, batch_size=batch_size, align=False,
                              roi="margin" if category.is_texture else "full")
     else:
@@ -46,16 +79,128 @@ def run_method(method: str, data: str, n_train: int, batch_size: int, device: st
     started = time.perf_counter()
     detector.fit(train)
     fit_s = time.perf_counter() - started
-    detector.score(test[:batch_size])  # warm-up
-    started = time.perf_counter()
-    detector.score(test)
-    score_ms = 1000.0 * (time.perf_counter() - started) / len(test)
-    queue.put({
-        "method": method, "train_images": len(train), "test_images": len(test),
-        "fit_s": fit_s, "score_ms": score_ms, "fit_img_per_s": len(train) / fit_s,
-        "score_img_per_s": 1000.0 / score_ms, "model_mb": detector.model_bytes() / 1e6,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-    })
+    row = {"method": method, "train_images": len(train), "test_images": len(test),
+           "fit_s": fit_s, "fit_img_per_s": len(train) / fit_s,
+           "model_mb": detector.model_bytes() / 1e6, "runtime": "torch"}
+    row["score_ms"] = _timed_score(detector, test, batch_size)
+    exported = None
+    if method == "glad" and device == "cpu" and runtime != "torch":
+        with tempfile.TemporaryDirectory() as tmp:
+            detector.save(tmp)
+            for name in (("openvino", "onnx") if runtime == "auto" else (runtime,)):
+                try:
+                    export_model(Path(tmp), name)
+                except Exception as error:  # the optional runtime is not installed
+                    print(f"glad export --format {name}: {error}", file=sys.stderr)
+                    continue
+                loaded = GladModel.load(tmp, runtime=name)
+                exported = {"runtime": loaded.backbone_.runtime,
+                            "score_ms": _timed_score(loaded, test, batch_size)}
+                break
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    row["score_img_per_s"] = 1000.0 / row["score_ms"]
+    queue.put([row] if exported is None else [row, row | exported | {
+        "score_img_per_s": 1000.0 / exported["score_ms"], "method": "glad+" + exported["runtime"]}])
+
+
+def run_scaling(data: str, batch_size: int, device: str, threads: int, queue) -> None:
+    """GLAD's fit and scoring costs against N, K, grid and batch (one process, synth data)."""
+    from glad.backbones import create_backbone
+    from glad.model import GladModel
+
+    torch.set_num_threads(threads)
+    _, train, test = _load_category(data, max(SCALING_TRAIN))
+    backbone = create_backbone(device=device)
+    rows = {"train": [], "k": [], "grid": [], "batch": []}
+
+    def fitted(n: int, k: int = 256, model_backbone=backbone) -> GladModel:
+        return GladModel(model_backbone, device=device, batch_size=batch_size, align=False,
+                         max_components=k).fit(train[:n])
+
+    def mixture_ms(model: GladModel, batch: int) -> float:
+        """ms per image of the mixture part alone (features computed beforehand)."""
+        features = model.backbone_.extract(np.stack(model._resized(test[:batch])))
+        valid = np.ones((batch, *model.roi_.shape), bool)
+        model.score_features(features, valid)
+        started = time.perf_counter()
+        for _ in range(3):
+            model.score_features(features, valid)
+        return 1000.0 * (time.perf_counter() - started) / (3 * batch)
+
+    for n in SCALING_TRAIN:
+        started = time.perf_counter()
+        model = fitted(n)
+        rows["train"].append({"train_images": n, "fit_s": time.perf_counter() - started,
+                              "model_mb": model.model_bytes() / 1e6,
+                              "K": [layer.mixture.n_components for layer in model.layers_]})
+    base = fitted(50)
+    for k in SCALING_K:
+        model = fitted(50, k)
+        rows["k"].append({"max_K": k, "K": [layer.mixture.n_components for layer in model.layers_],
+                          "mixture_ms": mixture_ms(model, batch_size),
+                          "active": [round(layer.local.mean_support(), 1) for layer in model.layers_
+                                     if layer.local is not None]})
+    for size in SCALING_SIZES:
+        model = fitted(50, model_backbone=create_backbone(device=device, input_size=size))
+        rows["grid"].append({"input": size, "grids": [list(layer.grid) for layer in model.layers_],
+                             "mixture_ms": mixture_ms(model, batch_size),
+                             "score_ms": _timed_score(model, test, batch_size)})
+    for batch in SCALING_BATCHES:
+        rows["batch"].append({"batch": batch, "mixture_ms": mixture_ms(base, min(batch, len(test))),
+                              "score_ms": _timed_score(base, test, batch)})
+    queue.put(rows)
+
+
+def _in_child(target, *args):
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def print_comparison(rows: list[dict]) -> None:
+    padim = next(r for r in rows if r["method"] == "padim")
+    glads = [r for r in rows if r["method"] != "padim"]
+    names = [("GLAD " + r["runtime"]) for r in glads]
+    header = f"{'':22s}" + "".join(f"{n:>18s}" for n in names) + f"{'PaDiM torch':>14s}" + "".join(
+        f"{'ratio ' + r['runtime']:>18s}" for r in glads)
+    print(header)
+    print("-" * len(header))
+    for key, label, fmt in (
+        ("train_images", "training images", "{:.0f}"),
+        ("fit_s", "fit (s)", "{:.1f}"),
+        ("score_ms", "score (ms/image)", "{:.1f}"),
+        ("score_img_per_s", "score (images/s)", "{:.1f}"),
+        ("model_mb", "model (MB)", "{:.2f}"),
+        ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
+    ):
+        line = f"{label:22s}" + "".join(f"{fmt.format(r[key]):>18s}" for r in glads)
+        line += f"{fmt.format(padim[key]):>14s}"
+        line += "".join(f"{r[key] / padim[key] if padim[key] else float('nan'):>18.2f}"
+                        for r in glads)
+        print(line)
+
+
+def print_scaling(rows: dict) -> None:
+    print("\nfit against training images (model size must not grow with them)")
+    print(f"{'images':>8s}{'fit s':>9s}{'model MB':>10s}   K per layer")
+    for r in rows["train"]:
+        print(f"{r['train_images']:>8d}{r['fit_s']:>9.1f}{r['model_mb']:>10.2f}   {r['K']}")
+    print("\nscoring against K (50 training images; mixture part only, ms/image)")
+    print(f"{'max K':>8s}{'mixture ms':>12s}   K per layer / active Gaussians per position")
+    for r in rows["k"]:
+        print(f"{r['max_K']:>8d}{r['mixture_ms']:>12.2f}   {r['K']} / {r['active']}")
+    print("\nscoring against the feature grid (input size; ms/image)")
+    print(f"{'input':>8s}{'mixture ms':>12s}{'total ms':>10s}   grids")
+    for r in rows["grid"]:
+        print(f"{r['input']:>8d}{r['mixture_ms']:>12.2f}{r['score_ms']:>10.1f}   {r['grids']}")
+    print("\nscoring against the batch size (ms/image)")
+    print(f"{'batch':>8s}{'mixture ms':>12s}{'total ms':>10s}")
+    for r in rows["batch"]:
+        print(f"{r['batch']:>8d}{r['mixture_ms']:>12.2f}{r['score_ms']:>10.1f}")
 
 
 def main() -> None:
@@ -66,46 +211,34 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx", "openvino"),
+                        help="exported backbone runtime for GLAD's second row (default: OpenVINO, "
+                             "else ONNX Runtime, whichever is installed)")
+    parser.add_argument("--scaling", action="store_true", help="also print the scaling tables")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
             from glad.synth import PRESETS, generate_dataset
 
             data = str(generate_dataset(tmp, ["nut"], PRESETS["full"], seed=0)[0])
-        context = mp.get_context("spawn")
-        rows = []
-        for method in ("glad", "padim"):
-            queue = context.Queue()
-            child = context.Process(target=run_method, args=(
-                method, data, args.train, args.batch_size, args.device, args.threads, queue))
-            child.start()
-            rows.append(queue.get())
-            child.join()
+        common = (data, args.train, args.batch_size, args.device, args.threads, args.runtime)
+        rows = _in_child(run_method, "glad", *common) + _in_child(run_method, "padim", *common)
+        scaling = (_in_child(run_scaling, data, args.batch_size, args.device, args.threads)
+                   if args.scaling else None)
     if args.json:
         print(json.dumps({"data": data, "device": args.device, "threads": args.threads,
-                          "results": rows}))
+                          "results": rows, "scaling": scaling}))
         return
-    glad, padim = rows
     print(f"data: {data}   device: {args.device}   threads: {args.threads}   "
-          f"batch: {args.batch_size}")
-    header = f"{'':22s}{'GLAD':>12s}{'PaDiM':>12s}{'GLAD/PaDiM':>12s}"
-    print(header)
-    print("-" * len(header))
-    for key, label, fmt in (
-        ("train_images", "training images", "{:.0f}"),
-        ("fit_s", "fit (s)", "{:.1f}"),
-        ("fit_img_per_s", "fit (images/s)", "{:.2f}"),
-        ("score_ms", "score (ms/image)", "{:.1f}"),
-        ("score_img_per_s", "score (images/s)", "{:.1f}"),
-        ("model_mb", "model (MB)", "{:.2f}"),
-        ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
-    ):
-        ratio = glad[key] / padim[key] if padim[key] else float("nan")
-        print(f"{label:22s}{fmt.format(glad[key]):>12s}{fmt.format(padim[key]):>12s}"
-              f"{ratio:>12.2f}")
+          f"batch: {args.batch_size}   load average before: {load_before:.2f}, after: "
+          f"{os.getloadavg()[0]:.2f}")
+    print_comparison(rows)
+    if scaling is not None:
+        print_scaling(scaling)
 
 
 if __name__ == "__main__":
