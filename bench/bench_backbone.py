@@ -5,7 +5,10 @@ graph `glad export` writes) to a temporary folder, then times `extract` on one b
 synthetic parts per runtime. Runs are interleaved (torch, onnx, openvino, torch, ...; the order
 rotates every round) so load from other processes on a shared machine hits all runtimes alike;
 the table shows medians, the ratio to torch, and the largest feature difference to torch
-(max |a - b| / max |torch| per layer, the worst layer).
+(max |a - b| / max |torch| per layer, the worst layer). Two more rows show settings GLAD does
+not use, and why: ONNX Runtime with spinning intra-op threads (its default; GLAD's sleep, as
+workers share the CPU), and OpenVINO at the CPU plugin's default precision (bf16 where the CPU
+has it; GLAD asks for f32).
 
     python3 bench/bench_backbone.py                   # batch 8, 256x256, torch's thread count
     python3 bench/bench_backbone.py --rounds 40 --threads 1 --json
@@ -20,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from glad.backbones import FeatureExtractor, create_backbone  # noqa: E402
-from glad.runtime import FORMATS, export_backbone, load_exported, max_rel_diff  # noqa: E402
+from glad.runtime import (  # noqa: E402
+    FORMATS,
+    ExportedBackbone,
+    export_backbone,
+    load_exported,
+    max_rel_diff,
+    open_onnxruntime,
+    open_openvino,
+)
 from glad.synth import render_normal  # noqa: E402
 
 
@@ -73,6 +85,14 @@ def main() -> int:
             export_backbone(torch_backbone, Path(tmp), name)
             label = "ONNX Runtime" if name == "onnx" else "OpenVINO f32"
             backbones[label] = load_exported(Path(tmp), fmt, torch_backbone.spec, args.threads)
+        variants = {"ONNX Runtime, spinning": (FORMATS["onnx"], partial(open_onnxruntime,
+                                                                          spinning=True)),
+                    "OpenVINO default precision": (FORMATS["openvino"], partial(open_openvino,
+                                                                                precision=None))}
+        for label, (fmt, opener) in variants.items():
+            backbones[label] = ExportedBackbone(torch_backbone.spec, fmt,
+                                                opener(Path(tmp) / fmt.files[0], args.threads),
+                                                Path(tmp), args.threads)
         images = synthetic_batch(args.batch, args.size)
         load_before = os.getloadavg()[0]
         seconds = time_runtimes(backbones, images, args.rounds)

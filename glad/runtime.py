@@ -60,7 +60,10 @@ class RuntimeUnavailableError(GladError):
     """A backbone runtime that was asked for but cannot run here (package, file or device)."""
 
 
-def _open_onnxruntime(path: Path, threads: int) -> Runner:
+def open_onnxruntime(path: Path, threads: int, spinning: bool = False) -> Runner:
+    """ONNX Runtime on the CPU. Idle intra-op threads sleep instead of spinning (`spinning`,
+    ONNX Runtime's default, is there for bench/bench_backbone.py): a worker shares the CPU with
+    the other stages, and spinning threads take cycles from them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -68,20 +71,21 @@ def _open_onnxruntime(path: Path, threads: int) -> Runner:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle threads sleep instead of spinning: a worker shares the CPU with the other stages, and
-    # spinning threads take cycles from them (it was also slower on the loaded 2-core machine).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {INPUT: images})
 
 
-def _open_openvino(path: Path, threads: int) -> Runner:
+def open_openvino(path: Path, threads: int, precision: str | None = "f32") -> Runner:
+    """OpenVINO on the CPU in `precision`: f32, because by default the CPU plugin computes in
+    bf16 where the CPU has it, about 1e-1 off torch's features (bench/bench_backbone.py shows
+    it), which the model's mixtures were not fitted on. None leaves the plugin's default."""
     import openvino as ov
 
-    # f32 explicitly: by default the CPU plugin may run in bf16/f16, about 4e-2 off torch's features.
-    compiled = ov.Core().compile_model(str(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY"})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
 
     def run(images: np.ndarray) -> list[np.ndarray]:
         result = compiled(images)  # copies the outputs out of the request's buffers
@@ -107,9 +111,9 @@ class ExportFormat:
 
 FORMATS = {
     "onnx": ExportFormat("onnx", "onnxruntime", "onnxruntime", ("backbone.onnx",),
-                         _open_onnxruntime),
+                         open_onnxruntime),
     "openvino": ExportFormat("openvino", "openvino", "openvino", ("backbone.xml", "backbone.bin"),
-                             _open_openvino),
+                             open_openvino),
 }
 # Tried in this order when the runtime is "auto": OpenVINO f32 was the faster of the two in every
 # run of bench/bench_backbone.py on the 2-core development machine (README, "Faster CPU scoring").
