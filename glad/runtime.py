@@ -198,8 +198,9 @@ def _first_usable_export(model_dir: Path, spec: BackboneSpec) -> tuple[ExportedB
             continue
         try:
             backbone = load_exported(model_dir, fmt, spec)
-        except ModelFileError as error:  # a stale or corrupt export: the model still works
-            log.warning("%s", error)
+        except Exception as error:  # stale, corrupt, or too new for this runtime: torch still works
+            log.warning("%s", error if isinstance(error, ModelFileError) else
+                        f"{model_dir / fmt.files[0]}: {fmt.package} cannot open it ({error})")
             skipped.append(f"{fmt.files[0]} refused")
             continue
         return backbone, "; ".join([*skipped, _described(backbone)])
