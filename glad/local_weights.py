@@ -30,7 +30,7 @@ class Candidates:
     cost: torch.Tensor  # float32 (M, HW, L) c_k = D_k + logdet_k (no weight term)
     valid: torch.Tensor  # bool (M, HW)
     # float32 (M, HW): each vector's log-likelihood under the global mixture, a by-product of
-    # the same pass (the online novelty thresholds need it); None for subsets
+    # the same pass for the images asked for (NaN elsewhere); None for subsets
     loglik: torch.Tensor | None = None
 
     def of_images(self, images: np.ndarray) -> Candidates:
@@ -40,25 +40,42 @@ class Candidates:
 
 def top_candidates(
     features: torch.Tensor, valid: torch.Tensor, factors: MixtureFactors,
-    n_candidates: int = DEFAULT_CANDIDATES,
+    n_candidates: int = DEFAULT_CANDIDATES, loglik_images: np.ndarray | None = None,
 ) -> Candidates:
-    """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L; the
-    same pass gives each vector's global log-likelihood."""
+    """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L.
+
+    The same pass gives the global log-likelihood of the vectors of `loglik_images` (indices
+    into the M images; their `loglik` rows, NaN for the others).
+    """
     m, hw, d = features.shape
-    flat = features.reshape(m * hw, d)
     n_candidates = min(n_candidates, factors.n_components)
-    index = torch.empty(m * hw, n_candidates, dtype=torch.int64)
-    cost = torch.empty(m * hw, n_candidates, dtype=torch.float32)
-    loglik = torch.empty(m * hw, dtype=torch.float32)
+    index = torch.empty(m, hw, n_candidates, dtype=torch.int64)
+    cost = torch.empty(m, hw, n_candidates, dtype=torch.float32)
+    loglik = torch.full((m, hw), math.nan)
+    wanted = np.zeros(m, dtype=bool)
+    if loglik_images is not None:
+        wanted[loglik_images] = True
     penalty = (-2.0 * factors.log_weights).to(torch.float32)
-    for start, costs in iter_costs(flat, factors):
-        rows = slice(start, start + len(costs))
-        total = costs + penalty
-        _, idx = torch.topk(total, n_candidates, dim=1, largest=False, sorted=False)
-        index[rows], cost[rows] = idx, torch.gather(costs, 1, idx)
-        loglik[rows] = torch.logsumexp(total.mul_(-0.5), dim=1).sub_(0.5 * d * LOG_2PI)
-    return Candidates(index.view(m, hw, -1), cost.view(m, hw, -1), valid.bool(),
-                      loglik.view(m, hw))
+    for images, with_loglik in ((np.flatnonzero(wanted), True), (np.flatnonzero(~wanted), False)):
+        if not len(images):
+            continue
+        rows = torch.from_numpy(images)
+        flat = features[rows].reshape(-1, d)
+        group_index = torch.empty(len(flat), n_candidates, dtype=torch.int64)
+        group_cost = torch.empty(len(flat), n_candidates, dtype=torch.float32)
+        group_loglik = torch.empty(len(flat))
+        for start, costs in iter_costs(flat, factors):
+            chunk = slice(start, start + len(costs))
+            total = costs + penalty
+            _, idx = torch.topk(total, n_candidates, dim=1, largest=False, sorted=False)
+            group_index[chunk], group_cost[chunk] = idx, torch.gather(costs, 1, idx)
+            if with_loglik:
+                group_loglik[chunk] = torch.logsumexp(total.mul_(-0.5), dim=1).sub_(0.5 * d * LOG_2PI)
+        index[rows], cost[rows] = group_index.view(len(images), hw, -1), group_cost.view(
+            len(images), hw, -1)
+        if with_loglik:
+            loglik[rows] = group_loglik.view(len(images), hw)
+    return Candidates(index, cost, valid.bool(), loglik)
 
 
 MAX_TILE = 256  # positions per tile of the batched sparse scoring (a bmm entry has B x tile rows)

@@ -230,8 +230,9 @@ class GladModel:
         flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
         self.selection_ = {}
         candidates = None
+        unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on
         if self.local:
-            candidates = [top_candidates(f, v, layer.factors, self.n_candidates)
+            candidates = [top_candidates(f, v, layer.factors, self.n_candidates, unseen)
                           for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
                                                   desc="local candidates", unit="layer",
                                                   disable=not self.progress)]
@@ -245,7 +246,6 @@ class GladModel:
             self.threshold_ = decision_threshold(self._scores_of(list(zip(flat, valid, strict=True)),
                                                                  layers))
         self.layers_ = layers
-        unseen = held if len(held) else np.arange(m)
         self.online_ = {"novelty_loglik": self._novelty_thresholds(flat, valid, candidates, unseen)}
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
