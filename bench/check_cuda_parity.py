@@ -2,7 +2,8 @@
 
 Per layer, every scoring path (sparse tiles and dense masked, spec §4.6) on every device is
 compared with the CPU sparse log-likelihood map; then, with a CUDA device, the CPU model's scores
-and heat maps with those of the same model loaded on CUDA (which scores with method "auto").
+and heat maps with those of the same model loaded on CUDA (which scores with method "auto"), with
+the backbone in fp32 and in bf16 (target for bf16: scores within 1e-2 relative, same ranking).
 Without CUDA only the CPU comparisons run.
 
     python3 bench/check_cuda_parity.py
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from glad.backbones import PRECISIONS, create_backbone  # noqa: E402
 from glad.datasets import MVTecCategory  # noqa: E402
 from glad.features import iter_features  # noqa: E402
 from glad.images import read_image  # noqa: E402
@@ -57,13 +59,16 @@ def main() -> None:
             return
         model.save(Path(tmp) / "model")
         cpu = model.score(test)
-        cuda = GladModel.load(Path(tmp) / "model", device="cuda").score(test)
-    score_gap = np.abs(cpu.scores - cuda.scores).max()
-    relative = score_gap / np.abs(cpu.scores).max()
-    heat_gap = np.abs(cpu.heatmaps - cuda.heatmaps).max() / np.abs(cpu.heatmaps).max()
-    print(f"images {len(test)}  max |score cpu - cuda| {score_gap:.4g} (relative {relative:.2e})  "
-          f"max relative heat-map gap {heat_gap:.2e}  "
-          f"same ranking: {bool((np.argsort(cpu.scores) == np.argsort(cuda.scores)).all())}")
+        for precision in PRECISIONS:
+            backbone = create_backbone(device="cuda", precision=precision)
+            cuda = GladModel.load(Path(tmp) / "model", backbone=backbone, device="cuda").score(test)
+            score_gap = np.abs(cpu.scores - cuda.scores).max()
+            relative = score_gap / np.abs(cpu.scores).max()
+            heat_gap = np.abs(cpu.heatmaps - cuda.heatmaps).max() / np.abs(cpu.heatmaps).max()
+            same = bool((np.argsort(cpu.scores) == np.argsort(cuda.scores)).all())
+            print(f"backbone {precision}: images {len(test)}  max |score cpu - cuda| "
+                  f"{score_gap:.4g} (relative {relative:.2e})  max relative heat-map gap "
+                  f"{heat_gap:.2e}  same ranking: {same}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,12 @@ class BackboneSpec:
 
 
 BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+# The torch backbone's arithmetic: fp32, or bf16 autocast on CUDA (several times the images/s on
+# tensor cores; the mixtures still score fp32 features). GLAD_BACKBONE_PRECISION=bf16 sets it for
+# workers; check it with bench/check_cuda_parity.py --precision bf16 (scores within 1e-2
+# relative of fp32 and the same ranking) before using it on a line.
+PRECISIONS = ("fp32", "bf16")
+PRECISION_ENV = "GLAD_BACKBONE_PRECISION"
 
 
 @runtime_checkable
@@ -90,17 +97,23 @@ class Backbone(nn.Module):
 
     runtime = "torch"
 
-    def __init__(self, body: nn.Module, spec: BackboneSpec, device: str | torch.device = "cpu"):
+    def __init__(self, body: nn.Module, spec: BackboneSpec, device: str | torch.device = "cpu",
+                 precision: str | None = None):
         super().__init__()
         self.body = body.eval()
         self.spec = spec
         self.device = torch.device(device)
+        self.precision = precision or os.environ.get(PRECISION_ENV, "fp32")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"backbone precision must be one of {PRECISIONS}, got "
+                             f"{self.precision!r}")
+        if self.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("bf16 backbones run on CUDA devices only")
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.to(self.device)
         self._frozen: torch.jit.ScriptModule | nn.Module | None = None
-        if self.device.type == "cpu":
-            self.body = self.body.to(memory_format=torch.channels_last)
+        self.body = self.body.to(memory_format=torch.channels_last)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, S, S, 3) -> the network's float input (B, 3, S, S). Exported
@@ -112,10 +125,11 @@ class Backbone(nn.Module):
     def extract(self, images: np.ndarray) -> list[torch.Tensor]:
         """Features of a batch of uint8 images (B, S, S, 3), S = input size: one (B, d, h, w) per layer."""
         images = check_images(images, self.spec.input_size)
-        x = self.normalize(torch.from_numpy(images).to(self.device))
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return [f.float().contiguous() for f in self._network(x)(x)]
+        x = self.normalize(torch.from_numpy(images).to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            features = self._network(x)(x)
+        return [f.float().contiguous() for f in features]
 
     def _network(self, example: torch.Tensor) -> nn.Module:
         """On CPU, a traced and frozen copy (BatchNorm folded into convolutions: about 20 %
@@ -140,8 +154,10 @@ def create_backbone(
     antialiased: bool = False,
     device: str | torch.device = "cpu",
     input_size: int = 256,
+    precision: str | None = None,
 ) -> Backbone:
-    """Build a backbone by name; `weights` is "pretrained", "random" or a path to a weights file."""
+    """Build a backbone by name; `weights` is "pretrained", "random" or a path to a weights file;
+    `precision` fp32 or bf16 (CUDA only; default $GLAD_BACKBONE_PRECISION, else fp32)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     weights_id = weights if weights in ("pretrained", "random") else "file"
@@ -157,7 +173,7 @@ def create_backbone(
         spec = BackboneSpec(name, channels, (4, 8, 16), IMAGENET_MEAN, IMAGENET_STD,
                             input_size, antialiased, weights_id)
     body.requires_grad_(False)
-    return Backbone(body, spec, device)
+    return Backbone(body, spec, device, precision)
 
 
 def backbone_for_spec(spec: BackboneSpec, device: str | torch.device = "cpu") -> Backbone:

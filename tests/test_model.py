@@ -308,3 +308,15 @@ def test_kmle_sample_size_keeps_the_assignment_work_in_budget(available, k, d, e
     per_vector = d * d * (k * (1 + 30 // glad.mixture.FULL_PASS_EVERY)
                           + glad.mixture.CANDIDATES * 30)
     assert n * per_vector <= glad.model.FIT_BUDGET or n == min(available, 16 * k)
+
+
+def test_backbone_precision_is_checked(monkeypatch) -> None:
+    """bf16 autocast is a CUDA option; anything else is refused with a clear error, and the
+    environment variable that workers read is validated the same way."""
+    with pytest.raises(ValueError, match="CUDA"):
+        create_backbone(precision="bf16")
+    monkeypatch.setenv("GLAD_BACKBONE_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="precision"):
+        create_backbone()
+    monkeypatch.setenv("GLAD_BACKBONE_PRECISION", "fp32")
+    assert create_backbone().precision == "fp32"
