@@ -18,6 +18,7 @@ from glad.mixture import (
     fit_kmle,
     iter_costs,
     oas_covariance,
+    pair_costs,
     oas_shrinkage,
 )
 
@@ -191,6 +192,23 @@ def test_iter_costs_equals_naive_float64(budget: int) -> None:
     costs = torch.cat([c for _, c in chunks]).numpy()
     assert costs.shape == (53, 5)
     np.testing.assert_allclose(costs, naive_costs(x, mixture), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 40])
+def test_pair_costs_equal_naive_costs_for_skewed_groups(budget: int) -> None:
+    """Pairs grouped by component into padded power-of-two buckets (one with no pair, one with
+    most of them, sizes that straddle bucket lengths) give each pair its own cost."""
+    rng = np.random.default_rng(31)
+    mixture = random_mixture(rng, 7, 5)
+    x = rng.normal(scale=3.0, size=(90, 5)).astype(np.float32)
+    components = np.concatenate([np.full(60, 2), np.full(17, 4), np.full(3, 0), [6] * 9, [1]])
+    rows = rng.integers(0, len(x), size=len(components))
+    order = rng.permutation(len(components))
+    rows, components = rows[order], components[order]
+    out = pair_costs(torch.from_numpy(x), mixture.factors(), torch.from_numpy(rows),
+                     torch.from_numpy(components), budget=budget)
+    expected = naive_costs(x, mixture)[rows, components]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_assign_uses_weighted_cost_with_corrected_sign() -> None:

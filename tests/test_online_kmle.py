@@ -147,15 +147,19 @@ def test_adapts_to_a_confirmed_variant_and_still_flags_defects(base, nut_images)
     variant = [recoloured(image) for image in nut_images["train"]]
     learn, held = variant[:10], [recoloured(image) for image in nut_images["good"]]
     defects = nut_images["defects"]
-    frozen_alarms = base.decide(base.score(held).scores).mean()
+    # One alarm level for both models, just above the frozen model's scores of normal parts of
+    # the old variant: the model's own threshold comes from two held-back images in this tiny
+    # set, too few to say anything about adaptation.
+    level = 1.05 * base.score(nut_images["good"]).scores.max()
+    frozen_alarms = (base.score(held).scores > level).mean()
     online = OnlineGlad(base)
     for start in range(0, len(learn), 5):
         online.learn(*features_of(base, learn[start : start + 5]))
     updated = online.model()
-    adapted_alarms = updated.decide(updated.score(held).scores).mean()
+    adapted_alarms = (updated.score(held).scores > level).mean()
     assert frozen_alarms >= 0.75, "the variant should look anomalous to the frozen model"
     assert adapted_alarms <= 0.25
-    assert updated.decide(updated.score(defects).scores).mean() >= 0.5
+    assert (updated.score(defects).scores > level).mean() >= 0.5
 
 
 def test_consolidation_reassigns_the_reservoir_and_settles(base, nut_images) -> None:
