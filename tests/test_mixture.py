@@ -18,8 +18,8 @@ from glad.mixture import (
     fit_kmle,
     iter_costs,
     oas_covariance,
-    pair_costs,
     oas_shrinkage,
+    pair_costs,
 )
 
 # --- OAS ------------------------------------------------------------------------------------
