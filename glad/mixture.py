@@ -317,58 +317,93 @@ def assign(
     return labels, best, candidates
 
 
+class CandidateGroups:
+    """The (row, candidate component) pairs of a candidate table, grouped for batched costs.
+
+    Pairs are sorted by component, each component's pairs padded to the next power of two, and
+    the rows' features gathered once per bucket of equal length (in slices of about `budget`
+    whitened values): evaluating every pair is then one batched GEMM per slice (W_k u - b_k, the
+    form of §2.6), with no Python loop over Gaussians. K-MLE builds the groups at a full pass
+    and reuses them in the candidate iterations until the next one, when only the whiteners
+    change (`costs` takes the components' current ids).
+    """
+
+    def __init__(self, x: torch.Tensor, candidates: torch.Tensor, n_components: int,
+                 budget: int = COST_BUDGET):
+        width = candidates.shape[1]
+        flat = candidates.flatten()
+        self.slots = torch.nonzero(flat >= 0).flatten()  # table cells that hold a candidate
+        self.slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if not len(self.slots):
+            return
+        rows, components = self.slots // width, flat[self.slots]
+        d = x.shape[1]
+        order = torch.argsort(components, stable=True)
+        counts = torch.bincount(components, minlength=n_components)
+        starts = torch.cumsum(counts, 0) - counts
+        present = torch.nonzero(counts).flatten()
+        lengths = 2 ** torch.ceil(torch.log2(counts[present].double())).long()
+        for length in torch.unique(lengths).tolist():
+            group = present[lengths == length]
+            offsets = torch.arange(length, device=x.device)
+            per_slice = max(1, budget // (length * d))
+            for first in range(0, len(group), per_slice):
+                comps = group[first : first + per_slice]
+                used = offsets < counts[comps, None]
+                slots = torch.where(used, starts[comps, None] + offsets, starts[comps, None])
+                pairs = order[slots]  # (K_b, length); padding repeats the component's first pair
+                self.slices.append((comps, pairs, used, x[rows[pairs]]))
+
+    def costs(self, factors: MixtureFactors, current: torch.Tensor | None = None) -> torch.Tensor:
+        """D_k + logdet_k of every pair, float32, in the order of `slots`; `current` maps the
+        ids the groups were built with to the factors' ids (-1: pruned since, cost +inf)."""
+        out = torch.full((len(self.slots),), math.inf)
+        for comps, pairs, used, features in self.slices:
+            ids = comps if current is None else current[comps]
+            alive = ids >= 0
+            if not alive.all():
+                ids, pairs, used, features = ids[alive], pairs[alive], used[alive], features[alive]
+            if not len(ids):
+                continue
+            y = torch.bmm(features, factors.whiteners[ids].transpose(1, 2))
+            y -= factors.offsets[ids, None, :]
+            costs = torch.linalg.vector_norm(y, dim=-1).square_()
+            costs += factors.logdets[ids, None].to(costs.dtype)
+            out[pairs[used]] = costs[used]
+        return out
+
+
 def pair_costs(
     x: torch.Tensor, factors: MixtureFactors, rows: torch.Tensor, components: torch.Tensor,
     budget: int = COST_BUDGET,
 ) -> torch.Tensor:
-    """c = D_k(x_i) + logdet_k of each pair (rows[j], components[j]), float32 (P,).
-
-    Gaussian-grouped without a Python loop over Gaussians: pairs are sorted by component, each
-    component's pairs padded to the next power of two, and every bucket of equal length is one
-    batched GEMM (W_k u - b_k, the form of §2.6), in slices of about `budget` whitened values.
-    """
-    d = factors.dim
-    out = torch.empty(len(rows), device=x.device)
-    if not len(rows):
-        return out
-    order = torch.argsort(components, stable=True)
-    counts = torch.bincount(components, minlength=factors.n_components)
-    starts = torch.cumsum(counts, 0) - counts
-    present = torch.nonzero(counts).flatten()
-    lengths = 2 ** torch.ceil(torch.log2(counts[present].double())).long()
-    for length in torch.unique(lengths).tolist():
-        group = present[lengths == length]
-        offsets = torch.arange(length, device=x.device)
-        per_slice = max(1, budget // (length * d))
-        for first in range(0, len(group), per_slice):
-            comps = group[first : first + per_slice]
-            used = offsets < counts[comps, None]
-            slots = torch.where(used, starts[comps, None] + offsets, starts[comps, None])
-            pairs = order[slots]  # (K_b, length), padding repeats the component's first pair
-            y = torch.bmm(x[rows[pairs]], factors.whiteners[comps].transpose(1, 2))
-            y -= factors.offsets[comps, None, :]
-            costs = torch.linalg.vector_norm(y, dim=-1).square_()
-            costs += factors.logdets[comps, None].to(costs.dtype)
-            out[pairs[used]] = costs[used]
-    return out
+    """c = D_k(x_i) + logdet_k of each pair (rows[j], components[j]), float32 (P,)."""
+    return CandidateGroups(x[rows], components[:, None], factors.n_components, budget).costs(factors)
 
 
 def assign_among(
-    x: torch.Tensor, factors: MixtureFactors, candidates: torch.Tensor
+    x: torch.Tensor, factors: MixtureFactors, candidates: torch.Tensor,
+    groups: CandidateGroups | None = None, current: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignment restricted to each row's candidate components (-1 = none); Gaussian-grouped.
 
-    Rows whose candidates were all pruned fall back to the full assignment.
+    `groups` (built from the same table) saves regrouping between full passes; `current` then
+    maps the table's ids to the factors' (see `CandidateGroups.costs`). Rows whose candidates
+    were all pruned fall back to the full assignment.
     """
     n, width = candidates.shape
-    flat = candidates.flatten()
-    slots = torch.nonzero(flat >= 0).flatten()
-    components = flat[slots]
+    if groups is None:
+        groups = CandidateGroups(x, candidates, factors.n_components)
+    ids = candidates.flatten()[groups.slots]
+    if current is not None:
+        ids = current[ids]
+    penalty = torch.where(ids >= 0, -2.0 * factors.log_weights[ids.clamp_min(0)], math.inf)
     totals = torch.full((n * width,), math.inf)
-    totals[slots] = pair_costs(x, factors, slots // width, components) - (
-        2.0 * factors.log_weights[components]).to(torch.float32)
+    totals[groups.slots] = groups.costs(factors, current) + penalty.to(torch.float32)
     best, slot = torch.min(totals.view(n, width), dim=1)
     labels = torch.gather(candidates, 1, slot[:, None])[:, 0]
+    if current is not None:
+        labels = current[labels]
     lost = torch.nonzero(~torch.isfinite(best)).flatten()
     if len(lost):
         labels[lost], best[lost], _ = assign(x[lost], factors)
@@ -441,16 +476,22 @@ def fit_kmle(
     global_trace = float(np.trace(base_cov))
     previous_ll, previous_labels, decreases = None, None, 0
     full_pass = False
+    # candidates keep the ids of the pass that chose them; `current` maps those to today's ids
+    # (pruning renumbers), so their grouped features are gathered once per full pass
+    groups, current = None, None
     history: list[int] = []
     stop_reason = "max_iter"
     for iteration in range(max_iter):
         k = mixture.n_components
-        if iteration == 0:
-            labels, best, candidates = _seed_assignment(x, mixture, mean, base_cov, CANDIDATES)
-        elif full_pass:
-            labels, best, candidates = assign(x, mixture.factors(), CANDIDATES)
+        if iteration == 0 or full_pass:
+            labels, best, candidates = (
+                _seed_assignment(x, mixture, mean, base_cov, CANDIDATES) if iteration == 0
+                else assign(x, mixture.factors(), CANDIDATES))
+            groups, current = None, None
         else:
-            labels, best = assign_among(x, mixture.factors(), candidates)
+            if groups is None:
+                groups = CandidateGroups(x, candidates, len(current) - 1)
+            labels, best = assign_among(x, mixture.factors(), candidates, groups, current)
         ll = -0.5 * float(best.double().sum() + n * d * LOG_2PI)
         history.append(k)
         stop = None
@@ -469,7 +510,8 @@ def fit_kmle(
             full_pass = (iteration + 1) % FULL_PASS_EVERY == 0
         mixture, kept = _m_step(x, labels, image_ids, k, n_min, min_images, oas_formula,
                                 global_trace)
-        candidates = _renumber(candidates, kept, k)
+        renumbered = _renumbering(kept, k)
+        current = renumbered if current is None else renumbered[current]
         log.debug("K-MLE iteration %d: ll=%.8g K=%d", iteration, ll, mixture.n_components)
         if on_iteration is not None:
             on_iteration(iteration, mixture.n_components, ll)
@@ -517,11 +559,12 @@ def _seed_assignment(
     return labels, best, candidates
 
 
-def _renumber(candidates: torch.Tensor, kept: np.ndarray, k: int) -> torch.Tensor:
-    """Map candidate ids to the components kept by the M-step; pruned ones become -1."""
+def _renumbering(kept: np.ndarray, k: int) -> torch.Tensor:
+    """(k + 1,) map from ids before an M-step to the kept components' ids; pruned ones and the
+    last entry (so that -1 maps to -1) become -1."""
     mapping = torch.full((k + 1,), -1, dtype=torch.int64)
     mapping[torch.from_numpy(kept)] = torch.arange(len(kept))
-    return mapping[candidates]
+    return mapping
 
 
 def _check_features(x: torch.Tensor) -> torch.Tensor:
