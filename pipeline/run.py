@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +158,8 @@ def _run(options: RunOptions) -> Summary:
                                                        "--redis-url", url, "--models",
                                                        str(options.models)]))
         dashboard = start_dashboard(options, url) if options.dashboard else None
-        wait_until_serving(client, streams, workers)
+        wait_until_serving(client, streams, workers, on_progress=lambda ready, total: _say(
+            options, f"{ready} of {total} workers have loaded the model"))
         address = None
         if dashboard is not None:
             workers.append(dashboard)  # stopped with the others
@@ -278,14 +280,20 @@ def wait_for_dashboard(client, streams: Streams, dashboard: subprocess.Popen,
 
 
 def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen],
-                       timeout: float = LOAD_TIMEOUT) -> None:
+                       timeout: float = LOAD_TIMEOUT,
+                       on_progress: Callable[[int, int], None] | None = None) -> None:
     """Block until every worker's heartbeat shows a loaded model (so the first frames do not
-    wait for model loading); a worker that exits meanwhile is an error."""
+    wait for model loading); a worker that exits meanwhile is an error. `on_progress(serving,
+    total)` hears each change of the count."""
     pids = {worker.pid for worker in workers}
     deadline = time.monotonic() + timeout
+    reported = None
     while time.monotonic() < deadline:
         serving = {record.get("pid") for record in heartbeats(client, streams).values()
                    if record.get("model") is not None}
+        if on_progress is not None and len(pids & serving) != reported:
+            reported = len(pids & serving)
+            on_progress(reported, len(pids))
         if pids <= serving:
             return
         _check_alive(workers)
