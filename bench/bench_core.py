@@ -207,23 +207,31 @@ def print_comparison(rows: list[dict]) -> None:
         print(line)
 
 
+def print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """A titled table; `columns` are (header, key, format spec): numbers right-aligned, lists
+    (spec "") left-aligned after them."""
+    def cell(header: str, text: str, spec: str) -> str:
+        return f"  {text}" if not spec else f"{text:>{max(10, len(header) + 2)}s}"
+
+    print(f"\n{title}")
+    print("".join(cell(header, header, spec) for header, _, spec in columns))
+    for row in rows:
+        print("".join(cell(header, format(row[key], spec), spec) for header, key, spec in columns))
+
+
 def print_scaling(rows: dict) -> None:
-    print("\nfit against training images (model size must not grow with them)")
-    print(f"{'images':>8s}{'fit s':>9s}{'model MB':>10s}   K per layer")
-    for r in rows["train"]:
-        print(f"{r['train_images']:>8d}{r['fit_s']:>9.1f}{r['model_mb']:>10.2f}   {r['K']}")
-    print("\nscoring against K (50 training images; mixture part only, ms/image)")
-    print(f"{'max K':>8s}{'mixture ms':>12s}   K per layer / active Gaussians per position")
-    for r in rows["k"]:
-        print(f"{r['max_K']:>8d}{r['mixture_ms']:>12.2f}   {r['K']} / {r['active']}")
-    print("\nscoring against the feature grid (input size; ms/image)")
-    print(f"{'input':>8s}{'mixture ms':>12s}{'total ms':>10s}   grids")
-    for r in rows["grid"]:
-        print(f"{r['input']:>8d}{r['mixture_ms']:>12.2f}{r['score_ms']:>10.1f}   {r['grids']}")
-    print("\nscoring against the batch size (ms/image)")
-    print(f"{'batch':>8s}{'mixture ms':>12s}{'total ms':>10s}")
-    for r in rows["batch"]:
-        print(f"{r['batch']:>8d}{r['mixture_ms']:>12.2f}{r['score_ms']:>10.1f}")
+    print_table("fit against training images (the model's size must not grow with them)",
+                [("images", "train_images", "d"), ("fit s", "fit_s", ".1f"),
+                 ("model MB", "model_mb", ".2f"), ("K per layer", "K", "")], rows["train"])
+    print_table("scoring against K (50 training images; mixtures only, ms/image)",
+                [("max K", "max_K", "d"), ("mixture ms", "mixture_ms", ".2f"),
+                 ("K per layer", "K", ""), ("active per position", "active", "")], rows["k"])
+    print_table("scoring against the feature grid (input size; ms/image)",
+                [("input", "input", "d"), ("mixture ms", "mixture_ms", ".2f"),
+                 ("total ms", "score_ms", ".1f"), ("grids", "grids", "")], rows["grid"])
+    print_table("scoring against the batch size (ms/image)",
+                [("batch", "batch", "d"), ("mixture ms", "mixture_ms", ".2f"),
+                 ("total ms", "score_ms", ".1f")], rows["batch"])
 
 
 def main() -> None:
