@@ -298,7 +298,8 @@ def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, n
 @pytest.mark.parametrize(("available", "k", "d", "expected"), [
     (1_000, 16, 24, 1_000),  # small data: everything
     (856_000, 256, 24, 50_000),  # a shallow layer: the sample cap, within budget
-    (53_000, 256, 112, 6_912),  # a deep layer: what the budget affords
+    (53_000, 256, 112, 50_000),  # EfficientNet-Lite0's deepest layer: the sample cap
+    (53_000, 256, 256, 11_025),  # ResNet18's: what the budget affords
     (53_000, 256, 1024, 4_096),  # a huge d: never under 16 vectors per component
     (2_000, 256, 1024, 2_000),  # ... unless fewer exist
 ])
