@@ -44,6 +44,7 @@ DEFAULT_SOURCE = "synth://nut?defect_rate=0.1&seed=0"
 PIPELINE_STAGES = ("align", "extract", "score")
 DRAIN_TIMEOUT = 120.0  # s to wait for in-flight frames after the source ended
 LOAD_TIMEOUT = 300.0  # s for the stage workers to load the model
+PROGRESS_EVERY = 4.0  # s: the longest silence while waiting for workers
 DASHBOARD_TIMEOUT = 60.0  # s for the dashboard to serve its page
 
 
@@ -284,15 +285,18 @@ def wait_until_serving(client, streams: Streams, workers: list[subprocess.Popen]
                        on_progress: Callable[[int, int], None] | None = None) -> None:
     """Block until every worker's heartbeat shows a loaded model (so the first frames do not
     wait for model loading); a worker that exits meanwhile is an error. `on_progress(serving,
-    total)` hears each change of the count."""
+    total)` hears each change of the count, and the count again after PROGRESS_EVERY seconds
+    without one (so a long wait is never silent)."""
     pids = {worker.pid for worker in workers}
     deadline = time.monotonic() + timeout
-    reported = None
+    reported, reported_at = None, 0.0
     while time.monotonic() < deadline:
         serving = {record.get("pid") for record in heartbeats(client, streams).values()
                    if record.get("model") is not None}
-        if on_progress is not None and len(pids & serving) != reported:
-            reported = len(pids & serving)
+        now = time.monotonic()
+        if on_progress is not None and (len(pids & serving) != reported
+                                        or now - reported_at >= PROGRESS_EVERY):
+            reported, reported_at = len(pids & serving), now
             on_progress(reported, len(pids))
         if pids <= serving:
             return
