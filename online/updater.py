@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,7 +121,6 @@ class Updater:
         self._release = client.register_script(_RELEASE)
         self._leading = False
         self._pending = True
-        self._rng = np.random.default_rng()
         self._applied: set[str] = set()
         self.timings: dict[str, float] = {}  # seconds per part of the last step
         self._started, self._last_beat = time.time(), 0.0
@@ -510,13 +510,16 @@ class Updater:
 
     def _add_canary(self, example: Example, image: np.ndarray | None) -> None:
         """A synthetic defect pasted on a held-back normal frame (its region: valid pixels of
-        the ROI), so the gate can check recall before any operator confirmed a defect."""
+        the ROI), so the gate can check recall before any operator confirmed a defect. The
+        defect is drawn from a generator seeded by the frame id, so a restart, a standby or a
+        rerun pastes the same canary and the gate's decision can be reproduced."""
         if image is None:
             return
         model = self.online.model()
         region = example.valid & model.roi_.numpy()
         try:
-            defective, _ = paste_defect(image, region, self._rng)
+            rng = np.random.default_rng(zlib.crc32(example.frame_id.encode()))
+            defective, _ = paste_defect(image, region, rng)
         except (ValueError, RuntimeError) as error:
             log.info("no canary from frame %s: %s", example.frame_id, error)
             return

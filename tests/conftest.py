@@ -39,13 +39,17 @@ def redis_server():
 
 @pytest.fixture(scope="session")
 def pipeline_model(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small GLAD model of the tiny nut, saved once per session (aligning, fixed radius)."""
+    """A small GLAD model of the tiny nut, saved once per session (aligning, fixed radius).
+
+    A quarter of the 16 images is held back for the threshold: with the default 15 % (two
+    images) the threshold swung from 575 to 726 on a 0.3 px change of one image's alignment,
+    above the recoloured variant the online tests rely on the model flagging."""
     from glad.datasets import MVTecCategory
     from glad.images import read_image
     from glad.model import GladModel
 
     nut = MVTecCategory(tiny_dataset / "nut")
-    model = GladModel(n_components=8, radius=1, max_iter=8)
+    model = GladModel(n_components=8, radius=1, max_iter=8, holdout=0.25)
     model.fit([read_image(p) for p in nut.train_paths()])
     return model.save(tmp_path_factory.mktemp("pipeline_model") / "nut")
 
