@@ -373,14 +373,6 @@ class CandidateGroups:
         return out
 
 
-def pair_costs(
-    x: torch.Tensor, factors: MixtureFactors, rows: torch.Tensor, components: torch.Tensor,
-    budget: int = COST_BUDGET,
-) -> torch.Tensor:
-    """c = D_k(x_i) + logdet_k of each pair (rows[j], components[j]), float32 (P,)."""
-    return CandidateGroups(x[rows], components[:, None], factors.n_components, budget).costs(factors)
-
-
 def assign_among(
     x: torch.Tensor, factors: MixtureFactors, candidates: torch.Tensor,
     groups: CandidateGroups | None = None, current: torch.Tensor | None = None,
@@ -523,6 +515,25 @@ def fit_kmle(
     return mixture, report
 
 
+class Whitening:
+    """v = L0^-1 (u - m) with Sigma_0 = L0 L0^T: the space in which k-MLE++ seeds and the first
+    assignment are plain Euclidean (§2.2)."""
+
+    def __init__(self, mean: np.ndarray, covariance: np.ndarray):
+        self.shift = torch.from_numpy(mean)
+        self.chol = torch.linalg.cholesky(torch.from_numpy(covariance))
+
+    @property
+    def logdet(self) -> float:
+        """log |Sigma_0|."""
+        return float(2.0 * torch.log(torch.diagonal(self.chol)).sum())
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Whitened rows (N, d), float32 (computed in float64)."""
+        centred = (rows.double() - self.shift).t()
+        return torch.linalg.solve_triangular(self.chol, centred, upper=False).t().float().contiguous()
+
+
 def _seed_assignment(
     x: torch.Tensor, mixture: GaussianMixture, mean: np.ndarray, base_cov: np.ndarray, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -533,18 +544,12 @@ def _seed_assignment(
     Distances use the expanded form |v|^2 - 2 v.m + |m|^2, which is safe here (unlike §2.6's
     general case) because whitened, centred vectors have norms of the order of the distances.
     """
-    chol = torch.linalg.cholesky(torch.from_numpy(base_cov))
-    shift = torch.from_numpy(mean)
-
-    def whiten(rows: torch.Tensor) -> torch.Tensor:
-        centred = (rows.double() - shift).t()
-        return torch.linalg.solve_triangular(chol, centred, upper=False).t().float().contiguous()
-
+    whiten = Whitening(mean, base_cov)
     seeds = whiten(torch.from_numpy(mixture.means))
     seed_norms = (seeds * seeds).sum(1)
     k = len(seeds)
     width = min(width, k)
-    constant = float(2.0 * torch.log(torch.diagonal(chol)).sum()) + 2.0 * math.log(k)
+    constant = whiten.logdet + 2.0 * math.log(k)
     labels = torch.empty(x.shape[0], dtype=torch.int64)
     best = torch.empty(x.shape[0], dtype=torch.float32)
     candidates = torch.empty(x.shape[0], width, dtype=torch.int64)
@@ -615,9 +620,7 @@ def _initial_means(
     if init != "kmle++":
         raise ValueError(f"unknown init {init!r}; use 'kmle++' or 'random'")
     pool = rng.choice(n, size=min(n, KMLEPP_MAX_SEEDING_SAMPLES), replace=False)
-    chol = torch.linalg.cholesky(torch.from_numpy(base_cov))
-    centred = (x[pool].double() - torch.from_numpy(mean)).t()
-    white = torch.linalg.solve_triangular(chol, centred, upper=False).t().float().contiguous()
+    white = Whitening(mean, base_cov)(x[pool])
     chosen = [int(rng.integers(len(pool)))]
     dist = ((white - white[chosen[0]]) ** 2).sum(1)
     for _ in range(1, k):

@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from glad.errors import FeatureError
 from glad.mixture import (
+    CandidateGroups,
     GaussianMixture,
     assign,
     fit_em,
@@ -19,7 +20,6 @@ from glad.mixture import (
     iter_costs,
     oas_covariance,
     oas_shrinkage,
-    pair_costs,
 )
 
 # --- OAS ------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_iter_costs_equals_naive_float64(budget: int) -> None:
 
 
 @pytest.mark.parametrize("budget", [1 << 20, 40])
-def test_pair_costs_equal_naive_costs_for_skewed_groups(budget: int) -> None:
+def test_candidate_groups_give_each_pair_its_naive_cost(budget: int) -> None:
     """Pairs grouped by component into padded power-of-two buckets (one with no pair, one with
     most of them, sizes that straddle bucket lengths) give each pair its own cost."""
     rng = np.random.default_rng(31)
@@ -205,8 +205,9 @@ def test_pair_costs_equal_naive_costs_for_skewed_groups(budget: int) -> None:
     rows = rng.integers(0, len(x), size=len(components))
     order = rng.permutation(len(components))
     rows, components = rows[order], components[order]
-    out = pair_costs(torch.from_numpy(x), mixture.factors(), torch.from_numpy(rows),
-                     torch.from_numpy(components), budget=budget)
+    groups = CandidateGroups(torch.from_numpy(x)[rows], torch.from_numpy(components)[:, None],
+                             mixture.n_components, budget=budget)
+    out = groups.costs(mixture.factors())
     expected = naive_costs(x, mixture)[rows, components]
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3)
 
