@@ -381,10 +381,9 @@ class GladModel:
                        held: np.ndarray, layers: list[LayerModel]) -> np.ndarray:
         """Image scores of the held-back images under the global mixtures, from the global
         log-likelihoods the candidates' pass computed (no second pass over every Gaussian)."""
-        logliks = [torch.where(v, c.loglik[held], math.nan).view(len(held), *layer.grid)
-                   for c, (_, v), layer in zip(candidates, held_features, layers, strict=True)]
-        total = combine_layers(logliks, self.backbone_.spec.input_size)
-        return image_scores(total, self.roi_, self.quantile)
+        return self._image_scores([
+            torch.where(v, c.loglik[held], math.nan).view(len(held), *layer.grid)
+            for c, (_, v), layer in zip(candidates, held_features, layers, strict=True)])
 
     def _novelty_thresholds(self, features: list[torch.Tensor], valid: list[torch.Tensor],
                             candidates: list[Candidates] | None, images: np.ndarray) -> list[float]:
@@ -403,7 +402,11 @@ class GladModel:
 
     def _scores_of(self, features: list[tuple[torch.Tensor, torch.Tensor]], layers) -> np.ndarray:
         """Image scores of (features (B, HW, d), validity (B, HW)) per layer."""
-        logliks = [layer.loglik(f, v) for (f, v), layer in zip(features, layers, strict=True)]
+        return self._image_scores([layer.loglik(f, v)
+                                   for (f, v), layer in zip(features, layers, strict=True)])
+
+    def _image_scores(self, logliks: list[torch.Tensor]) -> np.ndarray:
+        """Image scores from per-layer log-likelihood maps (B, h, w), NaN where invalid (§4.3-4.5)."""
         total = combine_layers(logliks, self.backbone_.spec.input_size)
         return image_scores(total, self.roi_, self.quantile)
 
