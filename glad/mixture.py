@@ -190,6 +190,20 @@ class ComponentStats:
         return ComponentStats(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
                                 for f in fields(self)))
 
+    def pooled_trace(self) -> float:
+        """tr of the MLE covariance of all components' samples taken together (within plus
+        between components): the layer's scale, against which one component's spread is judged."""
+        total = self.weight.sum()
+        centre = self.weight @ self.mean / total
+        between = self.weight @ np.square(self.mean - centre).sum(1)
+        return float((np.trace(self.scatter, axis1=1, axis2=2).sum() + between) / total)
+
+    def degenerate(self, scale: float) -> np.ndarray:
+        """Components whose MLE scatter has a trace of at most 1e-12 `scale` (§2.5 rule 3, as the
+        batch M-step prunes them): (nearly) identical samples, such as a flat image region
+        repeated, whose OAS covariance is (nearly) zero and has no usable Cholesky factor."""
+        return ~(np.trace(self.scatter, axis1=1, axis2=2) > 1e-12 * scale * self.weight)
+
 
 def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from glad.errors import FeatureError, ModelFileError
+from glad.errors import FeatureError, GladError, ModelFileError
 from glad.features import layer_validity
 from glad.local_weights import LocalWeights, neighbourhood, pool_counts, weights_from_counts
 from glad.mixture import (
     ComponentStats,
     GaussianMixture,
+    MixtureFactors,
     _cholesky_with_jitter,
     _factors_from_cholesky,
     assign,
@@ -34,6 +37,18 @@ from glad.mixture import (
     route,
 )
 from glad.model import GladModel, LayerModel
+
+# A Gaussian's whitener W bounds the cost D = |W (u - mu)|^2 of a vector u at the layer's typical
+# distance (|u - mu|^2 ~ the pooled trace) by |W|_F^2 x that trace. Costs are float32 (at most
+# 3.4e38): past it they overflow to inf, log-likelihoods to -inf, and image scores to NaN (the
+# quantile interpolates -inf - -inf; bilinear upsampling multiplies -inf by 0). This bound leaves
+# room for vectors 1e4 typical distances away; fitted models sit below 1e12.
+MAX_TYPICAL_COST = 1e30
+
+
+class UnsoundUpdateError(GladError):
+    """An online update that would leave unsound parameters (spec §7.6 step 1). The model is
+    left as it was before the update."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,10 @@ class _Replay:
     labels: list[torch.Tensor]  # per layer global labels
     local_labels: list[torch.Tensor]  # per layer local labels (-1 without local weights)
 
+    def copy(self) -> _Replay:
+        """A copy whose labels consolidation may replace without touching this one's."""
+        return replace(self, labels=list(self.labels), local_labels=list(self.local_labels))
+
 
 @dataclass
 class _LayerState:
@@ -89,6 +108,11 @@ class _LayerState:
     buffer_image: torch.Tensor  # (n,) image step
     buffer_pos: torch.Tensor  # (n,) position
 
+    def copy(self) -> _LayerState:
+        """A copy that updates of this one (in place on covariances and counts) leave alone."""
+        counts = None if self.counts is None else self.counts.clone()
+        return replace(self, covariances=self.covariances.copy(), counts=counts)
+
 
 class OnlineGlad:
     """Online K-MLE updates of a fitted, updatable `GladModel` (one whose file has statistics).
@@ -96,6 +120,8 @@ class OnlineGlad:
     `learn` folds a batch of confirmed-normal images in; `model()` is the updated model as a new
     `GladModel` (the production model is never changed in place); `consolidate` replays recent
     images. Images are counted in `steps_`, which drives forgetting and the buffer's age limit.
+    Each update is all or nothing: one that fails, or would leave parameters `layer_problems`
+    finds unsound, raises and leaves the model as it was.
     """
 
     def __init__(self, model: GladModel, config: OnlineConfig | None = None):
@@ -124,9 +150,33 @@ class OnlineGlad:
 
     # --- learning -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Run one update on copies of the state kept aside, checking its parameters at the end;
+        on any failure the copies come back. A half-applied update (one layer refreshed, the next
+        not) would otherwise be what the next update learns from."""
+        saved = (self.steps_, list(self.layers_), [s.copy() for s in self.states_],
+                 [r.copy() for r in self.reservoir_])
+        try:
+            yield
+            problems = [f"layer {i + 1}: {p}" for i, layer in enumerate(self.layers_)
+                        for p in layer_problems(layer)]
+            if problems:
+                raise UnsoundUpdateError("the update would leave unsound parameters: "
+                                         + "; ".join(problems))
+        except BaseException:
+            self.steps_, self.layers_, self.states_ = saved[0], saved[1], saved[2]
+            self.reservoir_ = deque(saved[3], maxlen=self.config.reservoir_images)
+            raise
+
     def learn(self, features: list[torch.Tensor], valid: np.ndarray) -> LearnReport:
         """Fold in B confirmed-normal registered images: backbone features (B, d, h, w) per layer
-        and their pixel validity (B, S, S) (False where alignment left no image)."""
+        and their pixel validity (B, S, S) (False where alignment left no image). Raises
+        `UnsoundUpdateError` (the model unchanged) when the result would be unsound."""
+        with self._all_or_nothing():
+            return self._learn(features, valid)
+
+    def _learn(self, features: list[torch.Tensor], valid: np.ndarray) -> LearnReport:
         batch = len(valid)
         steps = torch.arange(self.steps_, self.steps_ + batch)
         self.steps_ += batch
@@ -214,8 +264,12 @@ class OnlineGlad:
 
     def _spawn(self, state: _LayerState, layer: LayerModel) -> int:
         """New Gaussians from buffered vectors: K-MLE on the buffer; a component is kept when it
-        has enough members from at least `spawn_min_images` images and 80 % of its members are
-        still unlikely under the current mixture (so it duplicates nothing)."""
+        has enough members from at least `spawn_min_images` images, 80 % of its members are
+        still unlikely under the current mixture (so it duplicates nothing), and its members
+        are not all (nearly) the same vector (`ComponentStats.degenerate`: a flat region shown
+        by three images, or one image confirmed three times, has a zero scatter, hence a zero
+        covariance). K-MLE prunes such clusters, but re-assigning the buffer with the fitted
+        mixture can gather one again."""
         cfg = self.config
         d = state.buffer_x.shape[1]
         needed = max(256, 2 * d)
@@ -231,25 +285,23 @@ class OnlineGlad:
             return 0
         labels, _, _ = assign(x, fitted.factors())
         unlikely = global_loglik(x, layer.factors) < state.threshold
-        accepted = []
-        for comp in range(fitted.n_components):
-            members = labels == comp
-            count = int(members.sum())
-            support = len(torch.unique(state.buffer_image[members]))
-            if (count >= cfg.spawn_min_members and support >= cfg.spawn_min_images
-                    and float(unlikely[members].float().mean()) >= 0.8):
-                accepted.append(comp)
-        if not accepted:
+        members = ComponentStats.of_members(x, labels.numpy(), image_ids, fitted.n_components)
+        share = np.bincount(labels[unlikely].numpy(), minlength=fitted.n_components) / np.maximum(
+            members.weight, 1.0)
+        accepted = np.flatnonzero((members.weight >= cfg.spawn_min_members)
+                                  & (members.support >= cfg.spawn_min_images) & (share >= 0.8)
+                                  & ~members.degenerate(state.stats.pooled_trace()))
+        if not len(accepted):
             return 0
         relabel = torch.full((fitted.n_components,), -1, dtype=torch.int64)
-        relabel[accepted] = torch.arange(len(accepted))
+        relabel[torch.from_numpy(accepted)] = torch.arange(len(accepted))
         new_labels = relabel[labels]
         take = new_labels >= 0
         k_old = state.stats.n_components
-        new_stats = ComponentStats.of_members(x[take], new_labels[take].numpy(),
-                                              image_ids[take.numpy()], len(accepted))
+        new_stats = members.select(accepted)
         state.stats = state.stats.concat(new_stats)
-        state.covariances = np.concatenate([state.covariances, new_stats.covariances()])
+        state.covariances = np.concatenate([state.covariances,
+                                            new_stats.covariances(self.base_.oas_formula)])
         if state.counts is not None:
             grown = torch.zeros(state.counts.shape[0], len(accepted))
             state.counts = torch.cat([state.counts, grown], dim=1)
@@ -280,13 +332,14 @@ class OnlineGlad:
         their old contributions (decayed since) are taken out of the statistics and local counts
         and their new ones put in, `iterations` times (warm-started K-MLE on the replay set; hard
         assignments made early in a stream depend on its order). Returns the vectors relabelled
-        in the last iteration."""
-        moved = 0
-        for _ in range(iterations):
+        in the last iteration. All or nothing, as `learn`."""
+        with self._all_or_nothing():
             moved = 0
-            for index, state in enumerate(self.states_):
-                moved += self._reassign(index, state)
-        return moved
+            for _ in range(iterations):
+                moved = 0
+                for index, state in enumerate(self.states_):
+                    moved += self._reassign(index, state)
+            return moved
 
     def _reassign(self, index: int, state: _LayerState) -> int:
         layer = self.layers_[index]
@@ -342,8 +395,8 @@ class OnlineGlad:
         mixture.covariances = state.covariances
         chol, ok = _cholesky_with_jitter(mixture.covariances)
         if not ok.all():
-            raise ValueError(f"layer {index + 1}: {int((~ok).sum())} updated covariances are "
-                             "not positive definite")
+            raise UnsoundUpdateError(f"layer {index + 1}: the covariances of Gaussians "
+                                     f"{np.flatnonzero(~ok).tolist()} are not positive definite")
         factors = _factors_from_cholesky(chol, mixture.means, mixture.weights)
         old = self.layers_[index]
         local = None
@@ -363,3 +416,49 @@ class OnlineGlad:
                                                                          self.states_]}
         updated.__dict__.pop("_device_layers", None)
         return updated
+
+
+def layer_problems(layer: LayerModel) -> list[str]:
+    """What is unsound in one layer's parameters (spec §7.6 step 1), as reasons; empty when
+    nothing is. Beyond finiteness, no Gaussian may be so narrow that float32 costs overflow
+    (`MAX_TYPICAL_COST`), and each statistic must still be a sample's: a candidate with finite
+    factors can score NaN otherwise."""
+    mixture, factors, stats = layer.mixture, layer.factors, layer.mixture.stats
+    problems = []
+    if not (np.isfinite(mixture.means).all() and np.isfinite(mixture.covariances).all()):
+        problems.append("means or covariances are not finite")
+    if not all(torch.isfinite(t).all() for t in (factors.whiteners, factors.offsets,
+                                                  factors.logdets, factors.log_weights)):
+        problems.append("whitening factors, log-determinants or log weights are not finite")
+    if not (mixture.weights > 0).all() or abs(float(mixture.weights.sum()) - 1.0) > 1e-6:
+        problems.append(f"mixture weights are not all positive or sum to {mixture.weights.sum():.8f}")
+    if stats is not None:
+        problems += _statistics_problems(stats, factors)
+    if layer.local is not None:
+        dense = layer.local.dense()
+        rows = dense.sum(1)
+        if not (torch.isfinite(dense).all() and torch.allclose(rows, torch.ones_like(rows),
+                                                               atol=1e-4)):
+            problems.append("local weights do not sum to 1 at every position")
+    return problems
+
+
+def _statistics_problems(stats: ComponentStats, factors: MixtureFactors) -> list[str]:
+    """Sufficient statistics that no sample could have (non-positive weights, non-finite moments)
+    or that are degenerate, and Gaussians too narrow for float32 costs."""
+    problems = []
+    fields_ok = np.isfinite(stats.mean).all(1) & np.isfinite(stats.scatter).all((1, 2))
+    broken = ~((stats.weight > 0) & (stats.weight_sq > 0) & fields_ok)
+    if broken.any():
+        problems.append(f"Gaussians {np.flatnonzero(broken).tolist()} have statistics no sample "
+                        "could have (weights not positive or moments not finite)")
+        return problems
+    scale = stats.pooled_trace()
+    flat = np.flatnonzero(stats.degenerate(scale)).tolist()
+    if flat:
+        problems.append(f"Gaussians {flat} have (nearly) zero spread")
+    typical = factors.whiteners.double().square().sum((1, 2)) * scale
+    narrow = torch.nonzero(~(typical <= MAX_TYPICAL_COST)).flatten().tolist()
+    if narrow:
+        problems.append(f"Gaussians {narrow} are so narrow that float32 costs overflow")
+    return problems

@@ -3,6 +3,8 @@ update rules, novelty spawning, consolidation, and adaptation to a new product v
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from glad.errors import ModelFileError
 from glad.features import feature_batches
 from glad.mixture import ComponentStats, GaussianMixture
 from glad.model import GladModel
-from online.kmle import OnlineConfig, OnlineGlad
+from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError, layer_problems
 
 
 def recoloured(image: np.ndarray) -> np.ndarray:
@@ -76,6 +78,15 @@ def test_decay_keeps_scatter_and_effective_size_and_stops_at_the_floor() -> None
     np.testing.assert_allclose(decayed.weight[[0, 2]], 0.1 * stats.weight[[0, 2]])
     assert decayed.weight[1] == pytest.approx(50.0)
     np.testing.assert_allclose(decayed.covariances(), stats.covariances())
+
+
+def test_pooled_trace_is_the_trace_of_the_union_and_degenerate_finds_identical_members() -> None:
+    rng = np.random.default_rng(2)
+    x, labels = rng.normal(size=(200, 4)) * [1.0, 2.0, 3.0, 4.0] + 5.0, rng.integers(0, 3, 200)
+    x[labels == 2] = x[0]  # one component of identical vectors
+    stats = stats_of(x, labels)
+    assert stats.pooled_trace() == pytest.approx(np.trace(np.cov(x.T, bias=True)))
+    assert stats.degenerate(stats.pooled_trace()).tolist() == [False, False, True]
 
 
 def test_fit_stores_statistics_that_rebuild_the_mixture(base: GladModel) -> None:
@@ -173,3 +184,74 @@ def test_consolidation_reassigns_the_reservoir_and_settles(base, nut_images) -> 
     for layer in online.model().layers_:
         assert np.all(np.isfinite(layer.mixture.covariances))
         assert np.isclose(layer.mixture.weights.sum(), 1.0)
+
+
+# --- degenerate inputs ------------------------------------------------------------------------
+
+
+def flat_features(model: GladModel, rng: np.random.Generator, noisy: bool) -> list[torch.Tensor]:
+    """One image's features per layer where every position shows one vector far from the model
+    (a flat region: an all-black frame, a lens cap), a third of them scattered around it when
+    `noisy`; float16 like the features the updater keeps."""
+    out = []
+    for layer in model.layers_:
+        d, (h, w) = layer.mixture.means.shape[1], layer.grid
+        centre = torch.from_numpy(layer.mixture.means[0] + 50.0).float()
+        f = centre[:, None].expand(d, h * w).clone()
+        if noisy:
+            spots = torch.from_numpy(rng.choice(h * w, h * w // 3, replace=False))
+            f[:, spots] += 30.0 * torch.randn(d, len(spots), generator=torch.Generator().manual_seed(0))
+        out.append(f.view(1, d, h, w).half().float())
+    return out
+
+
+def test_images_of_one_repeated_vector_spawn_no_degenerate_gaussian(base, nut_images) -> None:
+    """Before the guard, the third such image raised (a spawned Gaussian of identical members
+    had a zero covariance, no Cholesky factor) and left the first layer half updated."""
+    online = OnlineGlad(base)
+    for layer in online.states_:
+        layer.threshold = np.inf  # every vector is a new appearance
+    rng = np.random.default_rng(0)
+    valid = np.ones((1, base.backbone_.spec.input_size, base.backbone_.spec.input_size), bool)
+    spawned = [sum(online.learn(flat_features(base, rng, noisy), valid).spawned)
+               for noisy in (True, True, True, False, False, False)]
+    assert sum(spawned) > 0, "the scattered vectors, seen in three images, are an appearance"
+    grown = online.model()
+    for layer in grown.layers_:
+        stats = layer.mixture.stats
+        assert not stats.degenerate(stats.pooled_trace()).any()
+        assert layer_problems(layer) == []
+    assert np.all(np.isfinite(grown.score(nut_images["good"]).scores))
+
+
+def test_an_unsound_update_is_refused_and_leaves_the_model_as_it_was(base, nut_images) -> None:
+    online = OnlineGlad(base)
+    features, valid = features_of(base, nut_images["train"][:2])
+    online.learn(features, valid)
+    before = online.model()
+    stats = [state.stats for state in online.states_]
+    corrupt = [f.clone() for f in features]
+    h, w = corrupt[2].shape[2:]
+    corrupt[2][0, :, h // 2, w // 2] = float("nan")  # one vector of the last layer
+    with pytest.raises(UnsoundUpdateError, match="layer 3: "):
+        online.learn(corrupt, valid)
+    assert online.steps_ == 2 and len(online.reservoir_) == 2
+    assert all(state.stats is old for state, old in zip(online.states_, stats, strict=True)), \
+        "a layer was left updated"
+    assert all(a is b for a, b in zip(online.layers_, before.layers_, strict=True))
+    online.learn(*features_of(base, nut_images["train"][2:3]))  # and it keeps learning
+    assert online.steps_ == 3
+
+
+def test_gaussians_too_narrow_for_float32_costs_are_unsound_though_finite(base, nut_images):
+    """Finite factors can still score NaN: costs overflow float32 to inf, log-likelihoods to
+    -inf, and the score's quantile interpolates -inf - -inf."""
+    candidate = copy.copy(base)
+    layer = base.layers_[0]
+    narrow = replace(layer.factors, whiteners=layer.factors.whiteners * 1e20,
+                     offsets=layer.factors.offsets * 1e20)
+    candidate.layers_ = [replace(layer, factors=narrow), *base.layers_[1:]]
+    assert all(torch.isfinite(t).all() for t in (narrow.whiteners, narrow.offsets))
+    assert np.isnan(candidate.score(nut_images["good"]).scores).all()
+    assert layer_problems(base.layers_[0]) == []
+    assert any("so narrow that float32 costs overflow" in p for p in layer_problems(candidate.layers_[0]))
