@@ -2,7 +2,10 @@
 worse than production on frames neither of them trained on.
 
 * Structure: finite parameters, positive-definite covariances, weights and local maps that sum
-  to one, the production model's backbone and preprocessing, K within bounds.
+  to one (`online.kmle.layer_problems`), the production model's backbone and preprocessing, K
+  within bounds.
+* Scores: a frame neither model scores finitely (no valid pixel left in the ROI) is set aside;
+  a NaN or infinite score of the candidate alone fails the gate.
 * False alarms: held-back confirmed-normal frames (never trained on), split by time. The
   candidate's threshold comes from the older half (never below production's); on the newer half
   it may not raise more alarms than production does at its own threshold.
@@ -23,6 +26,7 @@ import torch
 
 from glad.metrics import image_auroc
 from glad.model import GladModel, decision_threshold
+from online.kmle import layer_problems
 
 CANARY_SUFFIX = "#canary"
 
@@ -68,24 +72,59 @@ class Gate:
 
     def evaluate(self, candidate: GladModel, production: GladModel, base_components: list[int],
                  ) -> tuple[float, dict]:
-        """The candidate's threshold and the validation record: {"passed", "reasons", figures}."""
-        reasons = structural_problems(candidate, production, base_components,
-                                      self.config.max_growth)
-        normals = list(self.held_back)
-        record: dict = {"held_back": len(normals), "canaries": len(self.canaries)}
-        threshold = float(production.threshold_)
-        if len(normals) < self.config.min_held_back:
-            reasons.append(f"only {len(normals)} held-back normal frames, "
-                           f"{self.config.min_held_back} needed to measure false alarms")
-        elif not reasons:
-            threshold = self._compare(candidate, production, normals, record, reasons)
+        """The candidate's threshold and the validation record: {"passed", "reasons", figures}.
+        Never raises: an error while checking is a failed check, with the error as its reason."""
+        record: dict = {"held_back": len(self.held_back), "canaries": len(self.canaries)}
+        threshold, reasons = float(production.threshold_), []
+        try:
+            reasons += structural_problems(candidate, production, base_components,
+                                           self.config.max_growth)
+            if not reasons:
+                threshold = self._check_scores(candidate, production, record, reasons)
+        except Exception as error:  # a gate that cannot decide rejects; the updater keeps serving
+            reasons.append(f"the gate failed: {type(error).__name__}: {error}")
         record |= {"threshold": threshold, "passed": not reasons, "reasons": reasons}
         return threshold, record
 
+    def _check_scores(self, candidate: GladModel, production: GladModel, record: dict,
+                      reasons: list[str]) -> float:
+        """Score both models on the held-back frames and canaries and compare them."""
+        threshold = float(production.threshold_)
+        if len(self.held_back) < self.config.min_held_back:
+            reasons.append(f"only {len(self.held_back)} held-back normal frames, "
+                           f"{self.config.min_held_back} needed to measure false alarms")
+            return threshold
+        normals = self._scorable(candidate, production, list(self.held_back), record, reasons)
+        canaries = self._scorable(candidate, production, list(self.canaries), record, reasons)
+        if reasons:
+            return threshold
+        if len(normals) < self.config.min_held_back:
+            reasons.append(f"only {len(normals)} held-back normal frames can be scored, "
+                           f"{self.config.min_held_back} needed to measure false alarms")
+            return threshold
+        return self._compare(candidate, production, normals, canaries, record, reasons)
+
+    def _scorable(self, candidate: GladModel, production: GladModel, examples: list[Example],
+                  record: dict, reasons: list[str]) -> list[Example]:
+        """The examples to compare the models on. A frame neither model scores finitely (or that
+        production scores NaN) says nothing about the candidate: it is set aside and named under
+        "unscorable" (a canary whose re-registration left no valid pixel scores NaN under both).
+        A NaN or infinite score of the candidate where production's is finite fails the gate:
+        an infinite score on a held-back normal would set an infinite threshold."""
+        cand, prod = self._scores(candidate, examples), self._scores(production, examples)
+        aside = np.isnan(prod) | (~np.isfinite(cand) & ~np.isfinite(prod))
+        broken = [e.frame_id for e, c, a in zip(examples, cand, aside, strict=True)
+                  if not (a or np.isfinite(c))]
+        if broken:
+            reasons.append(f"the candidate scores {len(broken)} frames NaN or infinite where "
+                           f"production's scores are finite: {', '.join(broken[:5])}")
+        record.setdefault("unscorable", []).extend(
+            e.frame_id for e, a in zip(examples, aside, strict=True) if a)
+        return [e for e, a in zip(examples, aside, strict=True) if not a]
+
     def _compare(self, candidate: GladModel, production: GladModel, normals: list[Example],
-                 record: dict, reasons: list[str]) -> float:
+                 canaries: list[Example], record: dict, reasons: list[str]) -> float:
         half = len(normals) // 2
-        canaries = list(self.canaries)
         cand_all = self._scores(candidate, normals + canaries)
         prod_all = self._scores(production, normals + canaries)
         cand_normal, prod_normal = cand_all[: len(normals)], prod_all[: len(normals)]
@@ -153,16 +192,7 @@ def structural_problems(candidate: GladModel, production: GladModel, base_compon
         problems.append("backbone or preprocessing differs from production's")
     for index, (layer, k0) in enumerate(zip(candidate.layers_, base_components, strict=True)):
         name = f"layer {index + 1}"
-        mixture, factors = layer.mixture, layer.factors
-        if not all(torch.isfinite(t).all() for t in (factors.whiteners, factors.offsets,
-                                                      factors.logdets, factors.log_weights)):
-            problems.append(f"{name}: parameters are not finite")
-        if abs(float(mixture.weights.sum()) - 1.0) > 1e-6:
-            problems.append(f"{name}: mixture weights sum to {mixture.weights.sum():.8f}")
-        if not 1 <= mixture.n_components <= max_growth * k0:
-            problems.append(f"{name}: {mixture.n_components} Gaussians (base model: {k0})")
-        if layer.local is not None:
-            rows = layer.local.dense().sum(1)
-            if not torch.allclose(rows, torch.ones_like(rows), atol=1e-4):
-                problems.append(f"{name}: local weights do not sum to 1 at every position")
+        problems += [f"{name}: {problem}" for problem in layer_problems(layer)]
+        if not 1 <= layer.mixture.n_components <= max_growth * k0:
+            problems.append(f"{name}: {layer.mixture.n_components} Gaussians (base model: {k0})")
     return problems
