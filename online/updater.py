@@ -40,7 +40,7 @@ from glad.model import GladModel
 from glad.synth import paste_defect
 from online.feedback import verdict_of
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
-from online.kmle import OnlineConfig, OnlineGlad
+from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
 from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, Backoff
 from pipeline.errors import MessageError
@@ -272,14 +272,27 @@ class Updater:
                                 "trains or validates the model once")
 
     def _learn(self, examples: list[Example]) -> None:
+        """Learn confirmed normals. A failed update (unsound parameters, or any error in the
+        math) leaves the working model as it was; it is parked and announced like a rejected
+        candidate, and the service goes on with the next confirmations."""
         started = time.perf_counter()
         layers = [torch.from_numpy(np.stack([e.features[i] for e in examples])).float()
                   for i in range(len(examples[0].features))]
-        report = self.online.learn(layers, np.stack([e.valid for e in examples]))
+        try:
+            report = self.online.learn(layers, np.stack([e.valid for e in examples]))
+        except Exception as error:
+            log.error("line %s: learning %d frames failed", self.streams.line, len(examples),
+                      exc_info=not isinstance(error, UnsoundUpdateError))
+            self.state.generation += 1
+            self._park(None, {"passed": False, "reasons": [f"learning failed: {error}"],
+                              "frames": [e.frame_id for e in examples]})
+            return
         self.state.updates += 1
         if self.state.updates % self.config.consolidate_every == 0:
-            moved = self.online.consolidate()
-            log.info("consolidation: %d vectors changed Gaussian", moved)
+            try:
+                log.info("consolidation: %d vectors changed Gaussian", self.online.consolidate())
+            except Exception:  # the model stays as learned, unconsolidated
+                log.exception("line %s: consolidation failed", self.streams.line)
         self.state.trained += [e.frame_id for e in examples]
         self.state.dirty = True
         self.state.generation += 1
@@ -328,10 +341,13 @@ class Updater:
         self.state.version, self.state.trained, self.state.dirty = version, [], False
         self.production = model
 
-    def _park(self, candidate: GladModel, record: dict) -> None:
-        """Keep a rejected candidate for inspection; the working model keeps learning."""
+    def _park(self, candidate: GladModel | None, record: dict) -> None:
+        """Keep a rejected candidate for inspection (None: an update refused before any candidate
+        existed; only its record is kept); the working model keeps learning."""
         target = self.registry.folder / "candidates" / f"g{self.state.generation:06d}"
-        candidate.save(target)
+        if candidate is not None:
+            candidate.save(target)
+        target.mkdir(parents=True, exist_ok=True)
         (target / "validation.json").write_text(json.dumps(record, indent=2, default=float))
         publish_event(self.client, self.streams, "candidate_rejected",
                       generation=self.state.generation, reasons="; ".join(record["reasons"]),

@@ -175,3 +175,36 @@ def test_killed_mid_flood_the_updater_resumes_without_losing_or_doubling(line, t
     current = line.registry().current()
     GladModel.load(line.registry().path(current))  # the current version is whole
     assert line.client.xpending(line.streams.key("feedback"), "updater")["pending"] == 0
+
+
+def test_a_failing_update_is_parked_and_the_updater_keeps_serving(line, monkeypatch) -> None:
+    from online.kmle import OnlineGlad
+
+    ids = score_frames(line, variant_frames(8), "e")
+    first, later = ids[:6], ids[6:]
+    for frame_id in first:  # frames 0 and 3 are held back, the other four learned in one batch
+        confirm(line.client, line.name, frame_id, "normal")
+
+    def broken(self, features, valid):
+        raise RuntimeError("singular matrix in the update")
+
+    monkeypatch.setattr(OnlineGlad, "learn", broken)
+    service = updater(line)
+    service.run(once=True)  # returns: the error did not end the service
+    assert service.online.steps_ == 0 and line.registry().current() == 1
+    assert service.state.applied == first
+    assert line.client.xpending(line.streams.key("feedback"), "updater")["pending"] == 0
+    parked = sorted((line.models / line.name / "candidates").glob("g*/validation.json"))
+    record = json.loads(parked[-1].read_text())
+    assert not record["passed"]
+    assert record["reasons"] == ["learning failed: singular matrix in the update"]
+    assert record["frames"] == [first[i] for i in (1, 2, 4, 5)]
+    events = line.client.xrange(line.streams.key("events"))
+    assert any(b"singular matrix" in b"".join(f.values()) for _, f in events)
+
+    monkeypatch.undo()  # the next confirmations are learned by the same, still running service
+    for frame_id in later:  # the 7th confirmed normal is held back, the 8th learned
+        confirm(line.client, line.name, frame_id, "normal")
+    service.run(once=True)
+    assert service.online.steps_ == 1
+    assert service.state.applied == ids
