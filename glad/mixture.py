@@ -30,6 +30,12 @@ KMLEPP_MAX_SEEDING_SAMPLES = 200_000
 # d instead of d^2 per (vector, component) pair.
 FULL_PASS_EVERY = 10
 CANDIDATES = 12
+# Full passes rank every component with the expanded quadratic form (one K-wide GEMM per row,
+# `ExpandedCosts`) and re-cost the RANKED cheapest exactly; the true cheapest is among them unless
+# float32 cancellation misplaces it by more than RANKED - 1 places (never seen on real layers).
+RANKED = 12
+EXPANDED_BUDGET = 1 << 22  # expanded row values ([vech(t t^T), t, 1]) in one ranking chunk
+PAIR_BUDGET = 1 << 23  # gathered feature values in one chunk of `candidate_costs`
 
 
 # --- OAS (spec §2.3) ----------------------------------------------------------------------------
@@ -116,8 +122,9 @@ class ComponentStats:
         bounds = np.concatenate([[0], np.cumsum(counts)])
         d = x.shape[1]
         mean, scatter = np.zeros((k, d)), np.zeros((k, d, d))
+        grouped = x[torch.from_numpy(order)].double()
         for comp in np.flatnonzero(counts):
-            members = x[torch.from_numpy(order[bounds[comp] : bounds[comp + 1]])].double()
+            members = grouped[bounds[comp] : bounds[comp + 1]]
             mu = members.mean(0)
             centred = members - mu
             mean[comp] = mu.numpy()
@@ -313,28 +320,116 @@ def assign(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Hard K-MLE assignment (Eq. 1 with the corrected sign, E1) against every component.
 
+    Components are ranked with `ExpandedCosts`, and the cheapest RANKED ones (at least
+    `n_candidates`) are re-costed exactly (`assign_among`), so labels and costs are those of
+    the exact form while the ranking costs one K-wide GEMM per row.
     Returns labels, their total costs D + logdet - 2 log pi, and (if `n_candidates`) each row's
     cheapest components, which `assign_among` reuses to skip most distance computations.
     """
+    width = min(max(n_candidates, RANKED), factors.n_components)
+    ranked = rank_components(x, factors, width)
+    labels, best = assign_among(x, factors, ranked)
+    return labels, best, (ranked[:, :n_candidates] if n_candidates else None)
+
+
+def _assign_exhaustive(x: torch.Tensor, factors: MixtureFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and total costs from the exact costs against every component (no ranking)."""
     penalty = (-2.0 * factors.log_weights).to(torch.float32)
     labels = torch.empty(x.shape[0], dtype=torch.int64)
     best = torch.empty(x.shape[0], dtype=torch.float32)
-    width = min(n_candidates, factors.n_components)
-    candidates = torch.empty(x.shape[0], width, dtype=torch.int64) if width else None
     for start, costs in iter_costs(x, factors):
-        costs += penalty
-        values, idx = torch.min(costs, dim=1)
-        rows = slice(start, start + len(idx))
-        labels[rows], best[rows] = idx, values
-        if width:
-            candidates[rows] = torch.topk(costs, width, dim=1, largest=False, sorted=False)[1]
-    return labels, best, candidates
+        rows = slice(start, start + len(costs))
+        best[rows], labels[rows] = torch.min(costs.add_(penalty), dim=1)
+    return labels, best
+
+
+class ExpandedCosts:
+    """Approximate costs D_k(u) + logdet_k of every component, for ranking components only.
+
+    With t = u - s (s the mean of the component means), Q_k = W_k^T W_k and e_k = W_k s - b_k:
+    D_k(u) = t^T Q_k t + 2 e_k^T W_k t + |e_k|^2, the dot product of the expanded row
+    [t_i t_j (i <= j), t, 1] with per-component coefficients. That is one GEMM with K outputs per
+    row instead of K x d whitened values and their norms (several times faster on the CPU,
+    bench/README.md), but it is the expanded form §2.6 warns about: float32 cancellation makes
+    it unfit for the costs themselves, so callers only rank with it and recompute the costs of
+    the components they keep exactly.
+    """
+
+    def __init__(self, factors: MixtureFactors):
+        w = factors.whiteners.double()
+        b = factors.offsets.double()
+        means = torch.linalg.solve(w, b[..., None])[..., 0]
+        self.shift = means.mean(0)
+        e = torch.einsum("kij,j->ki", w, self.shift) - b
+        q = w.transpose(1, 2) @ w
+        d = w.shape[1]
+        upper = [q[:, i, i:] * torch.where(torch.arange(i, d) == i, 1.0, 2.0).double()
+                 for i in range(d)]
+        linear = 2.0 * torch.einsum("ki,kij->kj", e, w)
+        constant = (e * e).sum(1) + factors.logdets.double()
+        coefficients = torch.cat([*upper, linear, constant[:, None]], dim=1).t()
+        self.coefficients = coefficients.to(device=w.device, dtype=torch.float32).contiguous()
+        self.shift = self.shift.to(torch.float32)
+        self.dim = d
+
+    @property
+    def width(self) -> int:
+        """Values per expanded row: d (d + 1) / 2 + d + 1."""
+        return self.coefficients.shape[0]
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, K) approximate D_k + logdet_k of rows (n, d)."""
+        t = rows - self.shift.to(rows.device)
+        expanded = torch.empty(len(t), self.width, device=rows.device)
+        column = 0
+        for i in range(self.dim):
+            torch.mul(t[:, i : i + 1], t[:, i:], out=expanded[:, column : column + self.dim - i])
+            column += self.dim - i
+        expanded[:, column : column + self.dim] = t
+        expanded[:, -1] = 1.0
+        return expanded @ self.coefficients.to(rows.device)
+
+
+def rank_components(x: torch.Tensor, factors: MixtureFactors, width: int) -> torch.Tensor:
+    """(N, width) int64: each row's `width` cheapest components by approximate total cost
+    c_k - 2 log pi_k (`ExpandedCosts`), in no particular order."""
+    expanded = ExpandedCosts(factors)
+    penalty = (-2.0 * factors.log_weights).to(device=x.device, dtype=torch.float32)
+    width = min(width, factors.n_components)
+    out = torch.empty(x.shape[0], width, dtype=torch.int64, device=x.device)
+    rows = max(1, EXPANDED_BUDGET // expanded.width)
+    for start in range(0, x.shape[0], rows):
+        costs = expanded(x[start : start + rows]).add_(penalty)
+        out[start : start + len(costs)] = torch.topk(costs, width, dim=1, largest=False,
+                                                     sorted=False)[1]
+    return out
+
+
+def candidate_costs(x: torch.Tensor, candidates: torch.Tensor,
+                    factors: MixtureFactors) -> torch.Tensor:
+    """(N, L) float32 exact D_k + logdet_k of each row's candidate components (N, L), through
+    `CandidateGroups` in row chunks of about PAIR_BUDGET gathered feature values."""
+    n, width = candidates.shape
+    out = torch.empty(n, width)
+    rows = max(1, PAIR_BUDGET // (width * x.shape[1]))
+    for start in range(0, n, rows):
+        chunk = candidates[start : start + rows]
+        groups = CandidateGroups(x[start : start + rows], chunk, factors.n_components)
+        out[start : start + len(chunk)] = groups.costs(factors).view(len(chunk), width)
+    return out
+
+
+def padded_lengths(counts: torch.Tensor, steps_per_octave: int = 4) -> torch.Tensor:
+    """Each count rounded up to the grid 2^(j / steps_per_octave) (integer): groups of equal
+    padded length share one batched GEMM, with under 19% padding at 4 steps per doubling."""
+    exponent = torch.ceil(torch.log2(counts.double()) * steps_per_octave - 1e-9)
+    return torch.ceil(2.0 ** (exponent / steps_per_octave) - 1e-9).long()
 
 
 class CandidateGroups:
     """The (row, candidate component) pairs of a candidate table, grouped for batched costs.
 
-    Pairs are sorted by component, each component's pairs padded to the next power of two, and
+    Pairs are sorted by component, each component's pairs padded to `padded_lengths`, and
     the rows' features gathered once per bucket of equal length (in slices of about `budget`
     whitened values): evaluating every pair is then one batched GEMM per slice (W_k u - b_k, the
     form of §2.6), with no Python loop over Gaussians. K-MLE builds the groups at a full pass
@@ -356,7 +451,7 @@ class CandidateGroups:
         counts = torch.bincount(components, minlength=n_components)
         starts = torch.cumsum(counts, 0) - counts
         present = torch.nonzero(counts).flatten()
-        lengths = 2 ** torch.ceil(torch.log2(counts[present].double())).long()
+        lengths = padded_lengths(counts[present])
         for length in torch.unique(lengths).tolist():
             group = present[lengths == length]
             offsets = torch.arange(length, device=x.device)
@@ -489,15 +584,17 @@ def fit_kmle(
     stop_reason = "max_iter"
     for iteration in range(max_iter):
         k = mixture.n_components
-        if iteration == 0 or full_pass:
-            labels, best, candidates = (
-                _seed_assignment(x, mixture, mean, base_cov, CANDIDATES) if iteration == 0
-                else assign(x, mixture.factors(), CANDIDATES))
+        factors = None if iteration == 0 else mixture.factors()
+        if iteration == 0:
+            labels, best, candidates = _seed_assignment(x, mixture, mean, base_cov, CANDIDATES)
             groups, current = None, None
         else:
+            if full_pass:  # every component ranked again, the cheapest re-costed exactly
+                candidates = rank_components(x, factors, CANDIDATES)
+                groups, current = None, None
             if groups is None:
-                groups = CandidateGroups(x, candidates, len(current) - 1)
-            labels, best = assign_among(x, mixture.factors(), candidates, groups, current)
+                groups = CandidateGroups(x, candidates, k if current is None else len(current) - 1)
+            labels, best = assign_among(x, factors, candidates, groups, current)
         ll = -0.5 * float(best.double().sum() + n * d * LOG_2PI)
         history.append(k)
         stop = None
@@ -635,16 +732,21 @@ def _initial_means(
         raise ValueError(f"unknown init {init!r}; use 'kmle++' or 'random'")
     pool = rng.choice(n, size=min(n, KMLEPP_MAX_SEEDING_SAMPLES), replace=False)
     white = Whitening(mean, base_cov)(x[pool])
+    norms = (white * white).sum(1)
+
+    def distances(choice: int) -> torch.Tensor:  # squared, expanded form (safe here, see below)
+        return torch.addmv(norms + norms[choice], white, white[choice], alpha=-2.0).clamp_(min=0.0)
+
     chosen = [int(rng.integers(len(pool)))]
-    dist = ((white - white[chosen[0]]) ** 2).sum(1)
+    dist = distances(chosen[0])
     for _ in range(1, k):
-        total = float(dist.sum())
-        if total <= 0.0:
+        cdf = np.cumsum(dist.double().numpy())
+        if not cdf[-1] > 0.0:
             break  # every remaining row duplicates a seed
-        probs = (dist.double() / total).numpy()
-        choice = int(rng.choice(len(pool), p=probs / probs.sum()))
+        # a draw with probability dist / sum(dist), as rng.choice(p=...) draws it
+        choice = min(int(np.searchsorted(cdf / cdf[-1], rng.random(), side="right")), len(pool) - 1)
         chosen.append(choice)
-        dist = torch.minimum(dist, ((white - white[choice]) ** 2).sum(1))
+        dist = torch.minimum(dist, distances(choice))
     return x[pool[chosen]].double().numpy()
 
 
