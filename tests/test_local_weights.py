@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from glad.local_weights import (
+    PREFIX,
     LocalWeights,
+    _argmin_among,
+    _argmin_candidates,
     fit_local_weights,
     neighbourhood,
     top_candidates,
@@ -112,6 +117,30 @@ def test_top_candidates_are_the_cheapest_components() -> None:
     np.testing.assert_array_equal(np.sort(candidates.index.numpy(), axis=-1), best3)
     chosen = np.take_along_axis(cost, candidates.index.numpy(), axis=-1)
     np.testing.assert_allclose(candidates.cost.numpy(), chosen, rtol=1e-4, atol=1e-3)
+
+
+def test_local_assignment_searching_a_prefix_equals_the_full_search() -> None:
+    """Candidates sorted by cost: trying the first PREFIX and searching the rest only where it
+    could win gives the labels and totals of the search over all of them, including vectors
+    whose first candidates have zero weight (-inf log) at their position and vectors with none."""
+    rng = np.random.default_rng(5)
+    m, hw, width, k = 6, 40, 12, 30
+    cost = torch.from_numpy(np.sort(rng.exponential(4.0, size=(m, hw, width)), axis=-1)).float()
+    index = torch.from_numpy(np.stack([[rng.permutation(k)[:width] for _ in range(hw)]
+                                       for _ in range(m)]))
+    log_pi = torch.log(torch.from_numpy(rng.dirichlet(np.full(k, 0.3), size=hw)).float())
+    log_pi[rng.random((hw, k)) < 0.3] = -math.inf
+    log_pi[0] = -math.inf  # position 0: no candidate has any weight
+    rows = log_pi.unsqueeze(0).expand(m, hw, k)
+    labels, best = _argmin_candidates(cost, index, rows)
+    full_labels, full_best = _argmin_among(cost, index, rows)
+    assert width > PREFIX
+    torch.testing.assert_close(best, full_best)
+    finite = torch.isfinite(full_best)
+    assert not finite[:, 0].any() and finite.float().mean() > 0.9
+    torch.testing.assert_close(labels[finite], full_labels[finite])
+    outside = (torch.gather(rows, -1, index[..., :PREFIX]) == -math.inf).all(-1) & finite
+    assert outside.any()  # some winners came from beyond the prefix
 
 
 @pytest.mark.parametrize("mode", MODES)

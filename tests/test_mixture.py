@@ -20,6 +20,8 @@ from glad.mixture import (
     iter_costs,
     oas_covariance,
     oas_shrinkage,
+    padded_lengths,
+    rank_components,
 )
 
 # --- OAS ------------------------------------------------------------------------------------
@@ -224,6 +226,37 @@ def test_assign_uses_weighted_cost_with_corrected_sign() -> None:
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(labels[clear], total.argmin(1)[clear])
     np.testing.assert_allclose(best, ordered[:, 0], rtol=1e-4, atol=1e-3)
+
+
+def test_ranking_keeps_the_cheapest_component_of_features_far_from_zero() -> None:
+    """Full passes rank all K components with the expanded quadratic form and re-cost only the
+    cheapest few exactly: with K well above that width and features offset far from the origin
+    (where the expanded form cancels in float32), labels and costs still match float64."""
+    rng = np.random.default_rng(32)
+    k, d = 60, 8
+    mixture = random_mixture(rng, k, d)
+    mixture.means += 40.0
+    x = (mixture.means[rng.integers(k, size=3000)] + rng.normal(size=(3000, d))).astype(np.float32)
+    total = naive_costs(x, mixture) - 2.0 * np.log(mixture.weights)
+    ranked = rank_components(torch.from_numpy(x), mixture.factors(), 5).numpy()
+    assert ranked.shape == (3000, 5)
+    assert (ranked == total.argmin(1)[:, None]).any(1).all()
+    labels, best, candidates = assign(torch.from_numpy(x), mixture.factors(), n_candidates=4)
+    ordered = np.sort(total, axis=1)
+    clear = ordered[:, 1] - ordered[:, 0] > 1e-2
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(labels.numpy()[clear], total.argmin(1)[clear])
+    np.testing.assert_allclose(best.numpy(), ordered[:, 0], rtol=1e-4, atol=1e-2)
+    assert candidates.shape == (3000, 4)
+
+
+def test_padded_lengths_round_up_on_a_fine_grid() -> None:
+    counts = torch.arange(1, 5000)
+    lengths = padded_lengths(counts)
+    assert (lengths >= counts).all()
+    assert float((lengths / counts).max()) < 1.34  # 3 -> 4 is the worst rounding
+    assert float((lengths[100:] / counts[100:]).max()) < 1.2
+    assert len(torch.unique(lengths)) < 60  # few distinct lengths: few batched GEMMs
 
 
 def test_assign_weight_term_can_flip_the_label() -> None:
