@@ -266,8 +266,10 @@ def test_model_timeline_shows_provenance_and_validation(redis_server, tmp_path) 
         registry.publish(model, note="online update", parent=1, provenance={
             "frames": [f"f{i}" for i in range(500)],
             "validation": {"far": 0.01, "recall": 0.97, "auroc": 0.99, "passed": True}})
-        versions = wait_for(lambda: len(v := d.get_json("/api/summary")["versions"]) == 2 and v,
-                            what="two versions")
+        # the second version and the pointer's move to it arrive separately: wait for both
+        versions = wait_for(lambda: (s := d.get_json("/api/summary"))["current_model"] == 2
+                            and len(s["versions"]) == 2 and s["versions"][1]["current"]
+                            and s["versions"], what="two versions, the second current")
         assert [v["note"] for v in versions] == ["fitted", "online update"]
         assert [v["current"] for v in versions] == [False, True]
         assert versions[1]["provenance"]["validation"]["recall"] == 0.97
