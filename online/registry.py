@@ -62,7 +62,7 @@ class ModelRegistry:
         record = {"version": version, "sha256": manifest.get("arrays_sha256"),
                   "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
                   "created": time.time(), "note": note, "path": str(target), "parent": parent,
-                  "provenance": provenance or {}}
+                  "provenance": provenance or {}, "calibration": _calibration_summary(manifest)}
         self.client.hset(self._versions_key, str(version), msgpack.packb(record))
         self.set_current(version)
         log.info("line %s: model version %d published (%s)", self.streams.line, version, note)
@@ -205,3 +205,14 @@ class ModelFollower:
                 self.model.backbone_.spec.preprocessing_hash()
             backbone = self.model.backbone_ if same else None
         return GladModel.load(path, backbone=backbone, device=self.device)
+
+
+def _calibration_summary(manifest: dict) -> dict:
+    """What the threshold promises (false alarms per normal part) and what it catches (recall of
+    the fit's canaries), from the manifest; empty for models fitted before calibration."""
+    calibration = manifest.get("calibration") or {}
+    validation = manifest.get("validation") or {}
+    summary = {"far": calibration.get("far"), "method": calibration.get("method"),
+               "canary_recall": validation.get("recall"),
+               "canary_auroc": validation.get("canary_auroc")}
+    return {key: value for key, value in summary.items() if value is not None}

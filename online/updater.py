@@ -38,6 +38,7 @@ from safetensors.numpy import load_file, save_file
 from glad.errors import GladError, ModelFileError
 from glad.model import GladModel
 from glad.synth import paste_defect
+from glad.validation import shifted_calibration
 from online.feedback import verdict_of
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
 from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
@@ -311,6 +312,8 @@ class Updater:
                 threshold, record = self.gate.evaluate(candidate, self.production,
                                                        self.state.base_components)
             candidate.threshold_ = threshold
+            candidate.calibration_ = shifted_calibration(self.production.calibration_, threshold)
+            candidate.validation_ = None  # the gate's record (provenance) judges this version
             with self._timed("publish"):
                 if record["passed"] and self._renew():  # never publish without the lease
                     self._publish(candidate, record)

@@ -62,7 +62,8 @@ def _progress(args) -> bool:
 
 def _add_backbone_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0",
-                        choices=("efficientnet_lite0", "resnet18", "wide_resnet50_2"),
+                        choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                 "resnet18", "wide_resnet50_2"),  # glad.backbones.BACKBONES
                         help="feature extractor (default: %(default)s, weights ship offline)")
     parser.add_argument("--weights", default="pretrained",
                         help="'pretrained' (shipped package or torch cache), 'random', or a "
@@ -135,6 +136,13 @@ def _add_fit(commands) -> None:
                         choices=("translation", "euclidean", "similarity", "affine", "homography"),
                         help="alignment motion model (default: %(default)s)")
     parser.add_argument("--mixture", choices=("kmle", "em"), default="kmle")
+    parser.add_argument("--far", type=float, default=0.005,
+                        help="false alarms per normal part the threshold is calibrated to, on "
+                             "held-back normal images (default: %(default)s)")
+    parser.add_argument("--select", choices=("on", "off"), default="on",
+                        help="on: choose the localisation radius by how well held-back normals "
+                             "and synthetic defects pasted on them separate (default); off: by "
+                             "the lowest held-back normal score (the former rule)")
     _add_fit_budget_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -164,7 +172,7 @@ def _fit(args) -> int:
         mixture=args.mixture, roi=_roi(args.roi, texture), seed=args.seed,
         max_components=args.max_components, max_iter=args.max_iter,
         align="auto" if args.align is None else args.align, motion=args.motion,
-        progress=_progress(args),
+        far=_rate(args.far, "--far"), select=args.select == "on", progress=_progress(args),
     ).fit(images)
     model.save(args.out)
     summary = {
@@ -174,16 +182,28 @@ def _fit(args) -> int:
         "radius": model.radius_,
         "aligned": model.reference_ is not None,
         "threshold": model.threshold_,
+        "calibration": model.calibration_.to_dict(),
+        "validation": model.validation_.to_dict(),
+        "selection": model.selection_,
         "fit_s": round(model.fit_seconds_, 2),
         "model_mb": round(model.model_bytes() / 1e6, 3),
     }
     if args.json:
         print(json.dumps(summary))
     else:
+        from glad.validation import format_validation
+
         print(f"fitted on {len(images)} images in {summary['fit_s']} s: K per layer "
               f"{summary['components']}, radius {model.radius_ or 'global'}, threshold "
               f"{model.threshold_:.2f}, {summary['model_mb']} MB -> {args.out}")
+        print(format_validation(summary["calibration"], summary["validation"]))
     return 0
+
+
+def _rate(value: float, flag: str) -> float:
+    if not 0.0 < value < 1.0:
+        raise GladError(f"{flag}: a false-alarm rate lies strictly between 0 and 1, got {value}")
+    return value
 
 
 def _int_or_auto(value: str, flag: str) -> int | str:

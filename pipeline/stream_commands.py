@@ -399,6 +399,8 @@ def _models_publish(args) -> int:
 
 
 def _models_show(args) -> int:
+    from glad.validation import format_selection, format_validation
+
     record = _registry(args).record(args.version)
     if args.json:
         print(json.dumps(record))
@@ -410,6 +412,11 @@ def _models_show(args) -> int:
     print(f"  threshold {manifest['threshold']:.3f}  radius {manifest['radius']}  K per layer "
           f"{[layer['n_components'] for layer in manifest['layers']]}  trained on "
           f"{manifest['training']['n_images']} images")
+    print(f"  {format_validation(manifest.get('calibration'), manifest.get('validation'))}")
+    selection = manifest["training"].get("selection") or {}
+    if selection and all(isinstance(row, dict) for row in selection.values()):
+        print("  localisation chosen on held-back normals and canaries:")
+        print("\n".join(f"    {line}" for line in format_selection(selection).splitlines()))
     for key, value in (record.get("provenance") or {}).items():
         print(f"  {key}: {value}")
     return 0

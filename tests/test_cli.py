@@ -57,7 +57,7 @@ def fitted_model(nut_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """`glad fit` once per module: small K, fixed radius (no radius search)."""
     out = tmp_path_factory.mktemp("cli_models") / "nut"
     code, stdout = run(["fit", nut_root, "--out", out, "--components", "8", "--radius", "1",
-                        "--json"])
+                        "--far", "0.02", "--json"])
     assert code == 0
     return out, json.loads(stdout)
 
@@ -96,6 +96,14 @@ def test_fit_writes_a_model(fitted_model) -> None:
     assert summary["model"] == str(out)
     assert summary["threshold"] == manifest["threshold"]
     assert summary["model_mb"] > 0
+    assert summary["calibration"]["far"] == 0.02 == manifest["calibration"]["far"]
+    assert summary["validation"]["n_canaries"] > 0 and "r=1" in summary["selection"]
+
+
+def test_fit_refuses_a_false_alarm_rate_outside_0_1(nut_root: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["fit", str(nut_root), "--out", str(tmp_path / "m"), "--far", "1.5"])
+    assert "false-alarm rate" in one_error_line(capsys, code)
 
 
 def test_score_json_and_heatmaps(fitted_model, nut_root: Path, tmp_path: Path,

@@ -259,7 +259,9 @@ def test_model_timeline_shows_provenance_and_validation(redis_server, tmp_path) 
     model.mkdir()
     (model / MANIFEST).write_text(json.dumps({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "backbone": {"name": "stub"},
-        "threshold": 3.0, "arrays_sha256": "0" * 64}))
+        "threshold": 3.0, "arrays_sha256": "0" * 64,
+        "calibration": {"far": 0.005, "method": "gpd", "n_scores": 30, "threshold": 3.0},
+        "validation": {"recall": 0.8, "canary_auroc": 0.97}}))
     with serving(redis_server.url) as d:
         registry = ModelRegistry(tmp_path / "models", d.client, Streams(d.line))
         registry.publish(model, note="fitted")
@@ -273,6 +275,8 @@ def test_model_timeline_shows_provenance_and_validation(redis_server, tmp_path) 
         assert [v["note"] for v in versions] == ["fitted", "online update"]
         assert [v["current"] for v in versions] == [False, True]
         assert versions[1]["provenance"]["validation"]["recall"] == 0.97
+        assert versions[0]["calibration"] == {"far": 0.005, "method": "gpd", "canary_recall": 0.8,
+                                              "canary_auroc": 0.97}
         assert versions[1]["provenance"]["frames"] == "[500 items]"  # long lists summarised
         assert len(versions[1]["became_current"]) == 1 and versions[1]["parent"] == 1
         assert d.get_json("/api/summary")["current_model"] == 2

@@ -274,15 +274,35 @@ def test_polygon_roi_is_rasterised_in_reference_pixels(nut: MVTecCategory) -> No
     assert abs(roi.mean() - (129 * 129) / 256**2) < 0.01
 
 
-def test_decision_threshold_reaches_past_a_few_held_back_scores() -> None:
-    from glad.model import THRESHOLD_SIGMAS, decision_threshold
+def test_threshold_is_calibrated_and_validated_on_held_back_images(fitted: GladModel, nut,
+                                                                    saved: Path) -> None:
+    """The threshold comes from the held-back normals' scores at the default false-alarm rate;
+    the fit reports the canaries' AUROC and recall at it, and the selection table marks one
+    candidate; all of it survives save and load."""
+    train = [read_image(p) for p in nut.train_paths()]
+    held = fitted._holdout_indices(len(train))
+    calibration, validation = fitted.calibration_, fitted.validation_
+    assert calibration.far == fitted.far == 0.005 and calibration.n_scores == len(held)
+    assert calibration.threshold == fitted.threshold_
+    assert validation.n_normals == len(held) and 0 < validation.n_canaries <= len(held)
+    assert validation.canary_auroc is not None and 0.0 <= validation.recall <= 1.0
+    assert fitted.threshold_ > validation.normal_median
+    chosen = [name for name, row in fitted.selection_.items() if row["chosen"]]
+    assert chosen == [glad.model._radius_name(fitted.radius_)]
+    assert all(row["canary_auroc"] is not None for row in fitted.selection_.values())
+    loaded = GladModel.load(saved)
+    assert loaded.calibration_ == calibration and loaded.validation_ == validation
+    assert loaded.selection_ == json.loads(json.dumps(fitted.selection_))
+    manifest = json.loads((saved / MANIFEST).read_text())
+    assert manifest["validation"]["recall"] == validation.recall
 
-    scores = np.array([400.0, 402.0, 398.0, 410.0, 395.0, 405.0])
-    spread = 1.4826 * np.median(np.abs(scores - np.median(scores)))
-    assert decision_threshold(scores) == pytest.approx(np.median(scores) + THRESHOLD_SIGMAS * spread)
-    assert decision_threshold(scores) > scores.max()
-    outlier = np.array([400.0, 400.0, 400.0, 900.0])  # MAD 0: the maximum still bounds it
-    assert decision_threshold(outlier) == 900.0
+
+def test_select_off_keeps_the_radius_of_the_lowest_mean_normal_score(nut) -> None:
+    train = [read_image(p) for p in nut.train_paths()]
+    model = GladModel(**SETTINGS, select=False, far=0.05).fit(train)
+    means = {name: row["normal_mean"] for name, row in model.selection_.items()}
+    assert glad.model._radius_name(model.radius_) == min(means, key=means.get)
+    assert model.calibration_.far == 0.05
 
 
 def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, nut) -> None:
@@ -292,7 +312,8 @@ def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, n
     held = fitted._holdout_indices(len(train))
     assert len(held) >= 2 and "global" in fitted.selection_
     dense = fitted.without_local_weights().score([train[i] for i in held]).scores
-    assert fitted.selection_["global"] == pytest.approx(float(np.mean(dense)), rel=1e-4)
+    assert fitted.selection_["global"]["normal_mean"] == pytest.approx(float(np.mean(dense)),
+                                                                     rel=1e-4)
 
 
 @pytest.mark.parametrize(("available", "k", "d", "expected"), [

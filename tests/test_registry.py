@@ -59,6 +59,8 @@ def test_models_commands(line, pipeline_model, tmp_path) -> None:
     assert changes["threshold"][1] == pytest.approx(changes["threshold"][0] + 1.0)
     code, out = glad("models", "show", "2", *common)
     assert code == 0 and "looser" in out and "threshold" in out
+    assert f"false alarms {manifest['calibration']['far']:.3g} per normal part" in out
+    assert "canaries: recall" in out and "<- chosen" in out  # the selection table
     assert glad("models", "rollback", *common) == (0, f"line {line.name}: rolled back to version 1\n")
     assert glad("models", "promote", "2", *common)[0] == 0
     assert line.registry().current() == 2

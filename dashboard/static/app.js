@@ -183,6 +183,15 @@ function renderVersions(versions) {
     const validation = (v.provenance || {}).validation;
     const rejected = validation && validation.passed === false;
     const figures = el("td");
+    const calibration = v.calibration || {};
+    if (calibration.far !== undefined) {
+      figures.append(el("span", { class: "kv" }, [el("b", { text: "false alarms " }),
+        `${num(calibration.far, 3)} per normal part`]));
+    }
+    if (calibration.canary_recall !== undefined) {
+      figures.append(el("span", { class: "kv" }, [el("b", { text: "canary recall " }),
+        num(calibration.canary_recall, 3)]));
+    }
     for (const [name, value] of Object.entries(v.provenance || {})) {
       const shown = value !== null && typeof value === "object" && !Array.isArray(value)
         ? flat(value) : (typeof value === "number" ? num(value, 4) : String(value));
