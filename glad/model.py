@@ -64,8 +64,9 @@ RADIUS_CANDIDATES = (1, 2, 4)
 # rotation) and min(default, 0.95 x the lowest training correlation), within these bounds.
 PERMISSIVE_GATES = {"max_rotation_deg": 45.0, "min_correlation": 0.5}
 DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
-# Localisation candidates whose canary AUROC is within this of the best are tied (with 30
-# held-back images and 30 canaries, one swapped pair moves it by 0.0011).
+# Localisation candidates whose canary AUROC is within this of the best, or within its standard
+# error when that is larger, are tied (with 30 held-back images and 30 canaries, one swapped
+# pair moves it by 0.0011; with 8 and 8 the error is about 0.05 near 0.97).
 SELECTION_TIE = 0.005
 BASE_FLOOR_SHARE = 0.25  # see _base_statistics
 NOVELTY_QUANTILE = 1e-3  # see _novelty_thresholds
@@ -381,10 +382,10 @@ class GladModel:
 
     def _select_radius(self, layers, candidates, held_features, canary_features, held, fitting):
         """The localisation radius (None = global weights), chosen on held-back normal images
-        and their canaries (`select=True`: the best canary AUROC; within SELECTION_TIE of it, the
-        widest margin between canary and normal scores in units of the normal scores' spread,
-        `Validation.separation`) or by the lowest mean held-back score (`select=False`, the
-        former rule).
+        and their canaries (`select=True`: the best canary AUROC; among the candidates within
+        SELECTION_TIE or its standard error of it, the widest margin between canary and normal
+        scores in normal spreads, `Validation.separation`) or by the lowest mean held-back score
+        (`select=False`, the former rule).
 
         Returns it with the held-back images' and the canaries' scores under the layers localized
         on the other images at that radius (None when nothing is held back).
@@ -424,8 +425,9 @@ class GladModel:
         judged = {r: v for r, (_, _, v) in scored.items() if v.canary_auroc is not None}
         if not self.select or not judged:  # the former rule (also when no canary could be drawn)
             return min(scored, key=lambda r: float(np.mean(scored[r][0])))
-        top = max(v.canary_auroc for v in judged.values())
-        tied = [r for r, v in judged.items() if v.canary_auroc >= top - SELECTION_TIE]
+        best = max(judged.values(), key=lambda v: v.canary_auroc)
+        band = max(SELECTION_TIE, best.auroc_error)
+        tied = [r for r, v in judged.items() if v.canary_auroc >= best.canary_auroc - band]
         return max(tied, key=lambda r: judged[r].separation)
 
     def _global_scores(self, candidates: list[Candidates],

@@ -124,6 +124,17 @@ class Validation:
             return -math.inf
         return (self.canary_median - self.normal_median) / self.normal_spread
 
+    @property
+    def auroc_error(self) -> float | None:
+        """Standard error of the canary AUROC (Hanley & McNeil, 1982): with 8 normals and 8
+        canaries at 0.97 it is 0.05, so candidates that close cannot be told apart."""
+        if self.canary_auroc is None:
+            return None
+        a, n, m = self.canary_auroc, self.n_normals, self.n_canaries
+        q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+        variance = (a * (1.0 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
+        return math.sqrt(max(variance, 0.0))
+
     def to_dict(self) -> dict:
         return asdict(self) | {"separation": self.separation}
 

@@ -74,6 +74,18 @@ def test_validate_counts_auroc_recall_and_the_normal_tail() -> None:
     assert no_canaries.separation == -math.inf
 
 
+def test_auroc_error_follows_hanley_mcneil() -> None:
+    """Few held-back images make the canary AUROC uncertain: 8 + 8 at 0.97 carry about 0.05,
+    which is why model selection treats candidates that close as tied; more images, less."""
+    few = validate(np.arange(8.0), np.r_[6.5, np.arange(9.0, 16.0)])  # one pair of 64 swapped
+    assert few.canary_auroc == pytest.approx(63 / 64)
+    assert 0.01 < few.auroc_error < 0.05
+    many = validate(np.arange(80.0), np.r_[78.5, np.arange(81.0, 160.0)])
+    assert many.canary_auroc > few.canary_auroc and many.auroc_error < few.auroc_error / 5
+    assert validate([1.0, 2.0], [3.0, 4.0]).auroc_error == 0.0  # perfect separation
+    assert validate([1.0], []).auroc_error is None
+
+
 def test_canaries_change_only_the_region_and_repeat_with_the_seed() -> None:
     rng = np.random.default_rng(2)
     images = [rng.integers(60, 200, size=(96, 96, 3), dtype=np.uint8) for _ in range(3)]
