@@ -50,6 +50,7 @@ from glad.scoring import (
 )
 from glad.validation import (
     DEFAULT_FAR,
+    Validation,
     calibrate_threshold,
     format_selection,
     make_canaries,
@@ -68,6 +69,7 @@ DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
 # error when that is larger, are tied (with 30 held-back images and 30 canaries, one swapped
 # pair moves it by 0.0011; with 8 and 8 the error is about 0.05 near 0.97).
 SELECTION_TIE = 0.005
+UNALIGNED = "unaligned "  # prefix of the selection table's rows for the images as they are
 BASE_FLOOR_SHARE = 0.25  # see _base_statistics
 NOVELTY_QUANTILE = 1e-3  # see _novelty_thresholds
 AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
@@ -140,6 +142,21 @@ class LayerModel:
         if valid is not None:
             out = out.masked_fill(~valid.to(out.device), math.nan)
         return out.view(-1, *self.grid)
+
+
+@dataclass
+class Localisation:
+    """One way of presenting training images to the mixtures (registered on the reference, or
+    as they are): their features, local candidates, and the radius chosen on held-back images."""
+
+    flat: list[torch.Tensor]  # per layer (M, HW, d)
+    valid: list[torch.Tensor]  # per layer (M, HW)
+    candidates: list[Candidates] | None
+    radius: int | None
+    held_scores: np.ndarray | None  # held-back normals' scores at that radius
+    canary_scores: np.ndarray
+    selection: dict  # the radius candidates' table
+    validation: Validation | None  # at the chosen radius
 
 
 class GladModel:
@@ -229,45 +246,43 @@ class GladModel:
             raise DatasetError(f"GLAD needs at least 2 normal training images, got {len(images)}")
         started = time.perf_counter()
         self.backbone_ = resolve_backbone(self.backbone, self.weights, self.antialiased, self.device)
-        images = self._resized(images)
-        reference = images[select_reference(images)]
+        originals = self._resized(images)
+        reference = originals[select_reference(originals)]
         self.roi_ = self._build_roi(reference)
         self.reference_ = reference if self._aligning() else None
         self.align_gates_ = dict(PERMISSIVE_GATES)
         self.aligner_ = self._build_aligner()
-        images, pixel_valid = self._register_training(images)
+        images, pixel_valid, kept = self._register_training(originals)
         features = self._features(images, "features")
         m = len(images)
-        valid = layer_validity(pixel_valid, [f.shape[1:3] for f in features])
         held = self._holdout_indices(m)
         fitting = np.setdiff1d(np.arange(m), held)
+        valid = layer_validity(pixel_valid, [f.shape[1:3] for f in features])
         layers = [self._fit_layer(f[fitting], v[fitting], index)
                   for index, (f, v) in enumerate(zip(features, valid, strict=True))]
-        flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
-        self.selection_ = {}
-        candidates = None
-        unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on
-        if self.local:
-            candidates = [top_candidates(f, v, layer.factors, self.n_candidates, unseen)
-                          for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
-                                                  desc="local candidates", unit="layer",
-                                                  disable=not self.progress)]
-        held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
-        canary_features = self._canary_features(images, pixel_valid, held, valid)
-        self.radius_, held_scores, canary_scores = self._select_radius(
-            layers, candidates, held_features, canary_features, held, fitting)
-        layers = self._localized(layers, candidates, self.radius_, np.arange(m))
-        if not len(held):  # nothing held back: the training images' own (optimistic) scores
-            held_scores = self._scores_of(list(zip(flat, valid, strict=True)), layers)
+        chosen = self._localisation(images, features, pixel_valid, layers, held, fitting, "")
+        if self._checks_alignment(held):
+            plain = [originals[i] for i in kept]
+            unaligned = self._localisation(plain, self._features(plain, "features, not aligned"),
+                                           np.ones_like(pixel_valid), layers, held, fitting,
+                                           UNALIGNED)
+            chosen = self._keep_alignment_or_not(chosen, unaligned)
+        self.radius_, self.selection_ = chosen.radius, chosen.selection
+        layers = self._localized(layers, chosen.candidates, self.radius_, np.arange(m))
+        held_scores = chosen.held_scores
+        if held_scores is None:  # nothing held back: the training images' own (optimistic) scores
+            held_scores = self._scores_of(list(zip(chosen.flat, chosen.valid, strict=True)), layers)
         self.calibration_ = calibrate_threshold(held_scores, self.far)
         self.threshold_ = self.calibration_.threshold
-        self.validation_ = validate(held_scores, canary_scores, self.threshold_)
+        self.validation_ = validate(held_scores, chosen.canary_scores, self.threshold_)
         log.info("threshold %.4g for %.3g false alarms per normal part (%s on %d held-back "
                  "scores); canary recall %s, canary AUROC %s", self.threshold_, self.far,
                  self.calibration_.method, self.calibration_.n_scores,
                  _share(self.validation_.recall), _share(self.validation_.canary_auroc))
+        unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on
         self.layers_ = layers
-        self.online_ = {"novelty_loglik": self._novelty_thresholds(flat, valid, candidates, unseen)}
+        self.online_ = {"novelty_loglik": self._novelty_thresholds(chosen.flat, chosen.valid,
+                                                                   chosen.candidates, unseen)}
         self.n_train_images_ = m
         self.fit_seconds_ = time.perf_counter() - started
         return self
@@ -380,7 +395,28 @@ class GladModel:
         return [(f.reshape(len(canaries), -1, f.shape[-1]), v[held[: len(canaries)]])
                 for f, v in zip(features, valid, strict=True)]
 
-    def _select_radius(self, layers, candidates, held_features, canary_features, held, fitting):
+    def _localisation(self, images: Sequence[np.ndarray], features: list[torch.Tensor],
+                      pixel_valid: np.ndarray, layers: list[LayerModel], held: np.ndarray,
+                      fitting: np.ndarray, prefix: str) -> Localisation:
+        """Local candidates of registered (or plain) training images under the fitted mixtures,
+        and the localisation radius chosen on their held-back images and canaries."""
+        m = len(images)
+        valid = layer_validity(pixel_valid, [f.shape[1:3] for f in features])
+        flat = [f.reshape(m, -1, f.shape[-1]) for f in features]
+        candidates = None
+        unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on
+        if self.local:
+            candidates = [top_candidates(f, v, layer.factors, self.n_candidates, unseen)
+                          for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
+                                                  desc=f"{prefix}local candidates", unit="layer",
+                                                  disable=not self.progress)]
+        held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
+        canary_features = self._canary_features(images, pixel_valid, held, valid)
+        return Localisation(flat, valid, candidates, *self._select_radius(
+            layers, candidates, held_features, canary_features, held, fitting, prefix))
+
+    def _select_radius(self, layers, candidates, held_features, canary_features, held, fitting,
+                       prefix: str = ""):
         """The localisation radius (None = global weights), chosen on held-back normal images
         and their canaries (`select=True`: the best canary AUROC; among the candidates within
         SELECTION_TIE or its standard error of it, the widest margin between canary and normal
@@ -388,7 +424,8 @@ class GladModel:
         (`select=False`, the former rule).
 
         Returns it with the held-back images' and the canaries' scores under the layers localized
-        on the other images at that radius (None when nothing is held back).
+        on the other images at that radius (None when nothing is held back), the table of
+        candidates (names start with `prefix`) and the chosen one's `Validation`.
         """
         radii = (*RADIUS_CANDIDATES, None) if self.radius == "auto" else (int(self.radius),)
         if not self.local:
@@ -396,9 +433,9 @@ class GladModel:
         elif self.radius == "auto" and not len(held):
             radii = RADIUS_CANDIDATES[:1]
         if not len(held):
-            return radii[0], None, np.zeros(0)
+            return radii[0], None, np.zeros(0), {}, None
         scored = {}
-        for radius in tqdm(radii, desc="localisation radius", unit="radius",
+        for radius in tqdm(radii, desc=f"{prefix}localisation radius", unit="radius",
                            disable=not self.progress or len(radii) == 1):
             localized = self._localized(layers, candidates, radius, fitting)
             if radius is None and candidates is not None:  # the candidates' pass scored them
@@ -409,7 +446,7 @@ class GladModel:
                       else np.zeros(0))
             scored[radius] = (normal, canary, validate(normal, canary))
         best = self._best_localisation(scored)
-        self.selection_ = {_radius_name(r): {
+        table = {prefix + _radius_name(r): {
             "canary_auroc": v.canary_auroc, "normal_mean": float(np.mean(normal)),
             "normal_spread": v.normal_spread, "chosen": r == best}
             for r, (normal, _, v) in scored.items()}
@@ -417,8 +454,40 @@ class GladModel:
             log.info("localisation chosen on %d held-back normals and %d canaries (%s):\n%s",
                      len(held), len(scored[best][1]),
                      "canary AUROC" if self.select else "lowest mean normal score",
-                     format_selection(self.selection_))
-        return best, scored[best][0], scored[best][1]
+                     format_selection(table))
+        return best, scored[best][0], scored[best][1], table, scored[best][2]
+
+    def _checks_alignment(self, held: np.ndarray) -> bool:
+        """Whether the fit also judges the same images without alignment: when it chose to
+        align by itself (align="auto"), selects (select=True), has held-back images to judge
+        on, and inspects the whole image (other ROIs are drawn in the reference's frame)."""
+        return (self.select and self.align == "auto" and self.reference_ is not None
+                and len(held) > 0 and isinstance(self.roi, str) and self.roi == "full")
+
+    def _keep_alignment_or_not(self, aligned: Localisation, plain: Localisation) -> Localisation:
+        """Alignment is kept only when it neither makes the canaries less separable (beyond the
+        canary AUROC's standard error) nor the held-back normals less well explained (a higher
+        mean score); otherwise the model does not align (a rotation-symmetric part registered to
+        a wrong angle, a part whose pose never varied)."""
+        a, p = aligned.validation, plain.validation
+        band = max(SELECTION_TIE, a.auroc_error or 0.0)
+        worse_canaries = (a.canary_auroc is not None and p.canary_auroc is not None
+                          and a.canary_auroc < p.canary_auroc - band)
+        worse_normals = float(np.mean(aligned.held_scores)) > float(np.mean(plain.held_scores))
+        keep = not (worse_canaries or worse_normals)
+        for row in (plain if keep else aligned).selection.values():
+            row["chosen"] = False
+        if not keep:
+            log.warning("alignment dropped: on held-back images it %s (canary AUROC %s aligned, "
+                        "%s not; mean normal score %.4g aligned, %.4g not)",
+                        "made canaries less separable" if worse_canaries else
+                        "explained normal images less well", _share(a.canary_auroc),
+                        _share(p.canary_auroc), float(np.mean(aligned.held_scores)),
+                        float(np.mean(plain.held_scores)))
+            self.reference_, self.aligner_ = None, None
+        chosen = aligned if keep else plain
+        chosen.selection = aligned.selection | plain.selection
+        return chosen
 
     def _best_localisation(self, scored: dict) -> int | None:
         """The radius to keep from {radius: (normal scores, canary scores, Validation)}."""
@@ -520,7 +589,8 @@ class GladModel:
         return out, np.stack(valid), alignments
 
     def _register_training(self, images: Sequence[np.ndarray]):
-        """Registered training images and validity, without the frames that failed alignment.
+        """Registered training images, their validity and their indices among `images`,
+        without the frames that failed alignment.
 
         With align="auto", a product whose normal images often fail alignment (more than
         AUTO_ALIGN_MAX_FAILURES of them: their pose varies beyond the gates, e.g. parts swinging
@@ -542,7 +612,7 @@ class GladModel:
         if len(keep) < 2:
             raise DatasetError(f"only {len(keep)} of {len(images)} training images could be "
                                "aligned on the reference; fit with align=False for this product")
-        return [registered[i] for i in keep], valid[keep]
+        return [registered[i] for i in keep], valid[keep], np.array(keep)
 
     # --- scoring --------------------------------------------------------------------------------
 
@@ -600,11 +670,13 @@ class GladModel:
         return self._device_layers[1]
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
-        """True where a score exceeds the model's threshold."""
+        """True where a score exceeds the model's threshold, and where it is NaN (a frame the
+        model could not score is never passed as normal, as the score stage decides)."""
         self._check_fitted()
         if math.isnan(self.threshold_):
             raise ValueError("this model has no decision threshold (an ablation copy)")
-        return np.asarray(scores) > self.threshold_
+        scores = np.asarray(scores, dtype=np.float64)
+        return (scores > self.threshold_) | np.isnan(scores)
 
     def model_bytes(self) -> int:
         """Bytes of the learned parameters (mixtures and sparse local weights)."""

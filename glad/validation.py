@@ -185,10 +185,12 @@ def make_canaries(images: Sequence[np.ndarray], regions: Sequence[np.ndarray | N
 
 def format_selection(selection: dict) -> str:
     """The localisation candidates as a table: canary AUROC, normal scores, which was chosen."""
-    lines = [f"{'candidate':>10} {'canary AUROC':>13} {'normal mean':>12} {'normal spread':>14}"]
+    width = max(len("candidate"), *(len(name) for name in selection))
+    lines = [f"{'candidate':>{width}} {'canary AUROC':>13} {'normal mean':>12} "
+             f"{'normal spread':>14}"]
     for name, row in selection.items():
         auroc = "-" if row.get("canary_auroc") is None else f"{row['canary_auroc']:.4f}"
-        lines.append(f"{name:>10} {auroc:>13} {row['normal_mean']:>12.4g} "
+        lines.append(f"{name:>{width}} {auroc:>13} {row['normal_mean']:>12.4g} "
                      f"{row['normal_spread']:>14.4g}{'  <- chosen' if row.get('chosen') else ''}")
     return "\n".join(lines)
 

@@ -305,8 +305,10 @@ def _status(args) -> int:
     for w in status["workers"]:
         state = w["state"] if w["healthy"] else "STALE"
         model = "-" if w.get("model") is None else f"v{w['model']}"
-        print(f"{w['worker'][:40]:40s} {w['stage']:8s} {state:12s} {model:>5s} {w['processed']:9d} "
-              f"{w['deadlettered']:5d} {w['age_s']:6.1f}s")
+        # stages count dead letters, the updater and the dashboard do not: "-" where absent
+        processed, dead = (str(w.get(key, "-")) for key in ("processed", "deadlettered"))
+        print(f"{w['worker'][:40]:40s} {w['stage']:8s} {state:12s} {model:>5s} {processed:>9s} "
+              f"{dead:>5s} {w['age_s']:6.1f}s")
     print(f"{'stream':12s} {'length':>8s} {'lag':>6s} {'pending':>8s}")
     for hop, info in status["streams"].items():
         print(f"{hop:12s} {info['length']:8d} {info.get('lag', ''):>6} {info.get('pending', ''):>8}")

@@ -5,6 +5,7 @@ One small model is fitted per module (a few seconds on one CPU thread); tests on
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from glad.images import read_image
 from glad.metrics import image_auroc
 from glad.model import GladModel
 from glad.modelfile import ARRAYS, MANIFEST
+from glad.validation import Validation
 
 SETTINGS = dict(max_components=16, max_iter=10)
 
@@ -297,6 +299,42 @@ def test_threshold_is_calibrated_and_validated_on_held_back_images(fitted: GladM
     assert manifest["validation"]["recall"] == validation.recall
 
 
+def test_alignment_is_judged_against_the_images_as_they_are(fitted: GladModel) -> None:
+    """The nut is aligned by default; the fit also scored its held-back images and canaries
+    without alignment (same mixtures) and kept alignment because it explains them better."""
+    rows = fitted.selection_
+    assert fitted.reference_ is not None
+    assert {"r=1", "global", "unaligned r=1", "unaligned global"} <= set(rows)
+    aligned_best = min(row["normal_mean"] for name, row in rows.items() if "unaligned" not in name)
+    plain_best = min(row["normal_mean"] for name, row in rows.items() if "unaligned" in name)
+    assert aligned_best < plain_best
+    assert not any(row["chosen"] for name, row in rows.items() if "unaligned" in name)
+
+
+def _localisation(auroc: float, normal_mean: float, prefix: str) -> glad.model.Localisation:
+    normal = np.full(8, normal_mean)
+    validation = Validation(auroc, None, None, normal_mean, 1.0, normal_mean, normal_mean + 5,
+                            8, 8)
+    return glad.model.Localisation([], [], None, 1, normal, np.zeros(8),
+                                   {prefix + "r=1": {"chosen": True}}, validation)
+
+
+@pytest.mark.parametrize(("aligned", "plain", "keep"), [
+    ((1.0, 400.0), (1.0, 450.0), True),  # better explained, as separable: kept
+    ((1.0, 460.0), (1.0, 450.0), False),  # normals less well explained: dropped
+    ((0.80, 400.0), (0.99, 450.0), False),  # canaries less separable beyond the error: dropped
+    ((0.97, 400.0), (0.98, 450.0), True),  # within the canary AUROC's error: kept
+])
+def test_alignment_is_dropped_when_it_hurts_on_held_back_images(fitted: GladModel, aligned,
+                                                                plain, keep: bool) -> None:
+    model = copy.copy(fitted)
+    chosen = model._keep_alignment_or_not(_localisation(*aligned, ""),
+                                          _localisation(*plain, "unaligned "))
+    assert (model.reference_ is not None) == keep and (model.aligner_ is not None) == keep
+    assert chosen.selection["r=1"]["chosen"] == keep
+    assert chosen.selection["unaligned r=1"]["chosen"] == (not keep)
+
+
 def test_select_off_keeps_the_radius_of_the_lowest_mean_normal_score(nut) -> None:
     train = [read_image(p) for p in nut.train_paths()]
     model = GladModel(**SETTINGS, select=False, far=0.05).fit(train)
@@ -342,3 +380,10 @@ def test_backbone_precision_is_checked(monkeypatch) -> None:
         create_backbone()
     monkeypatch.setenv("GLAD_BACKBONE_PRECISION", "fp32")
     assert create_backbone().precision == "fp32"
+
+
+def test_a_nan_score_is_an_alarm(fitted: GladModel) -> None:
+    """NaN fails closed, as the score stage decides (issue 13, hole 5: `glad score` printed
+    `anomalous: false` for a model whose scores were NaN)."""
+    decisions = fitted.decide(np.array([fitted.threshold_ - 1.0, np.nan, np.inf]))
+    assert decisions.tolist() == [False, True, True]

@@ -93,3 +93,20 @@ def test_bad_confirmations_are_refused() -> None:
         confirm(None, "line1", "f1", "maybe")
     with pytest.raises(MessageError, match="bad frame id"):
         confirm(None, "line1", "", "normal")
+
+
+def test_status_shows_every_kind_of_heartbeat(line) -> None:
+    """The updater's heartbeat has no dead-letter count (issue 13, hole 1: `glad status`
+    crashed with KeyError 'deadlettered' on a default `glad run` line)."""
+    from pipeline.streams import Streams, beat
+
+    streams = Streams(line.name)
+    beat(line.client, streams, "updater-1", "updater", 0.0, state="leading", model=1,
+         processed=3, updates=1)
+    beat(line.client, streams, "score-1", "score", 0.0, state="running", processed=7,
+         deadlettered=2, claimed=0)
+    code, out = glad("status", "--line", line.name, "--redis-url", line.url)
+    assert code == 0
+    updater = next(row for row in out.splitlines() if row.startswith("updater-1"))
+    score = next(row for row in out.splitlines() if row.startswith("score-1"))
+    assert updater.split()[4:6] == ["3", "-"] and score.split()[4:6] == ["7", "2"]
