@@ -10,10 +10,16 @@ import numpy as np
 from glad.errors import ImageError
 
 MIN_SIDE = 32
+# Images declaring more pixels than this are refused before decoding: a 2.6 MB PNG can declare
+# 30000 x 30000 and would take 2.7 GB once decoded (a decompression bomb).
+MAX_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT C4, JPG C8, DAC CC)
+JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); raise `ImageError` on anything unusable."""
     path = Path(path)
     if not path.is_file():
@@ -21,26 +27,73 @@ def read_image(path: str | Path) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise ImageError(f"{path}: empty file")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
-    if _looks_truncated(data, path.suffix.lower()):
-        raise ImageError(f"{path}: image file is truncated")
     try:
-        return as_rgb(image, assume_bgr=True)
+        return _decode(data, max_pixels, path.suffix.lower())
     except ImageError as error:
         raise ImageError(f"{path}: {error}") from None
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes (PNG/JPEG/...) to RGB uint8; raise `ImageError` if unusable."""
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    if not buffer.size:
+        raise ImageError("bytes are not a readable image (empty)")
+    return _decode(buffer, max_pixels)
+
+
+def _decode(buffer: np.ndarray, max_pixels: int, suffix: str = "") -> np.ndarray:
+    """The checks shared by files and bytes: declared size first, then decoding and the end."""
+    size = declared_size(buffer)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(f"image declares {size[0]}x{size[1]} pixels, more than the limit of "
+                         f"{max_pixels / 1e6:g} Mpx (a decompression bomb?)")
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as error:  # e.g. a header OpenCV's own limits refuse
+        raise ImageError(f"not a decodable image ({str(error).strip().splitlines()[-1]})") from None
     if image is None:
-        raise ImageError("bytes are not a readable image (corrupt, truncated or unknown format)")
-    if _looks_truncated(buffer):
-        raise ImageError("image bytes are truncated")
+        raise ImageError("not a readable image (corrupt, truncated or unknown format)")
+    if _looks_truncated(buffer, suffix):
+        raise ImageError("image is truncated")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageError(f"image is {image.shape[1]}x{image.shape[0]} pixels, more than the limit "
+                         f"of {max_pixels / 1e6:g} Mpx")
     return as_rgb(image, assume_bgr=True)
+
+
+def declared_size(data: np.ndarray | bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG, JPEG or BMP header declares, read without decoding; None for
+    other formats or a header too short to say."""
+    head = bytes(data[:65536])
+    if head.startswith(PNG_SIGNATURE) and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head.startswith(b"BM") and len(head) >= 26:
+        return (abs(int.from_bytes(head[18:22], "little", signed=True)),
+                abs(int.from_bytes(head[22:26], "little", signed=True)))
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_size(head)
+    return None
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """Walk the JPEG segments to the first start-of-frame and read its size."""
+    at = 2
+    while at + 9 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # segments without a length
+            at += 2
+            continue
+        length = int.from_bytes(head[at + 2 : at + 4], "big")
+        if marker in JPEG_FRAMES:
+            return int.from_bytes(head[at + 7 : at + 9], "big"), int.from_bytes(
+                head[at + 5 : at + 7], "big")
+        at += 2 + length
+    return None
 
 
 def as_rgb(image: np.ndarray, assume_bgr: bool = False) -> np.ndarray:

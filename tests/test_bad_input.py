@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,7 @@ import pytest
 
 from glad.datasets import find_categories, image_folder
 from glad.errors import DatasetError, GladError, ImageError
-from glad.images import as_rgb, decode_image, read_image
+from glad.images import MAX_PIXELS, as_rgb, declared_size, decode_image, read_image
 
 
 def gradient(height: int = 48, width: int = 40) -> np.ndarray:
@@ -185,3 +186,52 @@ def test_find_categories_errors(tmp_path: Path) -> None:
     assert [c.name for c in find_categories(tmp_path)] == ["nut"]
     with pytest.raises(DatasetError):
         find_categories(tmp_path, ["pcb"])
+
+
+def declaring(size: tuple[int, int], suffix: str) -> bytes:
+    """A small real PNG or JPEG whose header claims `size` (width, height): a decompression
+    bomb's header without its gigabytes (the PNG's header checksum is recomputed)."""
+    ok, buffer = cv2.imencode(suffix, gradient()[:, :, ::-1])
+    data = bytearray(buffer.tobytes())
+    width, height = size
+    if suffix == ".png":
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    else:
+        at = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] == 0xC0)
+        data[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, suffix: str) -> None:
+    """Issue 13, hole 3: a header declaring 30000 x 30000 is refused by its header, with a
+    clear reason, whether it arrives as bytes or as a file."""
+    bomb = declaring((30000, 30000), suffix)
+    assert declared_size(bomb) == (30000, 30000)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(bomb)
+    path = tmp_path / f"bomb{suffix}"
+    path.write_bytes(bomb)
+    with pytest.raises(ImageError, match=f"{path.name}: .*more than the limit of 50 Mpx"):
+        read_image(path)
+    with pytest.raises(ImageError, match="limit of 0.001 Mpx"):
+        decode_image(declaring((40, 48), suffix), max_pixels=1000)  # a smaller limit: refused
+    assert MAX_PIXELS == 50_000_000
+
+
+def test_header_opencv_refuses_is_an_image_error() -> None:
+    """A header OpenCV's own checks reject raises cv2.error inside imdecode; it must surface as
+    bad input (ImageError), not as an unexpected error a stage would retry."""
+    huge = declaring((40000, 40000), ".png")
+    with pytest.raises(ImageError):
+        decode_image(huge, max_pixels=10**10)
+
+
+def test_declared_sizes_of_the_common_formats() -> None:
+    rgb = gradient(40, 60)
+    for suffix in (".png", ".jpg", ".bmp"):
+        assert declared_size(cv2.imencode(suffix, rgb)[1].tobytes()) == (60, 40), suffix
+    progressive = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+    assert declared_size(progressive.tobytes()) == (60, 40)
+    assert declared_size(b"GIF89a....") is None and declared_size(b"\x89PNG") is None

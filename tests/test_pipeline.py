@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 from streaming import wait_for
+from test_bad_input import declaring
 
 from glad.datasets import MVTecCategory
 from glad.images import read_image
@@ -90,12 +91,15 @@ def test_poison_messages_go_to_the_dead_letter_stream(line, frames) -> None:
     corrupt.frame_id = "corrupt"
     wrong_shape = good.derive("frame", {"image": pack_array(np.zeros((5, 7), np.uint8))})
     wrong_shape.frame_id = "tiny"
+    bomb = good.derive("frame", {"image": {"enc": "png", "data": declaring((30000, 30000), ".png")}})
+    bomb.frame_id = "bomb"
     unknown = msgpack.packb({"v": 7, "kind": "frame", "id": "future"})
     line.client.xadd(frames_key, {FIELD: b"\x92\x01"})  # malformed msgpack (truncated array)
     line.client.xadd(frames_key, {FIELD: unknown})
     line.client.xadd(frames_key, {b"junk": b"1"})
     line.client.xadd(frames_key, {FIELD: corrupt.encode()})
     line.client.xadd(frames_key, {FIELD: wrong_shape.encode()})
+    line.client.xadd(frames_key, {FIELD: bomb.encode()})
     publish_frame(line.client, line.name, image=images[0], frame_id="after-the-poison")
     with line.running("align", "extract", "score") as runners:
         wait_for(lambda: line.client.xlen(line.streams.key("scores")) >= 1, what="the good frame")
@@ -103,12 +107,12 @@ def test_poison_messages_go_to_the_dead_letter_stream(line, frames) -> None:
     assert [m.frame_id for m in line.entries("scores")] == ["after-the-poison"]
     dead = line.deadletters()
     reasons = " | ".join(d["reason"] for d in dead)
-    assert len(dead) == 5 and {d["stage"] for d in dead} == {"align"}
+    assert len(dead) == 6 and {d["stage"] for d in dead} == {"align"}
     for expected in ("not a msgpack message", "unknown schema version 7", "without the 'm' field",
-                     "not a readable image", "both sides must be at least"):
+                     "not a readable image", "both sides must be at least", "decompression bomb"):
         assert expected in reasons
     assert all(d["payload"] is not None and d["entry"] for d in dead)  # nothing lost
-    assert align.stats.deadlettered == 5
+    assert align.stats.deadlettered == 6
     pending = line.client.xpending(line.streams.key("frames"), "align")
     assert pending["pending"] == 0  # dead letters are acknowledged
 
