@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,15 @@ def _confirm_on_the_page(browser, url: str) -> str:
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
-    page.wait_for_function("document.getElementById('status').classList.contains('ok')",
-                           timeout=15_000)
+    page.locator("#status.ok").wait_for(timeout=15_000)
     chart = "document.getElementById('c-throughput').toDataURL()"
     first_chart = page.evaluate(chart)
     first_count = page.text_content("#t-frames")
-    page.wait_for_function(f"(first) => {chart} !== first", arg=first_chart, timeout=15_000)
-    page.wait_for_function("(first) => document.getElementById('t-frames').textContent !== first",
-                           arg=first_count, timeout=15_000)
-    page.wait_for_function("() => { const img = document.querySelector('.card img');"
-                           " return img && img.complete && img.naturalWidth === 512; }",
-                           timeout=30_000)
+    _wait_until(page, f"(first) => {chart} !== first", first_chart, timeout=15)
+    _wait_until(page, "(first) => document.getElementById('t-frames').textContent !== first",
+                first_count, timeout=15)
+    _wait_until(page, "() => { const img = document.querySelector('.card img');"
+                " return img && img.complete && img.naturalWidth === 512; }", None, timeout=30)
     card = page.locator(".card").first
     frame_id = card.get_attribute("data-frame")
     card.get_by_role("button", name="Confirm normal").click()
@@ -78,3 +77,17 @@ def _confirm_on_the_page(browser, url: str) -> str:
         "confirmed normal"
     assert errors == []
     return frame_id
+
+
+def _wait_until(page, predicate: str, arg, timeout: float) -> None:
+    """Evaluate the JavaScript function `predicate(arg)` from here until it is truthy.
+
+    Not `page.wait_for_function`: once it has to poll, Playwright re-creates a string predicate
+    with eval inside the page, which the dashboard's Content-Security-Policy (no 'unsafe-eval')
+    refuses; under load the first check fails more often and the test failed with EvalError.
+    Each `page.evaluate` is a DevTools call, which the policy does not restrict."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate, arg):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        page.wait_for_timeout(100)
