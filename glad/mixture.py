@@ -35,7 +35,6 @@ CANDIDATES = 12
 # float32 cancellation misplaces it by more than RANKED - 1 places (never seen on real layers).
 RANKED = 12
 EXPANDED_BUDGET = 1 << 22  # expanded row values ([vech(t t^T), t, 1]) in one ranking chunk
-PAIR_BUDGET = 1 << 23  # gathered feature values in one chunk of `candidate_costs`
 
 
 # --- OAS (spec §2.3) ----------------------------------------------------------------------------
@@ -405,20 +404,6 @@ def rank_components(x: torch.Tensor, factors: MixtureFactors, width: int) -> tor
     return out
 
 
-def candidate_costs(x: torch.Tensor, candidates: torch.Tensor,
-                    factors: MixtureFactors) -> torch.Tensor:
-    """(N, L) float32 exact D_k + logdet_k of each row's candidate components (N, L), through
-    `CandidateGroups` in row chunks of about PAIR_BUDGET gathered feature values."""
-    n, width = candidates.shape
-    out = torch.empty(n, width)
-    rows = max(1, PAIR_BUDGET // (width * x.shape[1]))
-    for start in range(0, n, rows):
-        chunk = candidates[start : start + rows]
-        groups = CandidateGroups(x[start : start + rows], chunk, factors.n_components)
-        out[start : start + len(chunk)] = groups.costs(factors).view(len(chunk), width)
-    return out
-
-
 def padded_lengths(counts: torch.Tensor, steps_per_octave: int = 4) -> torch.Tensor:
     """Each count rounded up to the grid 2^(j / steps_per_octave) (integer): groups of equal
     padded length share one batched GEMM, with under 19% padding at 4 steps per doubling."""
@@ -507,7 +492,7 @@ def assign_among(
         labels = current[labels]
     lost = torch.nonzero(~torch.isfinite(best)).flatten()
     if len(lost):
-        labels[lost], best[lost], _ = assign(x[lost], factors)
+        labels[lost], best[lost] = _assign_exhaustive(x[lost], factors)
     return labels, best
 
 
