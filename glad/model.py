@@ -388,11 +388,11 @@ class GladModel:
         if not len(held):
             return None
         regions = [self.roi_.numpy() & np.asarray(pixel_valid[i], bool) for i in held]
-        canaries = make_canaries([images[i] for i in held], regions, self.seed)
+        canaries, used = make_canaries([images[i] for i in held], regions, self.seed)
         if not canaries:
             return None
         features = self._features(canaries, "canaries")
-        return [(f.reshape(len(canaries), -1, f.shape[-1]), v[held[: len(canaries)]])
+        return [(f.reshape(len(canaries), -1, f.shape[-1]), v[held[used]])
                 for f, v in zip(features, valid, strict=True)]
 
     def _localisation(self, images: Sequence[np.ndarray], features: list[torch.Tensor],

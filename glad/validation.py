@@ -166,21 +166,22 @@ def validate(normal_scores: Sequence[float], canary_scores: Sequence[float],
 
 
 def make_canaries(images: Sequence[np.ndarray], regions: Sequence[np.ndarray | None],
-                  seed: int) -> list[np.ndarray]:
+                  seed: int) -> tuple[list[np.ndarray], list[int]]:
     """One synthetic defect pasted on each normal image, inside its region (bool at the image's
-    size: where the model inspects; None: all but a margin), reproducibly from `seed`. An image
-    that takes no defect of plausible size (a region of a few pixels, a flat black frame) gives
-    none."""
+    size: where the model inspects; None: all but a margin), reproducibly from `seed`; with the
+    indices of the images they were pasted on. An image that takes no defect of plausible size
+    (a region of a few pixels, a flat black frame) gives none."""
     rng = np.random.default_rng(seed + CANARY_SEED_OFFSET)
-    out = []
-    for image, region in zip(images, regions, strict=True):
+    canaries, used = [], []
+    for index, (image, region) in enumerate(zip(images, regions, strict=True)):
         if region is not None and not np.any(region):
             continue
         try:
-            out.append(paste_defect(image, region, rng)[0])
+            canaries.append(paste_defect(image, region, rng)[0])
         except RuntimeError:  # no pasted defect changed enough pixels
             continue
-    return out
+        used.append(index)
+    return canaries, used
 
 
 def format_selection(selection: dict) -> str:

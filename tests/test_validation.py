@@ -92,12 +92,14 @@ def test_canaries_change_only_the_region_and_repeat_with_the_seed() -> None:
     region = np.zeros((96, 96), bool)
     region[20:80, 30:90] = True
     empty = np.zeros((96, 96), bool)
-    canaries = make_canaries(images, [region, region, empty], seed=5)
-    assert len(canaries) == 2  # nothing can be pasted in an empty region
+    canaries, used = make_canaries(images, [region, region, empty], seed=5)
+    assert len(canaries) == 2 and used == [0, 1]  # nothing can be pasted in an empty region
     for image, canary in zip(images, canaries, strict=False):
         changed = (image != canary).any(-1)
         assert changed.any() and not changed[~region].any()
-    again = make_canaries(images, [region, region, empty], seed=5)
+    again, _ = make_canaries(images, [region, region, empty], seed=5)
     assert all(np.array_equal(a, b) for a, b in zip(canaries, again, strict=True))
-    other = make_canaries(images, [region, region, empty], seed=6)
+    other, _ = make_canaries(images, [region, region, empty], seed=6)
     assert not np.array_equal(canaries[0], other[0])
+    _, skipped_first = make_canaries(images, [empty, region, region], seed=5)
+    assert skipped_first == [1, 2]  # the indices say which images the canaries belong to
