@@ -156,6 +156,13 @@ class Backbone(nn.Module):
         return self._frozen
 
 
+def backbone_channels(name: str) -> tuple[int, ...]:
+    """Feature dimensions of the three taps of backbone `name`."""
+    if name in EFFICIENTNET_LITE:
+        return EFFICIENTNET_LITE[name][1]
+    return (64, 128, 256) if name == "resnet18" else (256, 512, 1024)
+
+
 def create_backbone(
     name: str = "efficientnet_lite0",
     weights: str | Path = "pretrained",
@@ -173,12 +180,11 @@ def create_backbone(
         if antialiased:
             raise ValueError("the antialiased (BlurPool) variant exists for ResNet backbones only")
         body = _efficientnet_lite(name, weights)
-        spec = BackboneSpec(name, EFFICIENTNET_LITE[name][1], (4, 8, 16), (0.5,) * 3, (0.5,) * 3,
+        spec = BackboneSpec(name, backbone_channels(name), (4, 8, 16), (0.5,) * 3, (0.5,) * 3,
                             input_size, False, weights_id)
     else:
         body = _torchvision_resnet(name, weights, antialiased)
-        channels = (64, 128, 256) if name == "resnet18" else (256, 512, 1024)
-        spec = BackboneSpec(name, channels, (4, 8, 16), IMAGENET_MEAN, IMAGENET_STD,
+        spec = BackboneSpec(name, backbone_channels(name), (4, 8, 16), IMAGENET_MEAN, IMAGENET_STD,
                             input_size, antialiased, weights_id)
     body.requires_grad_(False)
     return Backbone(body, spec, device, precision)

@@ -27,6 +27,7 @@ from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
 from glad.features import feature_batches, layer_validity
 from glad.images import as_rgb, resize_square
+from glad.integrity import probe_image
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import (
     CANDIDATES,
@@ -668,6 +669,14 @@ class GladModel:
             moved = [replace(layer, factors=layer.factors.to(key[0])) for layer in self.layers_]
             self._device_layers = (key, moved)
         return self._device_layers[1]
+
+    def probe_score(self) -> float:
+        """The score of `glad.integrity.probe_image` as it is (no alignment): a fingerprint of
+        the scoring function, recorded when the model is saved and checked when it is loaded."""
+        self._check_fitted()
+        size = self.backbone_.spec.input_size
+        features = self.backbone_.extract(probe_image(size)[None])
+        return float(self.score_features(features, np.ones((1, size, size), dtype=bool))[0][0])
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
         """True where a score exceeds the model's threshold, and where it is NaN (a frame the

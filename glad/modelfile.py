@@ -1,8 +1,9 @@
 """Model files: one directory holding `manifest.json` and `arrays.safetensors`. No pickle.
 
 The manifest records the schema version, the backbone and preprocessing (with its hash), each
-layer's K and grid, the threshold, the training summary, and the SHA-256 of the array file. Loading
-checks all of it and raises `ModelFileError` / `ModelMismatchError` with one clear sentence.
+layer's K and grid, the threshold, the training summary, the SHA-256 of the array file, the score
+of a probe image and its own content hash. Loading checks all of it (`glad.integrity`) and raises
+`ModelFileError` / `ModelMismatchError` with one clear sentence.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from glad.backbones import BackboneSpec, FeatureExtractor
 from glad.errors import ModelFileError, ModelMismatchError
+from glad.integrity import check_arrays, check_manifest, check_probe, sealed
 from glad.local_weights import LocalWeights
 from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
@@ -87,13 +89,14 @@ def save_model(model, path: Path) -> Path:
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
                      "selection": model.selection_},
         "online": model.online_,
+        "probe": {"score": model.probe_score()},
     }
     with tempfile.TemporaryDirectory(dir=path) as tmp:
         tmp_arrays = Path(tmp) / ARRAYS
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp_arrays))
         manifest["arrays_sha256"] = file_sha256(tmp_arrays)
         tmp_manifest = Path(tmp) / MANIFEST
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        tmp_manifest.write_text(json.dumps(sealed(manifest), indent=2, sort_keys=True))
         os.replace(tmp_arrays, path / ARRAYS)
         os.replace(tmp_manifest, path / MANIFEST)
     carry_export(model.backbone_, path)
@@ -112,17 +115,19 @@ def load_model(path: Path, backbone: str | FeatureExtractor | None = None, devic
     from glad.model import GladModel, LayerModel
 
     manifest = read_manifest(path)
+    check_manifest(manifest, path)
     arrays_file = path / ARRAYS
     if not arrays_file.is_file():
         raise ModelFileError(f"{path}: model arrays file {ARRAYS} is missing")
     if file_sha256(arrays_file) != manifest.get("arrays_sha256"):
         raise ModelFileError(f"{arrays_file}: content hash does not match the manifest (corrupt?)")
-    spec = BackboneSpec.from_dict(manifest["backbone"])
-    built = _matching_backbone(spec, backbone, device, path, runtime)
     try:
         arrays = load_file(str(arrays_file))
     except Exception as error:  # safetensors raises its own error types
         raise ModelFileError(f"{arrays_file}: unreadable ({error})") from None
+    check_arrays(arrays, manifest, path)
+    spec = BackboneSpec.from_dict(manifest["backbone"])
+    built = _matching_backbone(spec, backbone, device, path, runtime)
     model = GladModel(backbone=built, weights=spec.weights, antialiased=spec.antialiased,
                       device=device, **manifest.get("params", {}))
     model.backbone_ = built
@@ -141,6 +146,7 @@ def load_model(path: Path, backbone: str | FeatureExtractor | None = None, devic
     model.validation_ = _record(Validation, manifest.get("validation"))
     model.online_ = manifest.get("online") or {}
     model.manifest_ = manifest
+    check_probe(manifest, model.probe_score(), path)
     return model
 
 

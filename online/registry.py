@@ -51,13 +51,15 @@ class ModelRegistry:
 
     def publish(self, model_dir: str | Path, note: str = "", parent: int | None = None,
                 provenance: dict | None = None) -> int:
-        """Copy a saved model in as the next version, make it current, announce it.
+        """Copy a saved model in as the next version, make it current, announce it; a model
+        that fails to load as a scorer would load it (see `_verify`) is refused first.
 
         `parent` is the version it was derived from; `provenance` holds what else explains it
         (the frame ids that trained it, validation figures...).
         """
         source = Path(model_dir)
         manifest = read_manifest(source)  # refuses anything that is not a GLAD model
+        _verify(source)
         version, target = self._claim_folder(source)
         record = {"version": version, "sha256": manifest.get("arrays_sha256"),
                   "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
@@ -205,6 +207,15 @@ class ModelFollower:
                 self.model.backbone_.spec.preprocessing_hash()
             backbone = self.model.backbone_ if same else None
         return GladModel.load(path, backbone=backbone, device=self.device)
+
+
+def _verify(model_dir: Path) -> None:
+    """Load the model as a scorer will, before any scorer can be pointed at it: every manifest
+    field and array is checked and the model must score its probe image as it did when saved
+    (`glad.integrity`); raises ModelFileError otherwise. Imports torch, hence here."""
+    from glad.modelfile import load_model
+
+    load_model(model_dir)
 
 
 def _calibration_summary(manifest: dict) -> dict:

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import redis
@@ -21,6 +21,17 @@ from pipeline.schema import decode_entry
 from pipeline.streams import Streams
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def with_threshold_moved(model_dir: Path, shift: float, out: Path) -> Path:
+    """A copy of a saved model whose threshold (and its calibration) is `shift` higher, saved as
+    the library saves models (an edited manifest would fail its content hash)."""
+    from glad.model import GladModel
+
+    model = GladModel.load(model_dir)
+    model.threshold_ += shift
+    model.calibration_ = replace(model.calibration_, threshold=model.threshold_)
+    return model.save(out)
 
 
 @dataclass

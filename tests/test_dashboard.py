@@ -20,7 +20,7 @@ from streaming import REPO, wait_for
 
 from dashboard.metrics import LineMetrics, Windows
 from dashboard.server import DashboardServer
-from glad.modelfile import MANIFEST, SCHEMA, SCHEMA_VERSION
+from glad.modelfile import MANIFEST
 from online.registry import ModelRegistry
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -254,14 +254,10 @@ def test_prometheus_metrics(redis_server) -> None:
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
 
 
-def test_model_timeline_shows_provenance_and_validation(redis_server, tmp_path) -> None:
-    model = tmp_path / "stub"  # the registry keeps records; the dashboard never loads a model
-    model.mkdir()
-    (model / MANIFEST).write_text(json.dumps({
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "backbone": {"name": "stub"},
-        "threshold": 3.0, "arrays_sha256": "0" * 64,
-        "calibration": {"far": 0.005, "method": "gpd", "n_scores": 30, "threshold": 3.0},
-        "validation": {"recall": 0.8, "canary_auroc": 0.97}}))
+def test_model_timeline_shows_provenance_and_validation(redis_server, pipeline_model,
+                                                        tmp_path) -> None:
+    model = pipeline_model  # the dashboard reads the registry's records, never the model
+    manifest = json.loads((model / MANIFEST).read_text())
     with serving(redis_server.url) as d:
         registry = ModelRegistry(tmp_path / "models", d.client, Streams(d.line))
         registry.publish(model, note="fitted")
@@ -275,8 +271,10 @@ def test_model_timeline_shows_provenance_and_validation(redis_server, tmp_path) 
         assert [v["note"] for v in versions] == ["fitted", "online update"]
         assert [v["current"] for v in versions] == [False, True]
         assert versions[1]["provenance"]["validation"]["recall"] == 0.97
-        assert versions[0]["calibration"] == {"far": 0.005, "method": "gpd", "canary_recall": 0.8,
-                                              "canary_auroc": 0.97}
+        assert versions[0]["calibration"] == {
+            "far": manifest["calibration"]["far"], "method": manifest["calibration"]["method"],
+            "canary_recall": manifest["validation"]["recall"],
+            "canary_auroc": manifest["validation"]["canary_auroc"]}
         assert versions[1]["provenance"]["frames"] == "[500 items]"  # long lists summarised
         assert len(versions[1]["became_current"]) == 1 and versions[1]["parent"] == 1
         assert d.get_json("/api/summary")["current_model"] == 2

@@ -14,7 +14,7 @@ import cv2
 import msgpack
 import numpy as np
 import pytest
-from streaming import wait_for
+from streaming import wait_for, with_threshold_moved
 from test_bad_input import declaring
 
 from glad.datasets import MVTecCategory
@@ -177,20 +177,11 @@ def test_a_stage_stops_reading_while_the_next_one_lags(line, frames) -> None:
 
 def test_frames_in_flight_at_a_swap_are_scored_by_the_version_that_aligned_them(
         line, frames, pipeline_model, tmp_path) -> None:
-    import json
-    import shutil
-
-    from glad.modelfile import MANIFEST
-
     images, labels = frames
     publish_all(line, images[:3], labels[:3], prefix="inflight")
     with line.running("align", "extract"):
         wait_for(lambda: line.client.xlen(line.streams.key("features")) >= 3, what="features")
-    stricter = tmp_path / "v2"
-    shutil.copytree(pipeline_model, stricter)
-    manifest = json.loads((stricter / MANIFEST).read_text())
-    manifest["threshold"] += 5.0
-    (stricter / MANIFEST).write_text(json.dumps(manifest))
+    stricter = with_threshold_moved(pipeline_model, 5.0, tmp_path / "v2")
     assert line.registry().publish(stricter) == 2
     publish_all(line, images[:2], labels[:2], prefix="after")
     with line.running("align", "extract", "score"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
 
 import pytest
+from streaming import with_threshold_moved
 
 from glad.modelfile import MANIFEST
 from online.registry import ModelFollower
@@ -47,11 +47,8 @@ def test_versions_promote_rollback_and_the_history(line, pipeline_model) -> None
 
 def test_models_commands(line, pipeline_model, tmp_path) -> None:
     common = ["--line", line.name, "--redis-url", line.url, "--models", line.models]
-    changed = tmp_path / "changed"
-    shutil.copytree(pipeline_model, changed)
+    changed = with_threshold_moved(pipeline_model, 1.0, tmp_path / "changed")
     manifest = json.loads((changed / MANIFEST).read_text())
-    manifest["threshold"] += 1.0
-    (changed / MANIFEST).write_text(json.dumps(manifest))
     assert glad("models", "publish", changed, *common, "--note", "looser")[0] == 0
     code, out = glad("models", "diff", "1", "2", *common, "--json")
     changes = json.loads(out)["changes"]
