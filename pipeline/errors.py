@@ -17,3 +17,8 @@ class RedisUnavailableError(GladError):
 
 class PipelineError(GladError):
     """A pipeline that cannot start: a model or source that does not exist, a bad option."""
+
+
+class Backpressure(PipelineError):
+    """A producer waited too long for room: the line's stages have more frames in flight than the
+    backlog bound allows (frames are never appended past it, so stream trimming loses nothing)."""

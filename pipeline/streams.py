@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import msgpack
 import redis
 
-from pipeline.errors import PipelineError
+from pipeline.errors import Backpressure, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ PIPELINE_GROUPS = {"frames": "align", "aligned": "extract", "features": "score"}
 # Entries kept per stream (MAXLEN ~): raw frames/features are large, scores and records small.
 DEFAULT_MAXLEN = {"frames": 2000, "aligned": 256, "features": 256, "scores": 100_000,
                   "feedback": 100_000, "deadletter": 10_000, "events": 10_000}
+BACKLOG_POLL_S = 0.01  # how often a producer waiting for room looks again
 
 
 def check_line(line: str) -> str:
@@ -92,6 +94,31 @@ class Streams:
         except redis.ResponseError:  # no stream or group yet
             pending = 0
         return self.lag(client, hop, group) + pending
+
+
+def wait_for_room(client: redis.Redis, streams: Streams, hop: str, max_backlog: int,
+                  stop: threading.Event | None = None, timeout: float | None = None) -> bool:
+    """Wait until the stage reading `hop` has at most `max_backlog` entries in flight (so an
+    append can never push an unfinished entry past MAXLEN). False when `stop` was set first;
+    raises Backpressure after `timeout` seconds (None: wait as long as it takes)."""
+    group = PIPELINE_GROUPS[hop]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_reconcile = time.monotonic()
+    while streams.in_flight(client, hop, group) > max_backlog:
+        if stop is not None and stop.is_set():
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Backpressure(f"line {streams.line}: the {group} stage has had more than "
+                               f"{max_backlog} {hop} in flight for {timeout:g} s; the frame was "
+                               "not sent (start or scale the workers, or send slower)")
+        if time.monotonic() - last_reconcile > 1.0:  # counters may have drifted up
+            streams.reconcile(client, hop, group)
+            last_reconcile = time.monotonic()
+        if stop is not None:
+            stop.wait(BACKLOG_POLL_S)
+        else:
+            time.sleep(BACKLOG_POLL_S)
+    return True
 
 
 def beat(client: redis.Redis, streams: Streams, worker: str, stage: str, started: float,

@@ -26,13 +26,16 @@ import redis
 from glad.errors import GladError
 from pipeline.connection import TRANSIENT, wait_until_reachable
 from pipeline.schema import FIELD, Message, pack_array, pack_image
-from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, beat, publish_event
+from pipeline.streams import DEFAULT_MAXLEN, Streams, beat, publish_event, wait_for_room
 from stages.sources import SourceFrame
 
 log = logging.getLogger(__name__)
 
 ENCODINGS = ("png", "jpeg", "raw")
 HEARTBEAT_S = 2.0
+PRODUCER_BACKLOG = 256  # frames in flight an external producer may run ahead of align
+PRODUCER_TIMEOUT_S = 30.0  # how long publish_frame waits for room before raising Backpressure
+TRIM_SLACK = 200  # entries approximate MAXLEN trimming may keep above or cut below maxlen
 
 
 def encode_frame(image: np.ndarray, encoding: str = "png") -> dict:
@@ -51,15 +54,23 @@ def publish_frame(client: redis.Redis, line: str, image: np.ndarray | None = Non
                   encoded: bytes | None = None, frame_id: str | None = None,
                   camera: str = "client", meta: dict[str, Any] | None = None,
                   captured_at: float | None = None, encoding: str = "png",
-                  maxlen: int = DEFAULT_MAXLEN["frames"]) -> str:
+                  maxlen: int = DEFAULT_MAXLEN["frames"], max_backlog: int | None = PRODUCER_BACKLOG,
+                  timeout: float | None = PRODUCER_TIMEOUT_S) -> str:
     """Append one frame to `line`'s frames stream; returns its frame id.
 
     Pass `image` (RGB uint8 array) or `encoded` (PNG/JPEG file bytes). Frame ids must be unique
-    per line: a repeated id is scored once.
+    per line: a repeated id is scored once. While the align stage has more than `max_backlog`
+    frames in flight this waits, and raises `Backpressure` after `timeout` seconds (None: waits
+    as long as it takes), so the stream's MAXLEN never trims a frame nobody has read.
+    `max_backlog=None` skips the wait (for a caller that waited itself, as capture does).
     """
     if (image is None) == (encoded is None):
         raise ValueError("pass exactly one of image= or encoded=")
+    if max_backlog is not None and max_backlog > maxlen - TRIM_SLACK:
+        raise ValueError(f"max_backlog {max_backlog} leaves no room under maxlen {maxlen}")
     streams = Streams(line)
+    if max_backlog is not None:
+        wait_for_room(client, streams, "frames", max_backlog, timeout=timeout)
     captured_at = time.time() if captured_at is None else captured_at
     frame_id = frame_id or f"{camera}-{uuid.uuid4().hex}"
     payload = encode_frame(image, encoding) if image is not None else \
@@ -117,19 +128,15 @@ class Capture:
         frame_id = f"{frame.camera}-{self.session}-{frame.index:07d}"
 
         def send() -> None:
-            waited = 0
-            while self.streams.in_flight(self.client, "frames", PIPELINE_GROUPS["frames"]) > \
-                    self.max_backlog and not self.stop.is_set():
-                waited += 1
-                if waited % 100 == 0:  # about once a second: counters may have drifted up
-                    self.streams.reconcile(self.client, "frames", PIPELINE_GROUPS["frames"])
-                self.stop.wait(0.01)
+            if not wait_for_room(self.client, self.streams, "frames", self.max_backlog,
+                                 stop=self.stop):
+                return
             publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,
                           frame_id=frame_id, camera=frame.camera, meta=meta,
-                          captured_at=captured_at, encoding=self.encoding)
-
-        if self._with_redis(send):
+                          captured_at=captured_at, encoding=self.encoding, max_backlog=None)
             self.published += 1
+
+        self._with_redis(send)
         if time.monotonic() - self._last_heartbeat > HEARTBEAT_S:
             self._last_heartbeat = time.monotonic()
             self._with_redis(lambda: self._heartbeat(frame.camera))

@@ -20,6 +20,7 @@ from test_bad_input import declaring
 from glad.datasets import MVTecCategory
 from glad.images import read_image
 from glad.model import GladModel
+from pipeline.errors import Backpressure
 from pipeline.schema import FIELD, Message, pack_array
 from stages.capture import publish_frame
 
@@ -161,6 +162,23 @@ def test_scorers_hot_swap_to_a_new_model_version(line, frames, pipeline_model) -
     versions = {m.frame_id: m.models["score"] for m in line.entries("scores")}
     assert {versions[f"old{i:03d}"] for i in range(3)} == {1}
     assert {versions[f"new{i:03d}"] for i in range(3)} == {2}
+
+
+def test_an_external_producer_waits_for_room_and_never_loses_a_frame(line, frames) -> None:
+    image = frames[0][0]
+    sent = [publish_frame(line.client, line.name, image=image, frame_id=f"p{i}", max_backlog=4,
+                          timeout=0.3) for i in range(5)]
+    with pytest.raises(Backpressure, match="more than 4 frames in flight"):
+        publish_frame(line.client, line.name, image=image, frame_id="refused", max_backlog=4,
+                      timeout=0.3)
+    # what was refused was never appended; what was appended is all still there
+    assert [m.frame_id for m in line.entries("frames")] == sent
+    with pytest.raises(ValueError, match="maxlen"):
+        publish_frame(line.client, line.name, image=image, max_backlog=100, maxlen=150)
+    with line.running("align"):  # a reader makes room: the producer goes on by itself
+        publish_frame(line.client, line.name, image=image, frame_id="later", max_backlog=4,
+                      timeout=120)
+        wait_for(lambda: line.client.xlen(line.streams.key("aligned")) == 6, what="all aligned")
 
 
 def test_a_stage_stops_reading_while_the_next_one_lags(line, frames) -> None:
