@@ -24,6 +24,7 @@ from pipeline.streams import Streams, publish_event
 
 log = logging.getLogger(__name__)
 
+STALE_S = 600.0  # a staging copy this old belongs to a publisher that died (copies take seconds)
 RETRY_REJECTED_S = 30.0  # a version that failed to load (e.g. files still syncing) is retried
 DEFAULT_ROOT = Path(os.environ.get("GLAD_MODELS", "glad-data/models"))  # --models default
 
@@ -137,6 +138,30 @@ class ModelRegistry:
         """Every published version's record, oldest first."""
         records = [msgpack.unpackb(v, raw=False) for v in self.client.hvals(self._versions_key)]
         return sorted(records, key=lambda r: r["version"])
+
+    def collect_garbage(self, stale_s: float = STALE_S) -> list[Path]:
+        """Remove what publishers that died mid-publish left behind: staging copies older than
+        `stale_s`, and version folders never recorded (the publisher died between the copy and
+        the record) that are older than `stale_s` and numbered below a recorded version (so an
+        emptied Redis, which records nothing, never costs a model). Returns what was removed."""
+        if not self.folder.is_dir():
+            return []
+        recorded = {r["version"] for r in self.versions()}
+        now = time.time()
+        removed = []
+        for path in self.folder.iterdir():
+            number = path.name[1:]
+            unrecorded = (path.name.startswith("v") and number.isdigit() and recorded
+                          and int(number) not in recorded and int(number) < max(recorded))
+            if not (path.name.startswith(".staging-") or unrecorded):
+                continue
+            if now - path.stat().st_mtime > stale_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if removed:
+            log.info("line %s: removed %d folders left by interrupted publishes: %s",
+                     self.streams.line, len(removed), ", ".join(p.name for p in removed))
+        return removed
 
     def path(self, version: int, must_exist: bool = True) -> Path:
         path = self.folder / f"v{version:04d}"

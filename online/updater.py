@@ -207,6 +207,9 @@ class Updater:
         return held
 
     def _start_leading(self) -> None:
+        for leftover in self.folder.glob(".publish-*"):  # a previous leader's, killed mid-publish
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.registry.collect_garbage()
         self._load_state()
         self._prime_index()
         self._pending = True  # first re-read what a previous leader left unacknowledged

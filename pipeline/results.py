@@ -8,6 +8,7 @@ while it is still retained) beside the heat map.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CSV_FIELDS = ("frame_id", "camera", "captured_at", "score", "anomalous", "threshold", "model",
               "status", "name", "label", "latency_ms")
 SEEN_LIMIT = 100_000  # frame ids remembered to drop re-deliveries
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def score_record(message: Message) -> dict:
@@ -85,7 +87,7 @@ class ResultWriter:
             if self.heatmaps and message.body["heatmap"] is not None:
                 record["heatmap"] = self._write_heatmap(message)
             self._jsonl.write(json.dumps(record) + "\n")
-            self._csv.writerow(record)
+            self._csv.writerow(_csv_safe(record))
             self._seen[message.frame_id] = None  # only once written: a failure is retried
             if len(self._seen) > SEEN_LIMIT:
                 self._seen.popitem(last=False)
@@ -134,5 +136,15 @@ def frame_of(client: redis.Redis, streams: Streams, message: Message) -> np.ndar
 
 
 def _safe(frame_id: str) -> str:
-    """A file name for a frame id (ids come from producers: no path separators survive)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in frame_id)[:120] or "frame"
+    """A file name for a frame id: its readable part (ids come from producers: no path
+    separators survive) plus a digest of the whole id, so ids that read alike ("a/b", "a_b",
+    two long ids with one prefix) never share a file."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame_id)[:100].lstrip(".")
+    return f"{readable or 'frame'}-{hashlib.sha256(frame_id.encode()).hexdigest()[:12]}"
+
+
+def _csv_safe(record: dict) -> dict:
+    """The record with text cells that a spreadsheet would run as a formula (starting with
+    = + - @, a tab or a carriage return) quoted by a leading apostrophe (OWASP's advice)."""
+    return {key: "'" + value if isinstance(value, str) and value[:1] in FORMULA_STARTS else value
+            for key, value in record.items()}

@@ -102,6 +102,7 @@ def decode(data: bytes, kind: str | None = None) -> Message:
         raise MessageError("capture time is not finite")
     for name in ("models", "timings", "stamps", "meta", "body"):
         _check(raw, name, dict)
+    _check_envelope(raw)
     body = raw["body"]
     for name, (types, required) in BODIES[got].items():
         if name not in body:
@@ -121,6 +122,39 @@ def decode_entry(fields: dict, kind: str | None = None) -> Message:
         raise MessageError(f"stream entry without the {FIELD.decode()!r} field "
                            f"(fields: {sorted(k.decode(errors='replace') for k in fields)})")
     return decode(fields[FIELD], kind)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_version(value) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, int)
+                                                       and not isinstance(value, bool))
+
+
+# Envelope maps whose values later stages compute with: name -> test of each value
+ENVELOPE_VALUES = {"timings": _is_number, "stamps": _is_number, "models": _is_version}
+# Metadata the stages and result writers read: name -> accepted types (other keys are free)
+META_FIELDS = {"name": (str,), "label": (str,), "index": (int,), "entries": (dict,)}
+
+
+def _check_envelope(raw: dict) -> None:
+    """Refuse envelope maps a later stage would trip over: a frame must fail where it enters,
+    not in the result writer after it was scored."""
+    for name, valid in ENVELOPE_VALUES.items():
+        for key, value in raw[name].items():
+            if not isinstance(key, str) or not valid(value):
+                raise MessageError(f"message field {name!r} has a bad entry {key!r}: "
+                                   f"{type(value).__name__} {str(value)[:40]!r}")
+    meta = raw["meta"]
+    for key, types in META_FIELDS.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise MessageError(f"message meta {key!r} is a {type(value).__name__}")
+    entries = meta.get("entries") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+        raise MessageError("message meta 'entries' must map stream names to entry ids")
 
 
 def _check(raw: dict, name: str, types) -> None:

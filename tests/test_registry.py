@@ -107,3 +107,35 @@ def test_status_shows_every_kind_of_heartbeat(line) -> None:
     updater = next(row for row in out.splitlines() if row.startswith("updater-1"))
     score = next(row for row in out.splitlines() if row.startswith("score-1"))
     assert updater.split()[4:6] == ["3", "-"] and score.split()[4:6] == ["7", "2"]
+
+
+def test_leftovers_of_interrupted_publishes_are_collected(line, pipeline_model) -> None:
+    import os
+    import shutil
+    import time
+
+    registry = line.registry()
+    assert registry.publish(pipeline_model) == 2
+    old = time.time() - 3600
+
+    def leftover(name: str, age: float | None = old):
+        path = registry.folder / name
+        shutil.copytree(pipeline_model, path)
+        if age is not None:
+            os.utime(path, (age, age))
+        return path
+
+    stale_staging = leftover(".staging-7-12345")
+    fresh_staging = leftover(".staging-8-12346", age=None)  # a publish may be copying it now
+    unrecorded = leftover("v0001x")  # not a version name: left alone
+    shutil.rmtree(registry.path(1))  # v1's folder was removed by hand: nothing to collect
+    never_recorded = registry.folder / "v0001"
+    shutil.copytree(pipeline_model, never_recorded)
+    registry.client.hdel(f"glad:{line.name}:model:versions", "1")
+    os.utime(never_recorded, (old, old))
+    newest_unrecorded = leftover("v0009")  # above every recorded version: kept
+    removed = registry.collect_garbage()
+    assert sorted(p.name for p in removed) == [".staging-7-12345", "v0001"]
+    assert not stale_staging.exists() and not never_recorded.exists()
+    assert fresh_staging.exists() and unrecorded.exists() and newest_unrecorded.exists()
+    assert registry.path(2).is_dir()  # the current version is never touched

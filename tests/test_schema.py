@@ -105,3 +105,21 @@ def test_truncated_png_is_refused() -> None:
     data = encode_frame(image, "png")["data"]
     with pytest.raises(MessageError, match="truncated|not a readable"):
         unpack_image(pack_image(data[: len(data) * 2 // 3], "png"))
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("timings", {"align": "fast"}, "'timings' has a bad entry 'align'"),
+    ("stamps", {"capture": float("nan")}, "'stamps' has a bad entry"),
+    ("stamps", {"capture": True}, "'stamps' has a bad entry"),
+    ("models", {"score": [1]}, "'models' has a bad entry 'score'"),
+    ("meta", {"name": {"a": 1}}, "meta 'name' is a dict"),
+    ("meta", {"index": "7"}, "meta 'index' is a str"),
+    ("meta", {"entries": {"frames": 5}}, "meta 'entries' must map"),
+])
+def test_envelope_maps_are_type_checked(field: str, value: dict, reason: str) -> None:
+    """A frame with an envelope a later stage would trip over fails where it enters, not in the
+    result writer after it was scored (issue 13, hole 11)."""
+    message = frame_message(np.zeros((8, 8, 3), np.uint8))
+    setattr(message, field, value)
+    with pytest.raises(MessageError, match=reason):
+        decode(message.encode())
