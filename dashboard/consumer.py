@@ -27,11 +27,10 @@ import redis
 from dashboard.gallery import Gallery
 from dashboard.metrics import LineMetrics, Windows
 from dashboard.plain import plain
-from glad.errors import GladError
 from glad.heatmap import encode_jpeg, side_by_side
 from online.feedback import confirm, verdict_of
 from online.registry import DEFAULT_ROOT, ModelRegistry
-from pipeline.connection import TRANSIENT, Backoff, wait_until_reachable
+from pipeline.connection import TRANSIENT, Backoff, await_redis
 from pipeline.errors import MessageError
 from pipeline.results import anomaly_view
 from pipeline.schema import Message, decode_entry
@@ -112,9 +111,7 @@ class DashboardConsumer:
                     delays = Backoff().delays()
             except TRANSIENT as error:
                 log.warning("dashboard: lost Redis (%s); reconnecting", _first_line(error))
-                try:
-                    wait_until_reachable(self.client, self.url, wait=None, stop=self.stop_event)
-                except GladError:
+                if not await_redis(self.client, self.url, self.stop_event):
                     break  # stopped while waiting
             except redis.ResponseError as error:  # NOGROUP after data loss, OOM, READONLY...
                 log.warning("dashboard: Redis refused a command (%s); retrying", _first_line(error))

@@ -43,8 +43,8 @@ from online.feedback import verdict_of
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
 from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
 from online.registry import ModelRegistry
-from pipeline.connection import TRANSIENT, Backoff
-from pipeline.errors import MessageError
+from pipeline.connection import TRANSIENT, Backoff, credentials_refused
+from pipeline.errors import MessageError, RedisUnavailableError
 from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
 from pipeline.streams import Streams, as_text, beat, deadletter, ensure_group, publish_event
 from stages.score import message_features, message_validity
@@ -155,6 +155,9 @@ class Updater:
                 handled = self.step()
                 self._beat()
             except TRANSIENT as error:  # nothing acknowledged: the batch comes again
+                if credentials_refused(error):
+                    raise RedisUnavailableError(f"line {self.streams.line}: Redis refused the "
+                                                f"updater's credentials ({error})") from None
                 delay = next(delays)
                 log.warning("Redis unavailable (%s); retrying in %.1f s", error, delay)
                 self._leading = False  # re-read the committed state and the pending entries

@@ -79,8 +79,7 @@ def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.
             return
         except (redis.AuthenticationError, redis.ResponseError) as error:
             text = str(error)
-            if isinstance(error, redis.ResponseError) and not \
-                    any(code in text for code in ("NOAUTH", "WRONGPASS", "invalid password")):
+            if not credentials_refused(error):
                 raise
             if urllib.parse.urlsplit(url).password is None:
                 raise RedisUnavailableError(f"Redis at {redact(url)} needs a password: put it in "
@@ -99,3 +98,24 @@ def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.
                 raise RedisUnavailableError("stopped while waiting for Redis") from None
             if stop is None:
                 time.sleep(delay)
+
+
+def await_redis(client: redis.Redis, url: str, stop: threading.Event | None) -> bool:
+    """After a lost connection, wait (backoff, one log line per attempt) until Redis answers:
+    True when it does, False when `stop` was set first. Refused credentials (a rotated password)
+    raise RedisUnavailableError at once: retrying cannot fix them, so a service ends with that
+    one line instead of spinning on reconnects."""
+    try:
+        wait_until_reachable(client, url, wait=None, stop=stop)
+    except RedisUnavailableError:
+        if stop is not None and stop.is_set():
+            return False
+        raise
+    return True
+
+
+def credentials_refused(error: Exception) -> bool:
+    """Whether a Redis error means the server refuses this client's credentials."""
+    return isinstance(error, redis.AuthenticationError) or (
+        isinstance(error, redis.ResponseError)
+        and any(code in str(error) for code in ("NOAUTH", "WRONGPASS", "invalid password")))

@@ -27,8 +27,8 @@ from typing import Protocol
 import redis
 
 from glad.errors import GladError
-from pipeline.connection import TRANSIENT, Backoff, wait_until_reachable
-from pipeline.errors import MessageError
+from pipeline.connection import TRANSIENT, Backoff, await_redis, credentials_refused
+from pipeline.errors import MessageError, RedisUnavailableError
 from pipeline.schema import FIELD, Message, decode_entry
 from pipeline.streams import (
     DEFAULT_MAXLEN,
@@ -144,6 +144,9 @@ class StageRunner:
                 self._reconnect(error)
                 continue
             except redis.ResponseError as error:  # NOGROUP after data loss, OOM, READONLY, MISCONF
+                if credentials_refused(error):
+                    raise RedisUnavailableError(f"{self.stage.name}: Redis refused the "
+                                                f"credentials ({_first_line(error)})") from None
                 self._recover(error, next(delays))
                 continue
             if done:
@@ -160,17 +163,18 @@ class StageRunner:
         self._heartbeat(force=True)
 
     def _reconnect(self, error: Exception) -> None:
-        """Wait for Redis (backoff, one log line per attempt), then set up again."""
+        """Wait for Redis (backoff, one log line per attempt), then set up again; refused
+        credentials end the worker (RedisUnavailableError, see `await_redis`)."""
         self.stats.reconnects += 1
         log.warning("%s: lost Redis (%s); reconnecting", self.stage.name, _first_line(error))
         while not self.stop_event.is_set():
             try:
-                wait_until_reachable(self.client, self.url, wait=None, stop=self.stop_event)
-                self._setup()
+                if await_redis(self.client, self.url, self.stop_event):
+                    self._setup()
                 return
-            except GladError:
-                return  # stopped while waiting
-            except TRANSIENT:
+            except TRANSIENT as again:
+                if credentials_refused(again):
+                    raise
                 continue
 
     def _recover(self, error: redis.ResponseError, delay: float) -> None:

@@ -9,7 +9,6 @@ nobody has read, and it survives Redis going away: the frame in hand is sent onc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -24,7 +23,7 @@ import numpy as np
 import redis
 
 from glad.errors import GladError
-from pipeline.connection import TRANSIENT, wait_until_reachable
+from pipeline.connection import TRANSIENT, await_redis
 from pipeline.schema import FIELD, Message, pack_array, pack_image
 from pipeline.streams import DEFAULT_MAXLEN, Streams, beat, publish_event, wait_for_room
 from stages.sources import SourceFrame
@@ -157,8 +156,7 @@ class Capture:
             except TRANSIENT as error:
                 log.warning("capture: lost Redis (%s); waiting for it",
                             str(error).splitlines()[0] if str(error) else type(error).__name__)
-                with contextlib.suppress(GladError):  # raised when stopped while waiting
-                    wait_until_reachable(self.client, self.url, wait=None, stop=self.stop)
+                await_redis(self.client, self.url, self.stop)
         return False
 
 

@@ -100,3 +100,51 @@ def test_lag_counters_heal_when_entries_vanish_unread(redis_server) -> None:
     assert line.streams.lag(line.client, "frames", "align") == 5
     line.streams.reconcile(line.client, "frames", "align")
     assert line.streams.lag(line.client, "frames", "align") == 0
+
+
+def test_a_rotated_password_ends_the_worker_with_one_line(tmp_path, caplog) -> None:
+    """Issue 13, hole 6: credentials Redis no longer accepts cannot be fixed by retrying; the
+    worker used to log thousands of "reconnecting" lines a second and never exit."""
+    import logging
+    import socket
+
+    import pytest
+    import redis
+
+    from pipeline.connection import connect
+    from pipeline.embedded import EmbeddedRedis
+    from pipeline.errors import RedisUnavailableError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with EmbeddedRedis(tmp_path / "redis", port=port) as server:
+        admin = redis.Redis(unix_socket_path=str(server.socket))
+        admin.config_set("requirepass", "before")
+        url = f"redis://:before@127.0.0.1:{port}/0"
+        line = Line.create("rotated", url, None, None)
+        stage = FailingSink(failures=0)
+        runner = StageRunner(stage, connect(url), line.streams, url, RunnerConfig(block_ms=50))
+        failure: list[Exception] = []
+
+        def work() -> None:
+            try:
+                runner.run()
+            except RedisUnavailableError as error:
+                failure.append(error)
+
+        thread = threading.Thread(target=work, daemon=True)
+        with caplog.at_level(logging.WARNING):
+            thread.start()
+            wait_for(lambda: line.client.hlen(line.streams.workers) == 1, what="the worker")
+            admin.auth("before")
+            admin.config_set("requirepass", "after")
+            admin.client_kill_filter(_type="normal", skipme=True)  # every client reconnects
+            thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker kept running on refused credentials"
+        assert failure and "refused the credentials" in str(failure[0])
+        assert "before" not in str(failure[0])  # the password never reaches a log line
+        reconnects = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+        assert len(reconnects) <= 3
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url).ping()
