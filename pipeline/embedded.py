@@ -95,6 +95,10 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         raise RedisUnavailableError(f"embedded redis-server did not answer within {STARTUP_TIMEOUT} s")
 
+    def exit_status(self) -> int | None:
+        """The server's exit status if it has died (None while it runs or before it started)."""
+        return None if self.process is None else self.process.poll()
+
     def stop(self, kill: bool = False) -> None:
         """Stop the server (SIGTERM: a clean shutdown; `kill`: SIGKILL, as a crash would)."""
         process, self.process = self.process, None

@@ -32,7 +32,7 @@ from glad.manifest import read_manifest
 from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, connect, redact, redis_url
 from pipeline.embedded import EmbeddedRedis
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RedisUnavailableError
 from pipeline.results import ResultWriter
 from pipeline.runner import RunnerConfig, StageRunner
 from pipeline.streams import Streams, heartbeats, read_events
@@ -167,7 +167,11 @@ def _run(options: RunOptions) -> Summary:
             address = wait_for_dashboard(client, streams, dashboard)
             _say(options, f"dashboard at {address}")
         workers.append(start_capture(options, url, skip))
-        return _follow(options, client, streams, url, registry, workers, baseline, address)
+        return _follow(options, client, streams, url, registry, workers, baseline, address,
+                       embedded)
+    except TRANSIENT as error:  # Redis went away between the steps that wait it out
+        _check_embedded(embedded)
+        raise RedisUnavailableError(f"lost Redis at {redact(url)}: {error}") from None
     finally:
         stop_workers(workers)
         if embedded is not None:
@@ -325,8 +329,10 @@ def _check_alive(workers: list[subprocess.Popen]) -> None:
 
 
 def _follow(options: RunOptions, client, streams: Streams, url: str, registry: ModelRegistry,
-            workers: list[subprocess.Popen], baseline: Baseline, dashboard: str | None) -> Summary:
-    """Write results and show the summary until every captured frame is accounted for."""
+            workers: list[subprocess.Popen], baseline: Baseline, dashboard: str | None,
+            embedded: EmbeddedRedis | None = None) -> Summary:
+    """Write results and show the summary until every captured frame is accounted for; an
+    embedded Redis that dies ends the run with an error (nothing would ever restart it)."""
     writer = ResultWriter(options.out, client, streams)
     with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: the line's results group exists
         client.xgroup_create(streams.key("scores"), writer.name, id="$", mkstream=True)
@@ -341,6 +347,7 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
     try:
         while True:
             time.sleep(0.5)
+            _check_embedded(embedded)
             try:
                 ended = ended_at is not None or _source_ended(client, streams, baseline)
                 _update(summary, writer, client, streams, registry, baseline)
@@ -373,6 +380,15 @@ def _follow(options: RunOptions, client, streams: Streams, url: str, registry: M
         "line": options.line, "source": options.source, "redis": redact(url),
         "interrupted": interrupted}, indent=2))
     return summary
+
+
+def _check_embedded(embedded: EmbeddedRedis | None) -> None:
+    status = None if embedded is None else embedded.exit_status()
+    if status is not None:
+        raise PipelineError(f"the embedded Redis server exited (status {status}); the run "
+                            "cannot go on: results so far are in the output folder"
+                            + ("" if embedded.persist else ", and frames in flight are lost "
+                               "(--persist keeps them across restarts)"))
 
 
 def _update(summary: Summary, writer: ResultWriter, client, streams: Streams,

@@ -133,7 +133,10 @@ class StageRunner:
     def run(self, max_idle_s: float | None = None) -> WorkerStats:
         """Work until stopped (or, with `max_idle_s`, until nothing came for that long)."""
         log.info("%s: consumer %s on %s", self.stage.name, self.consumer, self._input)
-        self._setup()
+        try:
+            self._setup()
+        except TRANSIENT as error:
+            self._reconnect(error)
         idle_since = time.monotonic()
         delays = Backoff().delays()
         while not self.stop_event.is_set():

@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from streaming import REPO, wait_for
@@ -101,3 +103,43 @@ def test_a_worker_without_redis_says_so(capsys) -> None:
     assert code == 2
     assert capsys.readouterr().err.strip() == ("glad: error: no Redis: pass --redis-url or set "
                                                "REDIS_URL (`glad run` starts an embedded one)")
+
+
+def _children(pid: int, name: str) -> list[int]:
+    """Process ids of `pid`'s children called `name` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            comm, parent = fields[0].split("(", 1)[1], int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and comm.startswith(name):
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_glad_run_ends_with_an_error_when_its_embedded_redis_dies(pipeline_model, tiny_dataset,
+                                                                  tmp_path) -> None:
+    """Issue 13, hole 7: it printed "summary: Redis unreachable" twice a second, forever."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--model", str(pipeline_model), "--source",
+         str(tiny_dataset / "nut" / "test" / "good"), "--loop", "--fps", "2", "--out", str(out),
+         "--models", str(tmp_path / "models"), "--no-dashboard", "--no-updater"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for(lambda: (out / "logs" / "capture.log").exists() or run.poll() is not None,
+                 timeout=240, what="the run to capture")
+        assert run.poll() is None
+        (server,) = _children(run.pid, "redis-server")
+        os.kill(server, signal.SIGKILL)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 2, stderr
+    assert "glad: error: the embedded Redis server exited" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
