@@ -2,7 +2,9 @@
 
 It listens on a private unix socket (no TCP port unless asked), keeps its files in its own run
 directory and is stopped cleanly on exit. With `persist=True` it writes an append-only file
-synced on every write, so a restart loses nothing that was written.
+synced on every write, so a restart loses nothing that was written. `glad run` keeps its line
+this way in `line_store` (beside the model folders), so a second run, `glad status` and
+`glad models` find the line again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,28 @@ import redis
 from pipeline.errors import RedisUnavailableError
 
 STARTUP_TIMEOUT = 10.0  # s
+
+
+def line_store(models: Path) -> Path:
+    """Where the embedded Redis of `glad run` keeps its data: beside the model registry folder
+    (glad-data/redis for glad-data/models), since the line's pointer and versions must match
+    the folders there."""
+    return Path(models).parent / "redis"
+
+
+def answering(run_dir: Path) -> str | None:
+    """The URL of an embedded Redis serving `run_dir` right now (a running `glad run`), else None."""
+    socket_path = Path(run_dir) / "redis.sock"
+    if not socket_path.exists():
+        return None
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_connect_timeout=2)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return None
+    finally:
+        client.close()
+    return f"unix://{socket_path}"
 
 
 def redis_server_binary() -> str:
@@ -64,8 +88,11 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if answering(self.run_dir):
+            raise RedisUnavailableError(f"an embedded Redis already serves {self.run_dir} (another "
+                                        "`glad run`?): stop it, or pass --redis-url to share it")
         if self.socket.exists():
-            self.socket.unlink()
+            self.socket.unlink()  # left by a server that died
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--dir", str(self.run_dir), "--logfile", "redis.log", "--save", "",

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from glad.images import decode_image
 from glad.manifest import read_manifest
 from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, connect, redact, redis_url
-from pipeline.embedded import EmbeddedRedis
+from pipeline.embedded import EmbeddedRedis, line_store
 from pipeline.errors import PipelineError, RedisUnavailableError
 from pipeline.results import ResultWriter
 from pipeline.runner import RunnerConfig, StageRunner
@@ -60,7 +61,7 @@ class RunOptions:
     loop: bool = False
     fit_frames: int = 40
     redis_url: str | None = None
-    persist: bool = False
+    fresh: bool = False  # forget the embedded line's state (models stay on disk)
     device: str = "cpu"
     scale: dict[str, int] = field(default_factory=dict)
     encoding: str = "png"
@@ -141,9 +142,11 @@ def _run(options: RunOptions) -> Summary:
     url = redis_url(options.redis_url)
     embedded = None
     if url is None:
-        # with --persist the append-only file lives in OUT/redis and the next run resumes it
-        embedded = EmbeddedRedis(options.out / "redis" if options.persist else None,
-                                 persist=options.persist).start()
+        # the line persists beside the model folders; the next run (and glad status) resume it
+        store = line_store(options.models)
+        if options.fresh:
+            shutil.rmtree(store, ignore_errors=True)
+        embedded = EmbeddedRedis(store, persist=True).start()
         url = embedded.url
         _say(options, f"embedded Redis at {url}")
     workers: list[subprocess.Popen] = []
@@ -386,9 +389,8 @@ def _check_embedded(embedded: EmbeddedRedis | None) -> None:
     status = None if embedded is None else embedded.exit_status()
     if status is not None:
         raise PipelineError(f"the embedded Redis server exited (status {status}); the run "
-                            "cannot go on: results so far are in the output folder"
-                            + ("" if embedded.persist else ", and frames in flight are lost "
-                               "(--persist keeps them across restarts)"))
+                            "cannot go on: results so far are in the output folder, and the "
+                            f"line's state in {embedded.run_dir}")
 
 
 def _update(summary: Summary, writer: ResultWriter, client, streams: Streams,

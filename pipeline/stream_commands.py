@@ -19,6 +19,7 @@ import msgpack
 
 from glad.errors import GladError
 from pipeline.connection import connect, redact, redis_url
+from pipeline.embedded import EmbeddedRedis, answering, line_store
 from pipeline.errors import PipelineError
 from pipeline.runner import RunnerConfig, StageRunner
 from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, heartbeats
@@ -48,7 +49,8 @@ def add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None
         from online.registry import DEFAULT_ROOT
 
         parser.add_argument("--models", type=Path, default=DEFAULT_ROOT,
-                            help="model registry folder, shared by every worker of the line "
+                            help="model registry folder, shared by every worker of the line; "
+                                 "`glad run`'s embedded line is kept beside it "
                                  "(default: $GLAD_MODELS or %(default)s)")
 
 
@@ -68,6 +70,19 @@ def required_url(args) -> str:
         raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
                             "embedded one)")
     return url
+
+
+def line_url(args) -> str:
+    """The Redis URL of a command that reads or edits a line's records (status, models): as
+    `required_url`, else the line `glad run` keeps beside the model folders (its server while a
+    run goes on, else one started on its data for the life of this command)."""
+    if redis_url(args.redis_url) is not None:
+        return required_url(args)
+    store = line_store(args.models)
+    if not store.is_dir():
+        raise PipelineError(f"no Redis: pass --redis-url or set REDIS_URL (no line of `glad run` "
+                            f"in {store} either)")
+    return answering(store) or EmbeddedRedis(store, persist=True).start().url
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -104,10 +119,11 @@ def _add_run(commands) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--scale", action="append", default=[], metavar="STAGE=N",
                         help="worker processes for a stage, e.g. --scale extract=2")
-    parser.add_argument("--persist", action="store_true",
-                        help="embedded Redis keeps an append-only file in OUT/redis, synced "
-                             "on every write: a crash loses nothing and the next --persist run "
-                             "resumes the line")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the embedded line over: forget its model pointer, streams "
+                             "and counters (kept by default beside the --models folder, e.g. "
+                             "glad-data/redis, so a rerun, `glad status` and `glad models` find "
+                             "them; model folders stay on disk)")
     parser.add_argument("--device", default="auto",
                         help="torch device for extract and score: auto (cuda when available), "
                              "cpu, cuda, cuda:1... (default: %(default)s)")
@@ -140,7 +156,7 @@ def _run(args) -> int:
     options = RunOptions(source=args.source, model=args.model, line=args.line, out=args.out,
                          models=args.models, frames=frames, fps=fps, loop=args.loop,
                          fit_frames=args.fit_frames, redis_url=args.redis_url,
-                         persist=args.persist, device=resolve_device(args.device), scale=scale,
+                         fresh=args.fresh, device=resolve_device(args.device), scale=scale,
                          encoding=args.encoding, quiet=args.json,
                          dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
                          updater=not args.no_updater)
@@ -260,7 +276,7 @@ def _add_status(commands) -> None:
         description="Show each worker's heartbeat (stage, host, state, messages processed), "
                     "each stream's length, lag and pending entries, the dead-letter count and "
                     "the current model version.")
-    add_connection(parser, models=False)
+    add_connection(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_status)
 
@@ -293,7 +309,7 @@ def line_status(client, streams: Streams) -> dict:
 
 
 def _status(args) -> int:
-    url = required_url(args)
+    url = line_url(args)
     client = connect(url, wait=5.0)
     status = line_status(client, Streams(args.line))
     if args.json:
@@ -387,7 +403,7 @@ def _confirm(args) -> int:
 def _registry(args):
     from online.registry import ModelRegistry
 
-    return ModelRegistry(args.models, connect(required_url(args), wait=5.0), Streams(args.line))
+    return ModelRegistry(args.models, connect(line_url(args), wait=5.0), Streams(args.line))
 
 
 def _models_publish(args) -> int:

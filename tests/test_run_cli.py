@@ -143,3 +143,32 @@ def test_glad_run_ends_with_an_error_when_its_embedded_redis_dies(pipeline_model
     assert run.returncode == 2, stderr
     assert "glad: error: the embedded Redis server exited" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.slow
+def test_a_second_run_resumes_the_line_and_the_commands_find_it(pipeline_model, tiny_dataset,
+                                                                tmp_path) -> None:
+    """Issue 13, hole 12: the embedded line was thrown away, so a second run refitted and
+    `glad status` / `glad models list` found nothing without --redis-url."""
+    models = tmp_path / "data" / "models"
+    common = ["--source", tiny_dataset / "nut" / "test" / "hole", "--models", models,
+              "--no-dashboard", "--no-updater", "--json"]
+    first = glad("run", "--model", pipeline_model, "--out", tmp_path / "one", *common)
+    assert first.returncode == 0, first.stderr
+    second = glad("run", "--out", tmp_path / "two", *common)  # no --model: the line's own
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["model_version"] == 1 and "fitting" not in second.stderr
+    assert (tmp_path / "data" / "redis").is_dir()  # kept beside the model folders
+
+    def versions() -> list[int]:
+        listed = glad("models", "list", "--models", models, "--json", timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        return [v["version"] for v in json.loads(listed.stdout)["versions"]]
+
+    assert versions() == [1]
+    status = glad("status", "--models", models, "--json", timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)["model_version"] == 1
+    fresh = glad("run", "--fresh", "--model", pipeline_model, "--out", tmp_path / "three", *common)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout)["model_version"] == 2  # v0001's folder stays on disk
+    assert versions() == [2]
