@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -13,14 +14,27 @@ MIN_SIDE = 32
 # Images declaring more pixels than this are refused before decoding: a 2.6 MB PNG can declare
 # 30000 x 30000 and would take 2.7 GB once decoded (a decompression bomb).
 MAX_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "GLAD_MAX_PIXELS"  # overrides MAX_PIXELS (`glad --max-pixels` sets it for workers)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT C4, JPG C8, DAC CC)
 JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3); raise `ImageError` on anything unusable."""
+def pixel_limit() -> int:
+    """The largest image accepted, in pixels: $GLAD_MAX_PIXELS, else MAX_PIXELS."""
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if text is None:
+        return MAX_PIXELS
+    if not (text.isascii() and text.isdigit()) or int(text) < MIN_SIDE * MIN_SIDE:
+        raise ImageError(f"{MAX_PIXELS_ENV}={text!r}: expected a pixel count of at least "
+                         f"{MIN_SIDE * MIN_SIDE}")
+    return int(text)
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3); raise `ImageError` on anything unusable
+    (including more than `max_pixels` pixels, default `pixel_limit()`)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
@@ -33,7 +47,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: {error}") from None
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode encoded image bytes (PNG/JPEG/...) to RGB uint8; raise `ImageError` if unusable."""
     buffer = np.frombuffer(data, dtype=np.uint8)
     if not buffer.size:
@@ -41,8 +55,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _decode(buffer, max_pixels)
 
 
-def _decode(buffer: np.ndarray, max_pixels: int, suffix: str = "") -> np.ndarray:
-    """The checks shared by files and bytes: declared size first, then decoding and the end."""
+def _decode(buffer: np.ndarray, max_pixels: int | None, suffix: str = "") -> np.ndarray:
+    """The checks shared by files and bytes: declared size first, then decoding and the end;
+    `max_pixels` None: `pixel_limit()`."""
+    max_pixels = pixel_limit() if max_pixels is None else max_pixels
     size = declared_size(buffer)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageError(f"image declares {size[0]}x{size[1]} pixels, more than the limit of "

@@ -10,11 +10,13 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 from dashboard.cli import add_command as add_dashboard_command
 from glad.errors import GladError
+from glad.images import MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 from online.cli import add_command as add_updater_command
 from pipeline.stream_commands import add_commands
 
@@ -26,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_pixels is not None:  # through the environment, so child workers see it too
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     try:
+        pixel_limit()  # a bad value is one error line, before any work
         return args.handler(args) or 0
     except GladError as error:
         print(f"glad: error: {error}", file=sys.stderr)
@@ -44,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "defective parts with a score and a heat map.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="refuse images larger than N pixels before decoding them (default: "
+                             f"${MAX_PIXELS_ENV} or {MAX_PIXELS:,}); workers started by "
+                             "`glad run` inherit it")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(commands)
     _add_fit(commands)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
 
@@ -235,3 +236,34 @@ def test_declared_sizes_of_the_common_formats() -> None:
     progressive = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
     assert declared_size(progressive.tobytes()) == (60, 40)
     assert declared_size(b"GIF89a....") is None and declared_size(b"\x89PNG") is None
+
+
+def test_the_pixel_limit_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    """`glad --max-pixels N` sets $GLAD_MAX_PIXELS so that the workers `glad run` starts
+    inherit it; every decoder reads it."""
+    from glad.images import MAX_PIXELS_ENV, pixel_limit
+
+    small = cv2.imencode(".png", gradient(100, 100))[1].tobytes()
+    assert decode_image(small).shape[:2] == (100, 100)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "5000")
+    assert pixel_limit() == 5000
+    with pytest.raises(ImageError, match="limit of 0.005 Mpx"):
+        decode_image(small)
+    for bad in ("-1", "²", "lots", "10"):
+        monkeypatch.setenv(MAX_PIXELS_ENV, bad)
+        with pytest.raises(ImageError, match=MAX_PIXELS_ENV):
+            pixel_limit()
+
+
+def test_glad_max_pixels_flag(tmp_path: Path, capsys, monkeypatch) -> None:
+    from glad.images import MAX_PIXELS_ENV
+    from pipeline.cli import main
+
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    frame = tmp_path / "frame.png"
+    frame.write_bytes(cv2.imencode(".png", gradient(100, 100))[1].tobytes())
+    code = main(["--max-pixels", "5000", "score", str(tmp_path / "no-model"), str(frame)])
+    assert code == 2 and os.environ[MAX_PIXELS_ENV] == "5000"
+    monkeypatch.delenv(MAX_PIXELS_ENV)
+    assert main(["--max-pixels", "7", "score", str(tmp_path / "no-model"), str(frame)]) == 2
+    assert "expected a pixel count" in capsys.readouterr().err
