@@ -141,7 +141,7 @@ def soak(url: str, minutes: float, rate: float) -> dict:
     """A `glad dashboard` process under `rate` messages/s for `minutes`: RSS over time."""
     line = "bench-soak"
     dashboard = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "dashboard", "--line", line, "--redis-url", url,
+        [sys.executable, "-m", "app.cli", "dashboard", "--line", line, "--redis-url", url,
          "--port", "0", "--history", "0"], stdout=subprocess.PIPE, text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"})
     publisher = None

@@ -45,8 +45,8 @@ from glad import synth  # noqa: E402
 from glad.features import feature_batches  # noqa: E402
 from glad.metrics import image_auroc  # noqa: E402
 from glad.model import GladModel  # noqa: E402
+from glad.online_kmle import OnlineGlad  # noqa: E402
 from online.gate import CANARY_SUFFIX, Example, Gate  # noqa: E402
-from online.kmle import OnlineGlad  # noqa: E402
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -131,11 +131,11 @@ def adaptation(args, base: GladModel, old: list[np.ndarray]) -> dict:
 
 def cost(args, model_dir: Path) -> dict:
     """Confirmation -> published version through the real service, for few and many frames seen."""
-    from online.feedback import confirm
-    from online.registry import ModelFollower, ModelRegistry
     from online.updater import Updater, UpdaterConfig
     from pipeline.connection import connect
     from pipeline.embedded import EmbeddedRedis
+    from pipeline.feedback import confirm
+    from pipeline.registry import ModelFollower, ModelRegistry
     from pipeline.runner import RunnerConfig, StageRunner
     from pipeline.schema import FIELD, Message
     from pipeline.streams import Streams

@@ -8,7 +8,7 @@ first normal frames of the synthetic nut camera (seed 0; fit time excluded) or g
    path), no Redis, in a child process with as many torch threads as cores. A frame's latency
    is the time of its batch (it waits for its batch).
 2. Pipeline, saturated: an embedded Redis, the model published to a registry, the align,
-   extract and score workers started as `glad run` starts them (`python -m pipeline.cli stage
+   extract and score workers started as `glad run` starts them (`python -m app.cli stage
    NAME`, cores // 3 torch threads each), a capture worker at `--fps 0` (as fast as backpressure
    allows). Frames/s = scores completed after the 10th score / time from the 10th to the last;
    latency = score write time - capture time, over the frames after the 10th score.
@@ -51,12 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from glad.modelfile import read_manifest  # noqa: E402
-from online.registry import ModelRegistry  # noqa: E402
-from pipeline.connection import connect  # noqa: E402
-from pipeline.embedded import EmbeddedRedis  # noqa: E402
-from pipeline.results import score_record  # noqa: E402
-from pipeline.run import (  # noqa: E402
+from app.run import (  # noqa: E402
     DEFAULT_SOURCE,
     PIPELINE_STAGES,
     RunOptions,
@@ -64,6 +59,11 @@ from pipeline.run import (  # noqa: E402
     start_stage_workers,
     stop_workers,
 )
+from glad.modelfile import read_manifest  # noqa: E402
+from pipeline.connection import connect  # noqa: E402
+from pipeline.embedded import EmbeddedRedis  # noqa: E402
+from pipeline.registry import ModelRegistry  # noqa: E402
+from pipeline.results import score_record  # noqa: E402
 from pipeline.schema import Message, decode_entry  # noqa: E402
 from pipeline.streams import Streams  # noqa: E402
 
@@ -94,8 +94,8 @@ class Worker:
 def fit_model(path: str, fit_frames: int, device: str, threads: int, queue) -> None:
     import torch
 
+    from app.run import _first_normal_frames
     from glad.model import GladModel
-    from pipeline.run import _first_normal_frames
 
     torch.set_num_threads(threads)
     images, _ = _first_normal_frames(DEFAULT_SOURCE, fit_frames)
@@ -222,7 +222,7 @@ def _option(process: subprocess.Popen, flag: str) -> str:
 
 def _start_capture(url: str, log: Path, frames: int, fps: float, skip: int) -> Worker:
     """A capture worker, with the command line `glad run` gives it."""
-    command = [sys.executable, "-m", "pipeline.cli", "-v", "stage", "capture", "--line", LINE,
+    command = [sys.executable, "-m", "app.cli", "-v", "stage", "capture", "--line", LINE,
                "--redis-url", url, "--source", TEST_SOURCE, "--frames", str(frames),
                "--skip", str(skip), "--fps", f"{fps:.3f}", "--encoding", "png"]
     with log.open("w") as out:

@@ -28,14 +28,13 @@ from dashboard.gallery import Gallery
 from dashboard.metrics import LineMetrics, Windows
 from dashboard.plain import plain
 from glad.heatmap import encode_jpeg, side_by_side
-from online.feedback import confirm, verdict_of
-from online.registry import DEFAULT_ROOT, ModelRegistry
 from pipeline.connection import TRANSIENT, Backoff, await_redis
 from pipeline.errors import MessageError
+from pipeline.feedback import confirm, verdict_of
+from pipeline.registry import DEFAULT_ROOT, ModelRegistry
 from pipeline.results import anomaly_view
 from pipeline.schema import Message, decode_entry
-from pipeline.stream_commands import STALE_AFTER_S
-from pipeline.streams import PIPELINE_GROUPS, Streams, as_text, beat, ensure_group, heartbeats
+from pipeline.streams import PIPELINE_GROUPS, STALE_AFTER_S, Streams, as_text, beat, ensure_group, heartbeats
 
 log = logging.getLogger(__name__)
 

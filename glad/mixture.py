@@ -242,13 +242,13 @@ class GaussianMixture:
 
     def factors(self) -> MixtureFactors:
         """Cholesky-based whitening factors; raises if a covariance is not positive definite."""
-        chol, ok = _cholesky_with_jitter(self.covariances)
+        chol, ok = cholesky_with_jitter(self.covariances)
         if not ok.all():
             raise FeatureError(f"{int((~ok).sum())} mixture covariances are not positive definite")
-        return _factors_from_cholesky(chol, self.means, self.weights)
+        return factors_from_cholesky(chol, self.means, self.weights)
 
 
-def _cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cholesky factors; failures retried with growing diagonal jitter (§2.6). Returns (L, ok)."""
     cov_t = torch.from_numpy(cov)
     chol, info = torch.linalg.cholesky_ex(cov_t)
@@ -266,7 +266,9 @@ def _cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chol.numpy(), ok.numpy()
 
 
-def _factors_from_cholesky(chol: np.ndarray, means: np.ndarray, weights: np.ndarray) -> MixtureFactors:
+def factors_from_cholesky(chol: np.ndarray, means: np.ndarray, weights: np.ndarray) -> MixtureFactors:
+    """Scoring factors (whiteners W = L^-1, offsets W mu, log-determinants, log-weights) of a
+    mixture from its covariances' Cholesky factors L (see `cholesky_with_jitter`)."""
     chol_t = torch.from_numpy(chol)
     eye = torch.eye(chol.shape[-1], dtype=torch.float64).expand_as(chol_t)
     whiteners = torch.linalg.solve_triangular(chol_t, eye, upper=False)

@@ -27,7 +27,7 @@ from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
 from glad.features import feature_batches, layer_validity
 from glad.images import as_rgb, resize_square
-from glad.integrity import probe_image
+from glad.integrity import check_probe, probe_image
 from glad.local_weights import Candidates, LocalWeights, fit_local_weights, top_candidates
 from glad.mixture import (
     CANDIDATES,
@@ -40,6 +40,7 @@ from glad.mixture import (
     fit_kmle,
     global_loglik,
 )
+from glad.modelfile import read_model, record_of, save_model
 from glad.scoring import (
     choose_method,
     combine_layers,
@@ -51,6 +52,7 @@ from glad.scoring import (
 )
 from glad.validation import (
     DEFAULT_FAR,
+    Calibration,
     Validation,
     calibrate_threshold,
     format_selection,
@@ -704,19 +706,36 @@ class GladModel:
 
     def save(self, path: str | Path) -> Path:
         """Write the model as a directory of safe files (manifest.json + arrays.safetensors)."""
-        from glad.modelfile import save_model
-
         self._check_fitted()
         return save_model(self, Path(path))
 
     @classmethod
     def load(cls, path: str | Path, backbone: str | Backbone | None = None,
              device: str = "cpu", runtime: str | None = None) -> GladModel:
-        """Read a saved model; refuses one whose backbone/preprocessing differs from `backbone`.
+        """Read a saved model; refuses one whose backbone/preprocessing differs from `backbone`,
+        and one that fails `glad.integrity`'s checks (including its probe image's score).
         `runtime` (auto, torch, onnx, openvino; default $GLAD_RUNTIME or auto) runs the backbone."""
-        from glad.modelfile import load_model
-
-        return load_model(Path(path), backbone=backbone, device=device, runtime=runtime)
+        file = read_model(Path(path), backbone=backbone, device=device, runtime=runtime)
+        manifest, spec = file.manifest, file.backbone.spec
+        model = cls(backbone=file.backbone, weights=spec.weights, antialiased=spec.antialiased,
+                    device=device, **manifest.get("params", {}))
+        model.backbone_ = file.backbone
+        model.roi_ = torch.from_numpy(file.arrays["roi"].astype(bool))
+        model.reference_ = file.arrays.get("reference")
+        model.align_gates_ = manifest.get("alignment", {}).get("gates", {})
+        model.aligner_ = model._build_aligner()
+        model.layers_ = [LayerModel(*file.layer(index)) for index in range(len(manifest["layers"]))]
+        model.radius_ = manifest["radius"]
+        model.threshold_ = manifest["threshold"]
+        model.n_train_images_ = manifest["training"]["n_images"]
+        model.fit_seconds_ = manifest["training"]["fit_seconds"]
+        model.selection_ = manifest["training"].get("selection", {})
+        model.calibration_ = record_of(Calibration, manifest.get("calibration"))
+        model.validation_ = record_of(Validation, manifest.get("validation"))
+        model.online_ = manifest.get("online") or {}
+        model.manifest_ = manifest
+        check_probe(manifest, model.probe_score(), file.path)
+        return model
 
     # --- helpers --------------------------------------------------------------------------------
 

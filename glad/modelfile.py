@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,16 +21,15 @@ from safetensors.numpy import load_file, save_file
 
 from glad.backbones import BackboneSpec, FeatureExtractor
 from glad.errors import ModelFileError, ModelMismatchError
-from glad.integrity import check_arrays, check_manifest, check_probe, sealed
+from glad.integrity import check_arrays, check_manifest, sealed
 from glad.local_weights import LocalWeights
 from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
 from glad.runtime import carry_export, file_sha256, open_backbone
-from glad.validation import Calibration, Validation
 
 ARRAYS = "arrays.safetensors"
-__all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "load_model", "read_manifest",
-           "save_model"]
+__all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "ModelFile", "read_manifest",
+           "read_model", "save_model"]
 
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
 _SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
@@ -103,17 +102,32 @@ def save_model(model, path: Path) -> Path:
     return path
 
 
-def load_model(path: Path, backbone: str | FeatureExtractor | None = None, device: str = "cpu",
-               runtime: str | None = None):
-    """Load a model; `backbone` (a name or a built backbone) must match the one it was fit with.
+@dataclass
+class ModelFile:
+    """A model directory read and checked (`read_model`): what `GladModel.load` builds from."""
+
+    path: Path
+    manifest: dict
+    arrays: dict[str, np.ndarray]
+    backbone: FeatureExtractor
+
+    def layer(self, index: int) -> tuple[GaussianMixture, MixtureFactors, tuple[int, int],
+                                         LocalWeights | None]:
+        """Layer `index`'s mixture, scoring factors, grid and local weights (None: global)."""
+        info = self.manifest["layers"][index]
+        return _layer(self.arrays, f"layer{index}.", tuple(info["grid"]), info["local"])
+
+
+def read_model(path: Path, backbone: str | FeatureExtractor | None = None, device: str = "cpu",
+               runtime: str | None = None) -> ModelFile:
+    """Read a model directory; `backbone` (a name or a built backbone) must match the one it was
+    fit with. Every manifest field and array is checked first (`glad.integrity`).
 
     Without a built backbone, `runtime` (else $GLAD_RUNTIME, else "auto") says what runs it:
     an exported one in the model directory when there is one (see `glad.runtime`), or torch.
     The content hash covers the arrays file only, so exported backbones beside it (with their
     own sidecar and hashes) do not disturb it.
     """
-    from glad.model import GladModel, LayerModel
-
     manifest = read_manifest(path)
     check_manifest(manifest, path)
     arrays_file = path / ARRAYS
@@ -127,27 +141,8 @@ def load_model(path: Path, backbone: str | FeatureExtractor | None = None, devic
         raise ModelFileError(f"{arrays_file}: unreadable ({error})") from None
     check_arrays(arrays, manifest, path)
     spec = BackboneSpec.from_dict(manifest["backbone"])
-    built = _matching_backbone(spec, backbone, device, path, runtime)
-    model = GladModel(backbone=built, weights=spec.weights, antialiased=spec.antialiased,
-                      device=device, **manifest.get("params", {}))
-    model.backbone_ = built
-    model.roi_ = torch.from_numpy(arrays["roi"].astype(bool))
-    model.reference_ = arrays.get("reference")
-    model.align_gates_ = manifest.get("alignment", {}).get("gates", {})
-    model.aligner_ = model._build_aligner()
-    model.layers_ = [_layer(arrays, f"layer{i}.", tuple(info["grid"]), info["local"], LayerModel)
-                     for i, info in enumerate(manifest["layers"])]
-    model.radius_ = manifest["radius"]
-    model.threshold_ = manifest["threshold"]
-    model.n_train_images_ = manifest["training"]["n_images"]
-    model.fit_seconds_ = manifest["training"]["fit_seconds"]
-    model.selection_ = manifest["training"].get("selection", {})
-    model.calibration_ = _record(Calibration, manifest.get("calibration"))
-    model.validation_ = _record(Validation, manifest.get("validation"))
-    model.online_ = manifest.get("online") or {}
-    model.manifest_ = manifest
-    check_probe(manifest, model.probe_score(), path)
-    return model
+    return ModelFile(path, manifest, arrays, _matching_backbone(spec, backbone, device, path,
+                                                                runtime))
 
 
 def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path,
@@ -165,7 +160,7 @@ def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path,
     return backbone
 
 
-def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool, layer_cls):
+def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool):
     try:
         weights = arrays[prefix + "weights"]
         means = arrays[prefix + "means"]
@@ -192,7 +187,7 @@ def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool, layer_
                                   arrays.get(prefix + "local.counts"))
     except KeyError as error:
         raise ModelFileError(f"model arrays lack {error.args[0]}") from None
-    return layer_cls(mixture, factors, grid, sparse)
+    return mixture, factors, grid, sparse
 
 
 def _covariances(whiteners: torch.Tensor) -> np.ndarray:
@@ -201,7 +196,7 @@ def _covariances(whiteners: torch.Tensor) -> np.ndarray:
     return (inverse @ inverse.transpose(1, 2)).numpy()
 
 
-def _record(kind, data: dict | None):
+def record_of(kind, data: dict | None):
     """A `Calibration` or `Validation` from its manifest entry (None in models fitted before
     thresholds were calibrated, and in online versions that carry production's)."""
     if not isinstance(data, dict):

@@ -2,7 +2,7 @@
 worse than production on frames neither of them trained on.
 
 * Structure: finite parameters, positive-definite covariances, weights and local maps that sum
-  to one (`online.kmle.layer_problems`), the production model's backbone and preprocessing, K
+  to one (`glad.online_kmle.layer_problems`), the production model's backbone and preprocessing, K
   within bounds.
 * Scores: a frame neither model scores finitely (no valid pixel left in the ROI) is set aside;
   a NaN or infinite score of the candidate alone fails the gate.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from glad.model import GladModel
+from glad.online_kmle import layer_problems
 from glad.validation import validate
-from online.kmle import layer_problems
 
 CANARY_SUFFIX = "#canary"
 

@@ -37,17 +37,17 @@ from safetensors.numpy import load_file, save_file
 
 from glad.errors import GladError, ModelFileError
 from glad.model import GladModel
+from glad.online_kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
 from glad.synth import paste_defect
 from glad.validation import shifted_calibration
-from online.feedback import verdict_of
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
-from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
-from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, Backoff, credentials_refused
 from pipeline.errors import MessageError, RedisUnavailableError
+from pipeline.feedback import verdict_of
+from pipeline.payloads import message_features, message_validity
+from pipeline.registry import ModelRegistry
 from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
 from pipeline.streams import Streams, as_text, beat, deadletter, ensure_group, publish_event
-from stages.score import message_features, message_validity
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ PIPELINE_GROUPS = {"frames": "align", "aligned": "extract", "features": "score"}
 # Entries kept per stream (MAXLEN ~): raw frames/features are large, scores and records small.
 DEFAULT_MAXLEN = {"frames": 2000, "aligned": 256, "features": 256, "scores": 100_000,
                   "feedback": 100_000, "deadletter": 10_000, "events": 10_000}
+STALE_AFTER_S = 10.0  # a heartbeat older than this marks the worker stale
 BACKLOG_POLL_S = 0.01  # how often a producer waiting for room looks again
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from online.registry import ModelFollower
+from pipeline.registry import ModelFollower
 
 
 class ModelStage:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import redis
 
-from online.registry import ModelFollower, ModelRegistry
 from pipeline.connection import connect
+from pipeline.registry import ModelFollower, ModelRegistry
 from pipeline.runner import RunnerConfig, StageRunner
 from pipeline.schema import decode_entry
 from pipeline.streams import Streams
@@ -94,7 +94,7 @@ class Line:
 
     def worker(self, name: str, *args: str, log: Path | None = None) -> subprocess.Popen:
         """`glad stage NAME` as a real process."""
-        command = [sys.executable, "-m", "pipeline.cli", "-v", "stage", name, "--line", self.name,
+        command = [sys.executable, "-m", "app.cli", "-v", "stage", name, "--line", self.name,
                    "--redis-url", self.url, "--models", str(self.models), "--threads", "1", *args]
         out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
         return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,

@@ -256,8 +256,8 @@ def test_the_pixel_limit_comes_from_the_environment(tmp_path: Path, monkeypatch)
 
 
 def test_glad_max_pixels_flag(tmp_path: Path, capsys, monkeypatch) -> None:
+    from app.cli import main
     from glad.images import MAX_PIXELS_ENV
-    from pipeline.cli import main
 
     monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
     frame = tmp_path / "frame.png"

@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 
+from app.cli import main
 from glad.synth import PRESETS, defect_types
-from pipeline.cli import main
 
 pytestmark = pytest.mark.cli
 
@@ -217,7 +217,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def test_help_in_a_subprocess() -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--help"], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for command in ("synth", "fit", "score", "eval"):
@@ -226,7 +226,7 @@ def test_help_in_a_subprocess() -> None:
 
 def test_error_exit_status_in_a_subprocess(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "score", str(tmp_path / "no-model"),
+        [sys.executable, "-m", "app.cli", "score", str(tmp_path / "no-model"),
          str(tmp_path / "x.png")],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

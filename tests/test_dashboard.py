@@ -18,12 +18,12 @@ import pytest
 from dashboard_helpers import score_message, serving
 from streaming import REPO, wait_for
 
+from app.cli import main
 from dashboard.metrics import LineMetrics, Windows
 from dashboard.server import DashboardServer
 from glad.modelfile import MANIFEST
-from online.registry import ModelRegistry
-from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.registry import ModelRegistry
 from pipeline.schema import FIELD, Message, decode_entry
 from pipeline.streams import Streams, ensure_group
 
@@ -187,7 +187,7 @@ def test_bad_confirmations_are_refused(idle, body, headers, status, error) -> No
 
 
 @pytest.mark.parametrize("path", [
-    "/static/../pipeline/run.py", "/static/..%2f..%2fpyproject.toml", "/static/",
+    "/static/../app/run.py", "/static/..%2f..%2fpyproject.toml", "/static/",
     "/api/frames/..%2F..%2F..%2Fetc%2Fpasswd.jpg", "/api/frames/../../etc/passwd.jpg",
     "/static/%2e%2e/dashboard/server.py", "/api/frames/unknown.jpg", "/etc/passwd",
 ])
@@ -301,7 +301,7 @@ def test_history_on_start_and_bounded_gallery(redis_server) -> None:
 
 def test_glad_dashboard_command(redis_server) -> None:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", "--line", "cmd",
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "dashboard", "--line", "cmd",
                                 "--redis-url", redis_server.url, "--port", "0"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

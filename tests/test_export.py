@@ -23,7 +23,7 @@ from glad.images import read_image
 from glad.manifest import read_manifest
 from glad.model import GladModel
 from glad.runtime import FORMATS, RuntimeUnavailableError, export_model
-from online.registry import ModelFollower
+from pipeline.registry import ModelFollower
 from pipeline.schema import Message, pack_array
 from stages.extract import ExtractStage
 
@@ -34,7 +34,7 @@ def glad_command(*args: object) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from app.cli import main
 from glad.errors import ModelFileError
 from glad.integrity import CONTENT_HASH, probe_image, sealed
 from glad.model import GladModel
 from glad.modelfile import ARRAYS, MANIFEST
 from glad.runtime import file_sha256
-from pipeline.cli import main
 
 
 def tampered(model: Path, tmp_path: Path, edit_manifest: Callable[[dict], None] | None = None,

@@ -15,7 +15,7 @@ from glad.errors import ModelFileError
 from glad.features import feature_batches
 from glad.mixture import ComponentStats, GaussianMixture
 from glad.model import GladModel
-from online.kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError, layer_problems
+from glad.online_kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError, layer_problems
 
 
 def recoloured(image: np.ndarray) -> np.ndarray:

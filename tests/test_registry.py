@@ -10,10 +10,10 @@ import json
 import pytest
 from streaming import with_threshold_moved
 
+from app.cli import main
 from glad.modelfile import MANIFEST
-from online.registry import ModelFollower
-from pipeline.cli import main
 from pipeline.errors import MessageError, PipelineError
+from pipeline.registry import ModelFollower
 from pipeline.schema import decode_entry
 from pipeline.streams import read_events
 
@@ -84,7 +84,7 @@ def test_confirmations_land_on_the_feedback_stream(line) -> None:
 
 
 def test_bad_confirmations_are_refused() -> None:
-    from online.feedback import confirm
+    from pipeline.feedback import confirm
 
     with pytest.raises(MessageError, match="verdict must be one of"):
         confirm(None, "line1", "f1", "maybe")

@@ -160,7 +160,7 @@ def test_a_folder_source_ends_and_bad_files_are_dead_lettered(line, tiny_dataset
 
 def test_unreachable_redis_is_one_clear_line() -> None:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--redis-url",
+    done = subprocess.run([sys.executable, "-m", "app.cli", "status", "--redis-url",
                            "redis://127.0.0.1:1/0"], capture_output=True, text=True, cwd=REPO,
                           timeout=60)
     assert done.returncode == 2

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from streaming import REPO, wait_for
 
-from pipeline.cli import main
+from app.cli import main
 
 pytestmark = pytest.mark.cli
 
 
 def glad(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # embedded Redis
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -126,7 +126,7 @@ def test_glad_run_ends_with_an_error_when_its_embedded_redis_dies(pipeline_model
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     run = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--model", str(pipeline_model), "--source",
+        [sys.executable, "-m", "app.cli", "run", "--model", str(pipeline_model), "--source",
          str(tiny_dataset / "nut" / "test" / "good"), "--loop", "--fps", "2", "--out", str(out),
          "--models", str(tmp_path / "models"), "--no-dashboard", "--no-updater"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -15,9 +15,9 @@ from streaming import REPO, wait_for
 
 from glad import synth
 from glad.model import GladModel
-from online.feedback import confirm
 from online.gate import GateConfig
 from online.updater import FeedbackError, Updater, UpdaterConfig
+from pipeline.feedback import confirm
 from pipeline.schema import FIELD, Message
 from stages.capture import publish_frame
 
@@ -127,7 +127,7 @@ def test_a_failing_candidate_is_kept_with_its_reasons_not_published(line) -> Non
     ids = score_frames(line, variant_frames(3), "f")
     for frame_id in ids:
         confirm(line.client, line.name, frame_id, "normal")
-    command = [sys.executable, "-m", "pipeline.cli", "updater", "--line", line.name,
+    command = [sys.executable, "-m", "app.cli", "updater", "--line", line.name,
                "--redis-url", line.url, "--models", str(line.models), "--holdback-every", "2",
                "--min-held-back", "50", "--gate-frames", "50", "--once", "--json"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -149,7 +149,7 @@ def test_killed_mid_flood_the_updater_resumes_without_losing_or_doubling(line, t
     ids = score_frames(line, variant_frames(15), "k")
     for frame_id in ids:  # a flood: every frame confirmed at once
         confirm(line.client, line.name, frame_id, "normal")
-    command = [sys.executable, "-m", "pipeline.cli", "-v", "updater", "--line", line.name,
+    command = [sys.executable, "-m", "app.cli", "-v", "updater", "--line", line.name,
                "--redis-url", line.url, "--models", str(line.models), "--holdback-every", "3"]
     pointer = line.models / line.name / "updater" / "CURRENT"
     for attempt, settle in enumerate((0.0, 1.5)):
@@ -178,7 +178,7 @@ def test_killed_mid_flood_the_updater_resumes_without_losing_or_doubling(line, t
 
 
 def test_a_failing_update_is_parked_and_the_updater_keeps_serving(line, monkeypatch) -> None:
-    from online.kmle import OnlineGlad
+    from glad.online_kmle import OnlineGlad
 
     ids = score_frames(line, variant_frames(8), "e")
     first, later = ids[:6], ids[6:]

@@ -6,9 +6,9 @@ import json
 import logging
 import signal
 
+from app.line_commands import add_connection, required_url, resolve_device
 from glad.errors import GladError
 from pipeline.connection import connect
-from pipeline.stream_commands import add_connection, required_url, resolve_device
 from pipeline.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,10 @@ def add_command(commands) -> None:
 def _updater(args) -> int:
     from dataclasses import replace
 
+    from glad.online_kmle import OnlineConfig
     from online.gate import GateConfig
-    from online.kmle import OnlineConfig
-    from online.registry import ModelRegistry
     from online.updater import Updater, UpdaterConfig
+    from pipeline.registry import ModelRegistry
 
     if args.holdback_every < 1 or args.min_held_back < 1 or args.half_life <= 0:
         raise GladError("--holdback-every and --min-held-back must be >= 1, --half-life > 0")

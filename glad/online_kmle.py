@@ -29,9 +29,9 @@ from glad.mixture import (
     ComponentStats,
     GaussianMixture,
     MixtureFactors,
-    _cholesky_with_jitter,
-    _factors_from_cholesky,
     assign,
+    cholesky_with_jitter,
+    factors_from_cholesky,
     fit_kmle,
     global_loglik,
     route,
@@ -393,11 +393,11 @@ class OnlineGlad:
             state.covariances = state.stats.covariances(self.base_.oas_formula)
         mixture = GaussianMixture.from_stats(state.stats, self.base_.oas_formula)
         mixture.covariances = state.covariances
-        chol, ok = _cholesky_with_jitter(mixture.covariances)
+        chol, ok = cholesky_with_jitter(mixture.covariances)
         if not ok.all():
             raise UnsoundUpdateError(f"layer {index + 1}: the covariances of Gaussians "
                                      f"{np.flatnonzero(~ok).tolist()} are not positive definite")
-        factors = _factors_from_cholesky(chol, mixture.means, mixture.weights)
+        factors = factors_from_cholesky(chol, mixture.means, mixture.weights)
         old = self.layers_[index]
         local = None
         if state.counts is not None:

@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from app.options import DEFAULT_DASHBOARD_PORT
 from glad.images import decode_image
 from glad.manifest import read_manifest
-from online.registry import ModelRegistry
 from pipeline.connection import TRANSIENT, connect, redact, redis_url
 from pipeline.embedded import EmbeddedRedis, line_store
 from pipeline.errors import PipelineError, RedisUnavailableError
+from pipeline.registry import ModelRegistry
 from pipeline.results import ResultWriter
 from pipeline.runner import RunnerConfig, StageRunner
 from pipeline.streams import Streams, heartbeats, read_events
@@ -253,11 +254,10 @@ def start_capture(options: RunOptions, url: str, skip: int) -> subprocess.Popen:
 def start_dashboard(options: RunOptions, url: str) -> subprocess.Popen:
     """`glad dashboard` on localhost: on `--dashboard-port`, else on its default port, or on a
     free one when that is taken (another run's dashboard, say)."""
-    from dashboard.cli import DEFAULT_PORT
 
     port = options.dashboard_port
     if port is None:
-        port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else 0
+        port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else 0
     return _spawn(options, "dashboard", ["dashboard", "--line", options.line, "--redis-url", url,
                                          "--port", str(port)])
 
@@ -317,7 +317,7 @@ def _spawn(options: RunOptions, name: str, args: list[str]) -> subprocess.Popen:
     logs = options.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with (logs / f"{name}.log").open("w") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", *args],
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "-v", *args],
                                 stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
 

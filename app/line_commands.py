@@ -6,7 +6,6 @@ embedded Redis when neither is set.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -17,17 +16,16 @@ from pathlib import Path
 
 import msgpack
 
+from app.options import add_connection, line_url, required_url, resolve_device
 from glad.errors import GladError
-from pipeline.connection import connect, redact, redis_url
-from pipeline.embedded import EmbeddedRedis, answering, line_store
+from pipeline.connection import connect, redact
 from pipeline.errors import PipelineError
 from pipeline.runner import RunnerConfig, StageRunner
-from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, Streams, heartbeats
+from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, STALE_AFTER_S, Streams, heartbeats
 
 log = logging.getLogger(__name__)
 
 WORKER_STAGES = ("capture", "align", "extract", "score", "results")
-STALE_AFTER_S = 10.0  # a heartbeat older than this marks the worker stale
 
 
 def add_commands(commands) -> None:
@@ -38,58 +36,11 @@ def add_commands(commands) -> None:
     _add_confirm(commands)
 
 
-def add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
-    parser.add_argument("--line", default="line1",
-                        help="production line: namespaces every stream and model (default: "
-                             "%(default)s)")
-    parser.add_argument("--redis-url", default=None,
-                        help="redis://[:password@]host:port/db, rediss:// for TLS, unix:///path "
-                             "(default: $REDIS_URL)")
-    if models:
-        from online.registry import DEFAULT_ROOT
-
-        parser.add_argument("--models", type=Path, default=DEFAULT_ROOT,
-                            help="model registry folder, shared by every worker of the line; "
-                                 "`glad run`'s embedded line is kept beside it "
-                                 "(default: $GLAD_MODELS or %(default)s)")
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def required_url(args) -> str:
-    """The Redis URL of a command that needs a running Redis (only `glad run` embeds one)."""
-    url = redis_url(args.redis_url)
-    if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
-                            "embedded one)")
-    return url
-
-
-def line_url(args) -> str:
-    """The Redis URL of a command that reads or edits a line's records (status, models): as
-    `required_url`, else the line `glad run` keeps beside the model folders (its server while a
-    run goes on, else one started on its data for the life of this command)."""
-    if redis_url(args.redis_url) is not None:
-        return required_url(args)
-    store = line_store(args.models)
-    if not store.is_dir():
-        raise PipelineError(f"no Redis: pass --redis-url or set REDIS_URL (no line of `glad run` "
-                            f"in {store} either)")
-    return answering(store) or EmbeddedRedis(store, persist=True).start().url
-
-
 # --- run ----------------------------------------------------------------------------------------
 
 
 def _add_run(commands) -> None:
-    from pipeline.run import DEFAULT_SOURCE
+    from app.run import DEFAULT_SOURCE
 
     parser = commands.add_parser(
         "run", help="run the whole pipeline (capture, align, extract, score) on this machine",
@@ -142,7 +93,7 @@ def _add_run(commands) -> None:
 
 
 def _run(args) -> int:
-    from pipeline.run import RunOptions, run_pipeline
+    from app.run import RunOptions, run_pipeline
 
     scale = {}
     for item in args.scale:
@@ -241,7 +192,7 @@ def _build_stage(args, client, streams: Streams):
         from pipeline.results import ResultWriter
 
         return ResultWriter(args.out, client, streams)
-    from online.registry import ModelFollower, ModelRegistry
+    from pipeline.registry import ModelFollower, ModelRegistry
     from stages.align import AlignStage
     from stages.extract import ExtractStage
     from stages.score import ScoreStage
@@ -390,7 +341,7 @@ def _add_confirm(commands) -> None:
 
 
 def _confirm(args) -> int:
-    from online.feedback import confirm
+    from pipeline.feedback import confirm
 
     url = required_url(args)
     client = connect(url, wait=5.0)
@@ -401,7 +352,7 @@ def _confirm(args) -> int:
 
 
 def _registry(args):
-    from online.registry import ModelRegistry
+    from pipeline.registry import ModelRegistry
 
     return ModelRegistry(args.models, connect(line_url(args), wait=5.0), Streams(args.line))
 

@@ -8,13 +8,12 @@ import signal
 import sys
 import threading
 
+from app.options import DEFAULT_DASHBOARD_PORT, add_connection, required_url
 from pipeline.errors import PipelineError
-from pipeline.stream_commands import add_connection, required_url
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "GLAD_DASHBOARD_TOKEN"
-DEFAULT_PORT = 8765
 
 
 def add_command(commands) -> None:
@@ -28,7 +27,7 @@ def add_command(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only); any "
                              "other address needs --token")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT,
                         help="TCP port (default: %(default)s; 0 picks a free one)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"access token that writes (confirm buttons) must carry; required "

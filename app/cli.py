@@ -1,5 +1,5 @@
 """The `glad` command: fit, score, evaluate and synthesise data; the streaming commands (run,
-stage, status, models) live in `pipeline.stream_commands`.
+stage, status, models) live in `app.line_commands`.
 
 Every failure a user can cause prints one line, `glad: error: ...`, and exits with status 2.
 """
@@ -14,11 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from dashboard.cli import add_command as add_dashboard_command
+from app.dashboard_command import add_command as add_dashboard_command
+from app.line_commands import add_commands
+from app.updater_command import add_command as add_updater_command
 from glad.errors import GladError
 from glad.images import MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
-from online.cli import add_command as add_updater_command
-from pipeline.stream_commands import add_commands
 
 EXIT_USAGE = 2
 

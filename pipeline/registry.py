@@ -238,9 +238,9 @@ def _verify(model_dir: Path) -> None:
     """Load the model as a scorer will, before any scorer can be pointed at it: every manifest
     field and array is checked and the model must score its probe image as it did when saved
     (`glad.integrity`); raises ModelFileError otherwise. Imports torch, hence here."""
-    from glad.modelfile import load_model
+    from glad.model import GladModel
 
-    load_model(model_dir)
+    GladModel.load(model_dir)
 
 
 def _calibration_summary(manifest: dict) -> dict:

@@ -1,0 +1,2 @@
+"""The `glad` command: the CLI, `glad run`'s supervisor and the command helpers, on top of
+stages, online, dashboard, pipeline and glad."""
