@@ -6,17 +6,23 @@ otherwise; exposed on another address it refuses to start without an access toke
 write (POST) must carry. On loopback it answers only requests addressed to loopback host names
 (no DNS rebinding); writes must be same-origin JSON with a small body. Files are served from a
 fixed list loaded at start and images only for frames the gallery holds: no path ever comes
-from a request.
+from a request. Limits: each request must arrive whole within a timeout (a silent or trickling
+client is dropped, not held), at most a fixed number of connections get a thread (the rest a
+quick 503), and a Content-Length is plain ASCII digits or the request is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import re
 import socket
+import threading
+import time
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,14 +35,17 @@ from dashboard.consumer import DashboardConsumer
 from dashboard.plain import plain
 from dashboard.prometheus import build_registry
 from glad.errors import GladError
-from online.feedback import VERDICTS
 from pipeline.errors import MessageError, PipelineError
+from pipeline.feedback import VERDICTS
 
 log = logging.getLogger(__name__)
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8"}
 MAX_BODY = 4096  # bytes of a POST body
+MAX_CONNECTIONS = 64  # connections served at once: a thread each; more are answered 503
+REQUEST_TIMEOUT_S = 10.0  # for a request to arrive whole (from connecting or the last answer)
+CONTENT_LENGTH = re.compile(r"[0-9]+")  # not isdigit() ("²", then int() fails) nor int() ("-1", "1_0")
 MAX_FRAME_ID = 256
 TOKEN_HEADER = "X-Glad-Token"
 FRAME_PATH = re.compile(r"^/api/frames/([^/]{1,800})\.jpg$")
@@ -66,12 +75,17 @@ def load_static() -> dict[str, tuple[bytes, str]]:
 
 
 class DashboardServer(ThreadingHTTPServer):
-    """Serves one consumer's line; `url` is where the page is."""
+    """Serves one consumer's line; `url` is where the page is.
+
+    At most `max_connections` connections are served at once, each dropped when a request takes
+    over `timeout_s` to arrive: idle sockets, slow clients and a flood of connections can neither
+    pile up threads nor take the file descriptors that real requests need."""
 
     daemon_threads = True
 
     def __init__(self, consumer: DashboardConsumer, host: str = "127.0.0.1", port: int = 8765,
-                 token: str | None = None):
+                 token: str | None = None, max_connections: int = MAX_CONNECTIONS,
+                 timeout_s: float = REQUEST_TIMEOUT_S):
         if not is_loopback(host) and not token:
             raise PipelineError(f"--host {host} exposes the dashboard beyond this machine: pass "
                                 "--token (or set GLAD_DASHBOARD_TOKEN) so that only holders can "
@@ -83,6 +97,8 @@ class DashboardServer(ThreadingHTTPServer):
             raise PipelineError(f"cannot serve the dashboard on {host}:{port}: {error.strerror} "
                                 "(pass --port, 0 picks a free one)") from None
         self.consumer = consumer
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.timeout_s = timeout_s
         self.token = token or None
         self.host = host
         self.static = load_static()
@@ -98,6 +114,25 @@ class DashboardServer(ThreadingHTTPServer):
             host = "127.0.0.1"
         return f"http://{host}:{self.server_address[1]}/"
 
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """A thread for the connection while a slot is free; past the cap, a 503 right here."""
+        if not self.slots.acquire(blocking=False):
+            turn_away(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()  # no thread started, so none will release it
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        """The connection's thread; its slot is freed however the handler ends."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class Handler(BaseHTTPRequestHandler):
     """One request; routes below."""
@@ -112,6 +147,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def setup(self) -> None:
+        """The socket's timeout (StreamRequestHandler sets it) and reads under a deadline."""
+        self.timeout = self.server.timeout_s
+        super().setup()
+        self.rfile.close()  # the socket's own reader: an open one would keep the socket open
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """One request, which must arrive whole in time; a timeout ends the connection with a
+        debug line (the base class catches it), not a traceback."""
+        self.reader.start()
+        super().handle_one_request()
 
     # --- GET ------------------------------------------------------------------------------------
 
@@ -222,12 +271,7 @@ class Handler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the request as application/json")
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
-        if int(length) > MAX_BODY:
-            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        raw = self.rfile.read(int(length))
+        raw = self.rfile.read(self._content_length())
         try:
             request = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -235,6 +279,17 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise BadRequest("body must be a JSON object")
         return request
+
+    def _content_length(self) -> int:
+        """The body's size: one Content-Length of ASCII digits, at most MAX_BODY."""
+        lengths = self.headers.get_all("Content-Length", [])
+        if not lengths:
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required")
+        if len(lengths) > 1 or not CONTENT_LENGTH.fullmatch(lengths[0]):
+            raise BadRequest("Content-Length must be one number of bytes (ASCII digits)")
+        if len(lengths[0]) > 18 or int(lengths[0]) > MAX_BODY:
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+        return int(lengths[0])
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -263,6 +318,56 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's reads under one deadline per request, so that a client trickling a byte
+    at a time (slow loris) is dropped like a silent one instead of resetting a per-read timeout."""
+
+    def __init__(self, connection: socket.socket, timeout_s: float):
+        self.connection = connection
+        self.timeout_s = timeout_s
+        self.start()
+
+    def start(self) -> None:
+        """The next request must have arrived `timeout_s` from now."""
+        self.deadline = time.monotonic() + self.timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.timeout_s)  # writes keep the plain timeout
+
+
+def busy_answer() -> bytes:
+    """The whole 503 sent to connections past the cap (built once)."""
+    body = json.dumps({"error": "the dashboard is busy; try again"}).encode()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
+               "Cache-Control": "no-store", "Retry-After": "1", "Connection": "close"}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers | SECURITY_HEADERS).items())
+    return f"HTTP/1.1 503 Service Unavailable\r\n{lines}\r\n".encode() + body
+
+
+BUSY = busy_answer()
+
+
+def turn_away(request: socket.socket) -> None:
+    """Answer a connection past the cap without waiting on it: what the client already sent is
+    read (closing on unread bytes would reset the connection before the client reads the 503)
+    and the answer fits a fresh socket's send buffer; whatever fails, the caller closes it."""
+    request.setblocking(False)
+    with contextlib.suppress(OSError):  # nothing sent yet (BlockingIOError) or already gone
+        request.recv(65536)
+    with contextlib.suppress(OSError):
+        request.sendall(BUSY)
 
 
 class BadRequest(Exception):
