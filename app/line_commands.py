@@ -252,7 +252,7 @@ def line_status(client, streams: Streams) -> dict:
             info["pending"] = int(pending[0]["pending"]) if pending else 0
         hops[hop] = info
     last_dead = client.xrevrange(streams.key("deadletter"), count=1)
-    current = client.get(f"glad:{streams.line}:model:current")
+    current = client.get(streams.model("current"))
     return {"line": streams.line, "model_version": int(current) if current else None,
             "workers": workers, "streams": hops,
             "last_deadletter": msgpack.unpackb(last_dead[0][1][b"m"], raw=False)["reason"]

@@ -183,7 +183,7 @@ def cost(args, model_dir: Path) -> dict:
             for frame_id in ids[:12]:  # 6 held back (the gate's default), 6 learned
                 confirm(client, line, frame_id, "normal")
             warmup.run(once=True)
-            client.delete(f"glad:{line}:updater:lease")
+            client.delete(Streams(line).updater_lease)
             # the timed confirmations all train (none is held back), each on its own
             updater = Updater(client, streams, registry, replace(config, holdback_every=10**9))
             thread = threading.Thread(target=updater.run, daemon=True)

@@ -12,7 +12,6 @@ than that). It counts what its group was delivered, so its lag shows beside the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -28,12 +27,12 @@ from dashboard.gallery import Gallery
 from dashboard.metrics import LineMetrics, Windows
 from dashboard.plain import plain
 from glad.heatmap import encode_jpeg, side_by_side
-from pipeline.connection import TRANSIENT, Backoff, await_redis
 from pipeline.errors import MessageError
 from pipeline.feedback import confirm, verdict_of
 from pipeline.registry import DEFAULT_ROOT, ModelRegistry
 from pipeline.results import anomaly_view
 from pipeline.schema import Message, decode_entry
+from pipeline.service import Service
 from pipeline.streams import PIPELINE_GROUPS, STALE_AFTER_S, Streams, as_text, beat, ensure_group, heartbeats
 
 log = logging.getLogger(__name__)
@@ -58,13 +57,14 @@ class ConsumerConfig:
     windows: Windows = field(default_factory=Windows)
 
 
-class DashboardConsumer:
+class DashboardConsumer(Service):
     """Reads one line into memory; every public method is safe to call from server threads."""
+
+    name = "dashboard"
 
     def __init__(self, client: redis.Redis, url: str, line: str,
                  config: ConsumerConfig | None = None):
-        self.client = client
-        self.url = url
+        super().__init__(client, url)
         self.streams = Streams(line)
         self.config = config or ConsumerConfig()
         self.metrics = LineMetrics(line, self.config.windows)
@@ -72,7 +72,6 @@ class DashboardConsumer:
         self.registry = ModelRegistry(DEFAULT_ROOT, client, self.streams)  # records only, no files
         self.worker = f"dashboard-{socket.gethostname()}-{os.getpid()}"
         self.address: str | None = None  # the page's URL, in the heartbeat once serving
-        self.stop_event = threading.Event()
         self.ready = threading.Event()  # set once the groups and cursors are in place
         self.skipped = 0  # entries that could not be decoded
         self.started = time.time()
@@ -94,29 +93,18 @@ class DashboardConsumer:
     # --- the reading loop -----------------------------------------------------------------------
 
     def run(self) -> None:
-        """Read until `stop_event` is set; waits Redis out (backoff, one log line per attempt)."""
+        """Read until `stop_event` is set; waits Redis out (see `pipeline.service.Service`)."""
         if self.config.render_per_s > 0:
             threading.Thread(target=self._render_ahead, name="dashboard-pictures",
                              daemon=True).start()
-        first = True
-        delays = Backoff().delays()
-        while not self.stop_event.is_set():
-            try:
-                self._setup(first)
-                first = False
-                self.ready.set()
-                while not self.stop_event.is_set():
-                    self.step()
-                    delays = Backoff().delays()
-            except TRANSIENT as error:
-                log.warning("dashboard: lost Redis (%s); reconnecting", _first_line(error))
-                if not await_redis(self.client, self.url, self.stop_event):
-                    break  # stopped while waiting
-            except redis.ResponseError as error:  # NOGROUP after data loss, OOM, READONLY...
-                log.warning("dashboard: Redis refused a command (%s); retrying", _first_line(error))
-                self.stop_event.wait(next(delays))
-        with contextlib.suppress(*TRANSIENT):
-            self.client.hdel(self.streams.workers, self.worker)
+        super().run()
+
+    def bootstrap(self) -> None:
+        self._setup(first=not self.ready.is_set())
+        self.ready.set()
+
+    def teardown(self) -> None:
+        self.client.hdel(self.streams.workers, self.worker)
 
     def _setup(self, first: bool) -> None:
         """Groups on scores and events; on the first start, also where reading starts."""
@@ -341,7 +329,3 @@ def _unpack(fields: dict) -> dict | None:
     except Exception:
         return None
     return record if isinstance(record, dict) else None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

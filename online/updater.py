@@ -16,12 +16,10 @@ it and never applies a confirmation twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 import zlib
@@ -41,12 +39,12 @@ from glad.online_kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
 from glad.synth import paste_defect
 from glad.validation import shifted_calibration
 from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
-from pipeline.connection import TRANSIENT, Backoff, credentials_refused
-from pipeline.errors import MessageError, RedisUnavailableError
+from pipeline.errors import MessageError
 from pipeline.feedback import verdict_of
 from pipeline.payloads import message_features, message_validity
 from pipeline.registry import ModelRegistry
 from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
+from pipeline.service import Service
 from pipeline.streams import Streams, as_text, beat, deadletter, ensure_group, publish_event
 
 log = logging.getLogger(__name__)
@@ -103,18 +101,21 @@ class UpdaterState:
     generation: int = 0
 
 
-class Updater:
+class Updater(Service):
     """The online updater of one line."""
+
+    name = "updater"
 
     def __init__(self, client: redis.Redis, streams: Streams, registry: ModelRegistry,
                  config: UpdaterConfig | None = None, device: str = "cpu",
-                 worker: str | None = None):
-        self.client, self.streams, self.registry = client, streams, registry
+                 worker: str | None = None, url: str | None = None):
+        super().__init__(client, url)
+        self.streams, self.registry = streams, registry
+        self._once = False
         self.config = config or UpdaterConfig()
         self.device = device
         self.worker = worker or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.folder = registry.folder / "updater"
-        self.stop_event = threading.Event()
         self.gate = Gate(self.config.gate)
         self._index: OrderedDict[str, dict] = OrderedDict()
         self._scores_cursor = "$"
@@ -134,46 +135,38 @@ class Updater:
     def run(self, once: bool = False) -> None:
         """Serve until stopped (`once`: until the feedback stream has nothing more to read);
         on the way out, hand the lease over and remove the heartbeat."""
-        try:
-            self._serve(once)
-        finally:
-            with contextlib.suppress(*TRANSIENT):
-                self._release(keys=[self._lease_key], args=[self.worker])
-                self.client.hdel(self.streams.workers, self.worker)
+        self._once = once
+        super().run(max_idle_s=0.0 if once else None)
 
-    def _serve(self, once: bool) -> None:
+    def bootstrap(self) -> None:
         ensure_group(self.client, self.streams.key("feedback"), GROUP)
-        delays = Backoff().delays()
-        while not self.stop_event.is_set():
-            try:
-                if not self._hold_lease():
-                    if once:
-                        raise FeedbackError(f"another updater ({self.holder()}) leads line "
-                                            f"{self.streams.line}")
-                    self.stop_event.wait(self.config.lease_ms / 3000)
-                    continue
-                handled = self.step()
-                self._beat()
-            except TRANSIENT as error:  # nothing acknowledged: the batch comes again
-                if credentials_refused(error):
-                    raise RedisUnavailableError(f"line {self.streams.line}: Redis refused the "
-                                                f"updater's credentials ({error})") from None
-                delay = next(delays)
-                log.warning("Redis unavailable (%s); retrying in %.1f s", error, delay)
-                self._leading = False  # re-read the committed state and the pending entries
-                self.stop_event.wait(delay)
-                continue
-            except ModelFileError as error:  # e.g. a model fitted before online statistics
-                if once:
-                    raise
-                log.error("line %s: cannot learn: %s; waiting for another version",
-                          self.streams.line, error)
-                self._leading = False
-                self.stop_event.wait(WAIT_FOR_MODEL_S)
-                continue
-            delays = Backoff().delays()
-            if once and not handled:
-                return
+        self._leading = False  # (again) re-read the committed state and the pending entries
+
+    def teardown(self) -> None:
+        self._release(keys=[self._lease_key], args=[self.worker])
+        self.client.hdel(self.streams.workers, self.worker)
+
+    def step(self) -> int:
+        """Lead the line (or wait for the lease), apply one batch of confirmations, beat; a
+        model it cannot learn on waits for another version (ends `once`)."""
+        if not self._hold_lease():
+            if self._once:
+                raise FeedbackError(f"another updater ({self.holder()}) leads line "
+                                    f"{self.streams.line}")
+            self.stop_event.wait(self.config.lease_ms / 3000)
+            return 0
+        try:
+            handled = self.apply_batch()
+        except ModelFileError as error:  # e.g. a model fitted before online statistics
+            if self._once:
+                raise
+            log.error("line %s: cannot learn: %s; waiting for another version",
+                      self.streams.line, error)
+            self._leading = False
+            self.stop_event.wait(WAIT_FOR_MODEL_S)
+            return 0
+        self._beat()
+        return handled
 
     def _beat(self) -> None:
         """The heartbeat `glad status` and the dashboard show, at most once a second."""
@@ -191,7 +184,7 @@ class Updater:
 
     @property
     def _lease_key(self) -> str:
-        return f"glad:{self.streams.line}:updater:lease"
+        return self.streams.updater_lease
 
     def _renew(self) -> bool:
         """Renew (or take) the lease; True while this updater holds it."""
@@ -221,7 +214,7 @@ class Updater:
 
     # --- one step -------------------------------------------------------------------------------
 
-    def step(self) -> int:
+    def apply_batch(self) -> int:
         """Read and apply one batch of confirmations; returns how many entries it handled."""
         self._follow_current()
         self._refresh_index()

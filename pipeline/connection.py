@@ -25,17 +25,25 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 @dataclass(frozen=True)
 class Backoff:
-    """Exponential backoff: initial, initial x factor, ... capped at `maximum` seconds."""
+    """Exponential backoff: initial, initial x factor, ... capped at `maximum` seconds, for
+    Redis and for live sources alike. `max_attempts` consecutive failures are where a caller
+    gives up (None: never)."""
 
     initial: float = 0.2
     factor: float = 2.0
     maximum: float = 5.0
+    max_attempts: int | None = None
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th consecutive failure (1-based)."""
+        return min(self.maximum, self.initial * self.factor ** (failures - 1))
 
     def delays(self):
-        delay = self.initial
+        """The waits after the 1st, 2nd, ... failure, without end."""
+        failures = 0
         while True:
-            yield delay
-            delay = min(self.maximum, delay * self.factor)
+            failures += 1
+            yield self.delay(failures)
 
 
 def redis_url(url: str | None = None) -> str | None:
@@ -119,3 +127,15 @@ def credentials_refused(error: Exception) -> bool:
     return isinstance(error, redis.AuthenticationError) or (
         isinstance(error, redis.ResponseError)
         and any(code in str(error) for code in ("NOAUTH", "WRONGPASS", "invalid password")))
+
+
+def client_url(client: redis.Redis) -> str:
+    """The URL a client connects to, rebuilt from its connection settings (with the password,
+    which `redact` removes before anything is logged)."""
+    settings = client.connection_pool.connection_kwargs
+    password = settings.get("password")
+    auth = f":{urllib.parse.quote(str(password), safe='')}@" if password else ""
+    if settings.get("path"):
+        return f"unix://{auth}{settings['path']}"
+    return f"redis://{auth}{settings.get('host', 'localhost')}:{settings.get('port', 6379)}/" \
+           f"{settings.get('db', 0)}"

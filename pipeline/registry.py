@@ -40,15 +40,15 @@ class ModelRegistry:
 
     @property
     def _current_key(self) -> str:
-        return f"glad:{self.streams.line}:model:current"
+        return self.streams.model("current")
 
     @property
     def _versions_key(self) -> str:
-        return f"glad:{self.streams.line}:model:versions"
+        return self.streams.model("versions")
 
     @property
     def _history_key(self) -> str:
-        return f"glad:{self.streams.line}:model:history"
+        return self.streams.model("history")
 
     def publish(self, model_dir: str | Path, note: str = "", parent: int | None = None,
                 provenance: dict | None = None) -> int:
@@ -76,10 +76,10 @@ class ModelRegistry:
         a Redis counter but skip folders already on disk (the folder may outlive Redis's data)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
-            version = int(self.client.incr(f"glad:{self.streams.line}:model:next"))
+            version = int(self.client.incr(self.streams.model("next")))
             on_disk = [int(p.name[1:]) for p in self.folder.glob("v[0-9]*") if p.name[1:].isdigit()]
             if on_disk and version <= max(on_disk):
-                self.client.set(f"glad:{self.streams.line}:model:next", max(on_disk))
+                self.client.set(self.streams.model("next"), max(on_disk))
                 continue
             target = self.path(version, must_exist=False)
             staging = self.folder / f".staging-{version}-{os.getpid()}"

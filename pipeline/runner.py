@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 import traceback
 import uuid
@@ -27,9 +26,9 @@ from typing import Protocol
 import redis
 
 from glad.errors import GladError
-from pipeline.connection import TRANSIENT, Backoff, await_redis, credentials_refused
-from pipeline.errors import MessageError, RedisUnavailableError
+from pipeline.errors import MessageError
 from pipeline.schema import FIELD, Message, decode_entry
+from pipeline.service import Service
 from pipeline.streams import (
     DEFAULT_MAXLEN,
     PIPELINE_GROUPS,
@@ -96,22 +95,20 @@ class WorkerStats:
     deadlettered: int = 0
     retried: int = 0
     claimed: int = 0
-    reconnects: int = 0
 
 
-class StageRunner:
+class StageRunner(Service):
     """Runs one `Stage` as one consumer of its group until stopped."""
 
     def __init__(self, stage: Stage, client: redis.Redis, streams: Streams, url: str,
                  config: RunnerConfig | None = None, consumer: str | None = None):
+        super().__init__(client, url)
+        self.name = stage.name
         self.stage = stage
-        self.client = client
         self.streams = streams
-        self.url = url
         self.config = config or RunnerConfig()
         self.consumer = consumer or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-" \
                                     f"{uuid.uuid4().hex[:4]}"
-        self.stop_event = threading.Event()
         self.stats = WorkerStats()
         self.started_at = time.time()
         self._input = streams.key(stage.input)
@@ -133,69 +130,27 @@ class StageRunner:
     def run(self, max_idle_s: float | None = None) -> WorkerStats:
         """Work until stopped (or, with `max_idle_s`, until nothing came for that long)."""
         log.info("%s: consumer %s on %s", self.stage.name, self.consumer, self._input)
-        try:
-            self._setup()
-        except TRANSIENT as error:
-            self._reconnect(error)
-        idle_since = time.monotonic()
-        delays = Backoff().delays()
-        while not self.stop_event.is_set():
-            try:
-                done = self.step()
-                delays = Backoff().delays()
-            except TRANSIENT as error:
-                self._reconnect(error)
-                continue
-            except redis.ResponseError as error:  # NOGROUP after data loss, OOM, READONLY, MISCONF
-                if credentials_refused(error):
-                    raise RedisUnavailableError(f"{self.stage.name}: Redis refused the "
-                                                f"credentials ({_first_line(error)})") from None
-                self._recover(error, next(delays))
-                continue
-            if done:
-                idle_since = time.monotonic()
-            elif max_idle_s is not None and time.monotonic() - idle_since > max_idle_s:
-                break
-        self._farewell()
+        super().run(max_idle_s)
         return self.stats
 
-    def _setup(self) -> None:
+    def bootstrap(self) -> None:
         ensure_group(self.client, self._input, self.stage.name)
         self._pending_cursor = "0"
         prune_heartbeats(self.client, self.streams)
         self._heartbeat(force=True)
 
-    def _reconnect(self, error: Exception) -> None:
-        """Wait for Redis (backoff, one log line per attempt), then set up again; refused
-        credentials end the worker (RedisUnavailableError, see `await_redis`)."""
-        self.stats.reconnects += 1
-        log.warning("%s: lost Redis (%s); reconnecting", self.stage.name, _first_line(error))
-        while not self.stop_event.is_set():
-            try:
-                if await_redis(self.client, self.url, self.stop_event):
-                    self._setup()
-                return
-            except TRANSIENT as again:
-                if credentials_refused(again):
-                    raise
-                continue
-
-    def _recover(self, error: redis.ResponseError, delay: float) -> None:
-        """A Redis error reply: recreate a lost group at once, wait out anything else (out of
-        memory, a read-only replica after failover, failed persistence) with backoff."""
-        if "NOGROUP" in str(error):
-            log.warning("%s: consumer group missing (Redis lost its data?): recreating",
-                        self.stage.name)
-        else:
-            log.warning("%s: Redis refused a command (%s); retrying in %.1f s", self.stage.name,
-                        _first_line(error), delay)
-            self.stop_event.wait(delay)
+    def on_error_reply(self, error: redis.ResponseError, delay: float) -> None:
+        """A group lost with Redis's data is recreated at once; anything else waits `delay`."""
+        if "NOGROUP" not in str(error):
+            super().on_error_reply(error, delay)
+            return
+        log.warning("%s: consumer group missing (Redis lost its data?): recreating",
+                    self.stage.name)
         with contextlib.suppress(redis.RedisError):
-            self._setup()
+            self.bootstrap()
 
-    def _farewell(self) -> None:
-        with contextlib.suppress(*TRANSIENT):
-            self.client.hdel(self.streams.workers, self.consumer)
+    def teardown(self) -> None:
+        self.client.hdel(self.streams.workers, self.consumer)
         log.info("%s: stopped after %d messages (%d dead-lettered)", self.stage.name,
                  self.stats.processed, self.stats.deadlettered)
 
@@ -389,7 +344,7 @@ class StageRunner:
             "backpressure" if self._backlog_since is not None else "running")
         beat(self.client, self.streams, self.consumer, self.stage.name, self.started_at,
              state=state, processed=self.stats.processed, deadlettered=self.stats.deadlettered,
-             claimed=self.stats.claimed, reconnects=self.stats.reconnects,
+             claimed=self.stats.claimed, reconnects=self.reconnects,
              model=getattr(self.stage, "model_version", None))
 
 
@@ -409,10 +364,6 @@ def _entries(response) -> list[tuple[str, dict]]:
     for _, entries in response or []:
         out.extend((as_text(entry_id), fields or {}) for entry_id, fields in entries)
     return out
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _reason(error: Exception, attempts: int) -> str:

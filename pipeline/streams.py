@@ -44,7 +44,8 @@ def check_line(line: str) -> str:
 
 @dataclass(frozen=True)
 class Streams:
-    """Redis keys of one production line."""
+    """Every Redis key of one production line (streams, counters, heartbeats, the registry's,
+    the updater's lease): built here only, all under the hash tag `glad:{line}`."""
 
     line: str
 
@@ -64,6 +65,15 @@ class Streams:
     def counters(self) -> str:
         """Hash: "{hop}:added" and "{hop}:delivered:{group}" counts."""
         return f"glad:{self.line}:counters"
+
+    def model(self, name: str) -> str:
+        """Registry keys: "current" (the pointer), "versions" (records), "history", "next"."""
+        return f"glad:{self.line}:model:{name}"
+
+    @property
+    def updater_lease(self) -> str:
+        """The online updater's leader lease."""
+        return f"glad:{self.line}:updater:lease"
 
     def done(self, stage: str, frame_id: str) -> str:
         """Marker that `stage` already wrote its output for `frame_id` (idempotent outputs)."""

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cv2
@@ -23,8 +23,8 @@ import numpy as np
 import redis
 
 from glad.errors import GladError
-from pipeline.connection import TRANSIENT, await_redis
 from pipeline.schema import FIELD, Message, pack_array, pack_image
+from pipeline.service import Service
 from pipeline.streams import DEFAULT_MAXLEN, Streams, beat, publish_event, wait_for_room
 from stages.sources import SourceFrame
 
@@ -84,80 +84,71 @@ def publish_frame(client: redis.Redis, line: str, image: np.ndarray | None = Non
     return frame_id
 
 
-class Capture:
-    """Publishes a source's frames to a line until the source ends or `stop` is set."""
+class Capture(Service):
+    """Publishes a source's frames to a line until the source ends or `stop` is set; waits
+    Redis out with the frame in hand (see `pipeline.service.Service`)."""
+
+    name = "capture"
 
     def __init__(self, client: redis.Redis, url: str, line: str, encoding: str = "png",
                  max_backlog: int = 16, stop: threading.Event | None = None):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}")
-        self.client = client
-        self.url = url
+        super().__init__(client, url, stop)
         self.streams = Streams(line)
         self.encoding = encoding
         self.max_backlog = max_backlog
-        self.stop = stop or threading.Event()
         self.session = f"{int(time.time() * 1000):x}"
         self.published = 0
         self.worker = f"capture-{socket.gethostname()}-{os.getpid()}-{self.session[-4:]}"
+        self.camera = "capture"
+        self._frames: Iterator[SourceFrame] = iter(())
+        self._in_hand: tuple[SourceFrame, float] | None = None  # a frame and its capture time
         self._last_heartbeat = 0.0
 
     def run(self, frames: Iterable[SourceFrame]) -> int:
-        """Publish every frame; announce the end of the source on the events stream."""
-        camera = "capture"
-        for frame in frames:
-            if self.stop.is_set():
-                break
-            camera = frame.camera
-            self._send(frame)
-        self._with_redis(lambda: self.client.hdel(self.streams.workers, self.worker))
-        if not self.stop.is_set():
-            self._with_redis(lambda: publish_event(self.client, self.streams, "source_ended",
-                                                   camera=camera, frames=self.published))
-            log.info("source %s ended after %d frames", camera, self.published)
+        """Publish every frame, then announce the end of the source on the events stream;
+        returns how many frames were published."""
+        self._frames = iter(frames)
+        super().run()
         return self.published
 
-    def _send(self, frame: SourceFrame) -> None:
-        captured_at = time.time()
-        meta = {"index": frame.index}
-        if frame.name is not None:
-            meta["name"] = frame.name
-        if frame.label is not None:
-            meta["label"] = frame.label
-        frame_id = f"{frame.camera}-{self.session}-{frame.index:07d}"
-
-        def send() -> None:
-            if not wait_for_room(self.client, self.streams, "frames", self.max_backlog,
-                                 stop=self.stop):
-                return
-            publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,
-                          frame_id=frame_id, camera=frame.camera, meta=meta,
-                          captured_at=captured_at, encoding=self.encoding, max_backlog=None)
-            self.published += 1
-
-        self._with_redis(send)
+    def step(self) -> int:
+        if self._in_hand is None:
+            frame = next(self._frames, None)
+            if frame is None:
+                publish_event(self.client, self.streams, "source_ended", camera=self.camera,
+                              frames=self.published)
+                log.info("source %s ended after %d frames", self.camera, self.published)
+                self.done = True
+                return 0
+            self._in_hand = (frame, time.time())
+        frame, captured_at = self._in_hand
+        self.camera = frame.camera
+        if not wait_for_room(self.client, self.streams, "frames", self.max_backlog,
+                             stop=self.stop_event):
+            return 0
+        meta = {"index": frame.index} | ({"name": frame.name} if frame.name is not None else {}) \
+            | ({"label": frame.label} if frame.label is not None else {})
+        publish_frame(self.client, self.streams.line, image=frame.image, encoded=frame.encoded,
+                      frame_id=f"{frame.camera}-{self.session}-{frame.index:07d}",
+                      camera=frame.camera, meta=meta, captured_at=captured_at,
+                      encoding=self.encoding, max_backlog=None)
+        self._in_hand = None
+        self.published += 1
         if time.monotonic() - self._last_heartbeat > HEARTBEAT_S:
             self._last_heartbeat = time.monotonic()
-            self._with_redis(lambda: self._heartbeat(frame.camera))
+            self._heartbeat()
+        return 1
 
-    def _heartbeat(self, camera: str) -> None:
+    def teardown(self) -> None:
+        self.client.hdel(self.streams.workers, self.worker)
+
+    def _heartbeat(self) -> None:
         """The same record as stage workers write, so `glad status` shows cameras too."""
         beat(self.client, self.streams, self.worker, "capture", int(self.session, 16) / 1000,
              state="running", processed=self.published, deadlettered=0, claimed=0,
-             reconnects=0, model=None, camera=camera)
-
-    def _with_redis(self, action) -> bool:
-        """Run `action`, waiting out Redis outages (the frame in hand is not dropped); False when
-        stopped before it could run."""
-        while not self.stop.is_set():
-            try:
-                action()
-                return True
-            except TRANSIENT as error:
-                log.warning("capture: lost Redis (%s); waiting for it",
-                            str(error).splitlines()[0] if str(error) else type(error).__name__)
-                await_redis(self.client, self.url, self.stop)
-        return False
+             reconnects=self.reconnects, model=None, camera=self.camera)
 
 
 def _format_of(data: bytes) -> str:

@@ -36,8 +36,11 @@ import numpy as np
 from glad import synth
 from glad.errors import GladError
 from glad.images import IMAGE_SUFFIXES, list_images
+from pipeline.connection import Backoff
 
 log = logging.getLogger(__name__)
+# how a live source retries opens and reads (None attempts: forever)
+SOURCE_BACKOFF = Backoff(initial=0.5, maximum=10.0)
 
 LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
 SYNTH_PARAMETERS: dict[str, type] = {
@@ -52,24 +55,6 @@ SYNTH_PARAMETERS: dict[str, type] = {
 
 class SourceError(GladError):
     """A frame source that cannot be opened: missing path, empty folder, bad URI, camera gone for good."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """How a live source retries: waits `initial` seconds, then `factor` times longer, up to `max`.
-
-    `max_attempts` consecutive failures (opens or reads, reset by a successful read) give up with a
-    `SourceError`; None retries forever.
-    """
-
-    initial: float = 0.5
-    factor: float = 2.0
-    max: float = 10.0
-    max_attempts: int | None = None
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the `failures`-th consecutive failure (1-based)."""
-        return min(self.max, self.initial * self.factor ** (failures - 1))
 
 
 @dataclass
@@ -227,7 +212,7 @@ class VideoSource(_Source):
     ) -> None:
         super().__init__(camera)
         self.target, self.live, self.loop = target, live, loop
-        self.reconnect = reconnect or Backoff()
+        self.reconnect = reconnect or SOURCE_BACKOFF
         self._lock = threading.Lock()  # guards the capture: close() may come from another thread
         self._capture: cv2.VideoCapture | None = None
         if not live:  # a file that cannot be read fails now, not at the first frame

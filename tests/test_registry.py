@@ -131,7 +131,7 @@ def test_leftovers_of_interrupted_publishes_are_collected(line, pipeline_model) 
     shutil.rmtree(registry.path(1))  # v1's folder was removed by hand: nothing to collect
     never_recorded = registry.folder / "v0001"
     shutil.copytree(pipeline_model, never_recorded)
-    registry.client.hdel(f"glad:{line.name}:model:versions", "1")
+    registry.client.hdel(line.streams.model("versions"), "1")
     os.utime(never_recorded, (old, old))
     newest_unrecorded = leftover("v0009")  # above every recorded version: kept
     removed = registry.collect_garbage()

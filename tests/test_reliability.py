@@ -114,7 +114,7 @@ def test_redis_restarted_mid_stream(persist, images, pipeline_model, tmp_path) -
             assert published == [30]
             scored = wait_for(lambda: _scored_after_restart(line, persist), timeout=120,
                               what="the stream drained after the restart")
-        reconnects = sum(r.stats.reconnects for r in runners)
+        reconnects = sum(r.reconnects for r in runners)
         ids = [m.frame_id for m in line.entries("scores")]
     finally:
         server.close()

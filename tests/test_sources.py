@@ -15,9 +15,10 @@ import pytest
 
 from glad import synth
 from glad.errors import GladError
-from stages.sources import Backoff, SourceError, SourceFrame, VideoSource, open_source, paced
+from pipeline.connection import Backoff
+from stages.sources import SourceError, SourceFrame, VideoSource, open_source, paced
 
-FAST = Backoff(initial=0.05, max=0.1)
+FAST = Backoff(initial=0.05, maximum=0.1)
 
 
 def _write_video(path: Path, n: int = 10) -> Path:

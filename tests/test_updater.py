@@ -162,7 +162,7 @@ def test_killed_mid_flood_the_updater_resumes_without_losing_or_doubling(line, t
         time.sleep(settle)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
-        line.client.delete(f"glad:{line.name}:updater:lease")  # as if it had lapsed
+        line.client.delete(line.streams.updater_lease)  # as if it had lapsed
     done = subprocess.run(command + ["--once", "--json"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
