@@ -22,28 +22,26 @@ import os
 import shutil
 import time
 import uuid
-import zlib
-from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis
 import torch
-from safetensors.numpy import load_file, save_file
 
 from glad.errors import GladError, ModelFileError
 from glad.model import GladModel
 from glad.online_kmle import OnlineConfig, OnlineGlad, UnsoundUpdateError
-from glad.synth import paste_defect
 from glad.validation import shifted_calibration
-from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig
+from online.examples import FeedbackError, RecentFrames, canary_of
+from online.gate import Example, Gate, GateConfig
+from online.lease import Lease
+from online.state import StateStore, UpdaterState
 from pipeline.errors import MessageError
 from pipeline.feedback import verdict_of
-from pipeline.payloads import message_features, message_validity
 from pipeline.registry import ModelRegistry
-from pipeline.schema import FIELD, Message, decode_entry, unpack_array, unpack_image
+from pipeline.schema import FIELD, Message, decode_entry
 from pipeline.service import Service
 from pipeline.streams import Streams, as_text, beat, deadletter, ensure_group, publish_event
 
@@ -51,25 +49,7 @@ log = logging.getLogger(__name__)
 
 GROUP = "updater"
 CONSUMER = "leader"  # one name: a new leader re-reads what a dead one left pending
-STATE_POINTER = "CURRENT"
 WAIT_FOR_MODEL_S = 30.0  # a line whose model cannot learn online is looked at again this often
-# Renew the lease only if we hold it, else take it if free; 1 when held afterwards.
-_LEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-
-class FeedbackError(GladError):
-    """A confirmation the updater cannot use (unknown, expired, other line...)."""
 
 
 @dataclass(frozen=True)
@@ -83,22 +63,6 @@ class UpdaterConfig:
     lease_ms: int = 15_000
     index_size: int = 5_000  # frames whose score messages are remembered
     applied_memory: int = 10_000  # frame ids remembered as applied (duplicates; > index_size)
-
-
-@dataclass
-class UpdaterState:
-    """What survives a restart, besides the working model itself."""
-
-    version: int  # registry version the working model descends from
-    lineage: list[int]  # versions sharing its reference image (features aligned by them fit)
-    base_components: list[int]  # K per layer of the lineage's first version
-    last_entry: str = "0-0"  # last feedback entry applied
-    applied: list[str] = field(default_factory=list)  # frame ids, oldest first
-    trained: list[str] = field(default_factory=list)  # frames learned since the last publish
-    confirmed_normal: int = 0
-    updates: int = 0
-    dirty: bool = False  # learned since the last gate decision
-    generation: int = 0
 
 
 class Updater(Service):
@@ -115,12 +79,10 @@ class Updater(Service):
         self.config = config or UpdaterConfig()
         self.device = device
         self.worker = worker or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.folder = registry.folder / "updater"
+        self.store = StateStore(registry.folder / "updater", self.worker)
         self.gate = Gate(self.config.gate)
-        self._index: OrderedDict[str, dict] = OrderedDict()
-        self._scores_cursor = "$"
-        self._lease = client.register_script(_LEASE)
-        self._release = client.register_script(_RELEASE)
+        self.recent = RecentFrames(client, streams, self.config.index_size)
+        self.lease = Lease(client, streams.updater_lease, self.worker, self.config.lease_ms)
         self._leading = False
         self._pending = True
         self._applied: set[str] = set()
@@ -143,7 +105,7 @@ class Updater(Service):
         self._leading = False  # (again) re-read the committed state and the pending entries
 
     def teardown(self) -> None:
-        self._release(keys=[self._lease_key], args=[self.worker])
+        self.lease.release()
         self.client.hdel(self.streams.workers, self.worker)
 
     def step(self) -> int:
@@ -151,7 +113,7 @@ class Updater(Service):
         model it cannot learn on waits for another version (ends `once`)."""
         if not self._hold_lease():
             if self._once:
-                raise FeedbackError(f"another updater ({self.holder()}) leads line "
+                raise FeedbackError(f"another updater ({self.lease.current_holder()}) leads line "
                                     f"{self.streams.line}")
             self.stop_event.wait(self.config.lease_ms / 3000)
             return 0
@@ -178,36 +140,23 @@ class Updater(Service):
              model=self.state.version, processed=self.state.confirmed_normal,
              updates=self.state.updates)
 
-    def holder(self) -> str | None:
-        value = self.client.get(self._lease_key)
-        return None if value is None else as_text(value)
-
-    @property
-    def _lease_key(self) -> str:
-        return self.streams.updater_lease
-
-    def _renew(self) -> bool:
-        """Renew (or take) the lease; True while this updater holds it."""
-        return bool(self._lease(keys=[self._lease_key], args=[self.worker, self.config.lease_ms]))
-
     def _hold_lease(self) -> bool:
-        held = self._renew()
+        held = self.lease.renew()
         if held and not self._leading:
             log.info("line %s: updater %s leads", self.streams.line, self.worker)
             self._leading = True
             self._start_leading()
         elif not held and self._leading:
             log.warning("line %s: updater %s lost the lease to %s", self.streams.line,
-                        self.worker, self.holder())
+                        self.worker, self.lease.current_holder())
             self._leading = False
         return held
 
     def _start_leading(self) -> None:
-        for leftover in self.folder.glob(".publish-*"):  # a previous leader's, killed mid-publish
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.store.remove_leftovers()
         self.registry.collect_garbage()
         self._load_state()
-        self._prime_index()
+        self.recent.prime()
         self._pending = True  # first re-read what a previous leader left unacknowledged
         if self.state.dirty:
             self._decide()
@@ -217,7 +166,7 @@ class Updater(Service):
     def apply_batch(self) -> int:
         """Read and apply one batch of confirmations; returns how many entries it handled."""
         self._follow_current()
-        self._refresh_index()
+        self.recent.refresh()
         entries = self._read_feedback()
         if not entries:
             return 0
@@ -231,7 +180,8 @@ class Updater(Service):
                 message = decode_entry(fields, "feedback")
                 verdict = verdict_of(message)
                 self._check(message)
-                example, image = self._example(message.frame_id)
+                example, image = self.recent.example(message.frame_id, self.online.model(),
+                                                     self.state.lineage)
             except (MessageError, FeedbackError, GladError) as error:
                 deadletter(self.client, self.streams, "updater", self.streams.key("feedback"),
                            entry_id, str(error), type(error).__name__, fields.get(FIELD, b""))
@@ -243,7 +193,9 @@ class Updater(Service):
             self.state.confirmed_normal += 1
             if (self.state.confirmed_normal - 1) % self.config.holdback_every == 0:
                 self.gate.held_back.append(example)
-                self._add_canary(example, image)
+                canary = canary_of(example, image, self.online.model())
+                if canary is not None:
+                    self.gate.canaries.append(canary)
             else:
                 learn.append(example)
         self.state.last_entry = as_text(entries[-1][0])
@@ -314,7 +266,7 @@ class Updater(Service):
             candidate.calibration_ = shifted_calibration(self.production.calibration_, threshold)
             candidate.validation_ = None  # the gate's record (provenance) judges this version
             with self._timed("publish"):
-                if record["passed"] and self._renew():  # never publish without the lease
+                if record["passed"] and self.lease.renew():  # never publish without the lease
                     self._publish(candidate, record)
                 else:
                     self._park(candidate, record)
@@ -322,7 +274,7 @@ class Updater(Service):
             self._commit()
 
     def _publish(self, candidate: GladModel, record: dict) -> None:
-        staging = self.folder / f".publish-{self.worker}"
+        staging = self.store.staging()
         shutil.rmtree(staging, ignore_errors=True)
         candidate.save(staging)
         provenance = {"by": "updater", "frames": self.state.trained[-1000:],
@@ -361,13 +313,12 @@ class Updater(Service):
     # --- state ----------------------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        pointer = self.folder / STATE_POINTER
         current = self.registry.current()
         if current is None:
             raise FeedbackError(f"line {self.streams.line} has no model yet; publish one first")
-        if pointer.is_file():
-            folder = self.folder / pointer.read_text().strip()
-            state = UpdaterState(**json.loads((folder / "state.json").read_text()))
+        committed = self.store.latest()
+        if committed is not None:
+            folder, state = committed
             if state.version == current or self._published_by(state, current):
                 self._restore(folder, state)
                 if state.version != current:  # published just before a crash: adopt it
@@ -412,24 +363,11 @@ class Updater(Service):
                                          backbone=working.backbone_)
         self._applied = set(state.applied)
         self.gate = Gate(self.config.gate)
-        memory = folder / "memory.safetensors"
-        if memory.is_file():
-            _restore_examples(load_file(str(memory)), self.gate)
+        self.store.restore_gate(folder, self.gate)
 
     def _commit(self) -> None:
-        """Write the state as a new folder, then switch the pointer to it (atomic rename)."""
         self.state.applied = self.state.applied[-self.config.applied_memory:]
-        name = f"state-{self.state.generation:06d}-{uuid.uuid4().hex[:8]}"
-        folder = self.folder / name
-        self.online.model().save(folder / "model")
-        save_file(_example_arrays(self.gate), str(folder / "memory.safetensors"))
-        (folder / "state.json").write_text(json.dumps(self.state.__dict__))
-        tmp = self.folder / f".{STATE_POINTER}.{self.worker}"
-        tmp.write_text(name)
-        os.replace(tmp, self.folder / STATE_POINTER)
-        for old in self.folder.glob("state-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+        self.store.commit(self.state, self.online.model(), self.gate)
 
     def _follow_current(self) -> None:
         """Start over when someone else moved the line to a version outside our lineage (a new
@@ -457,131 +395,7 @@ class Updater(Service):
         self._applied.add(frame_id)
         self.state.applied.append(frame_id)
 
-    def _prime_index(self) -> None:
-        """Remember the frames scored lately (their stream entries), newest last."""
-        key = self.streams.key("scores")
-        recent = self.client.xrevrange(key, count=self.config.index_size)
-        for _, fields in reversed(recent):
-            self._index_entry(fields)
-        self._scores_cursor = as_text(recent[0][0]) if recent else "0-0"
-
-    def _refresh_index(self) -> None:
-        reply = self.client.xread({self.streams.key("scores"): self._scores_cursor}, count=10_000)
-        for entry_id, fields in (reply[0][1] if reply else []):
-            self._index_entry(fields)
-            self._scores_cursor = as_text(entry_id)
-
-    def _index_entry(self, fields: dict) -> None:
-        try:
-            message = decode_entry(fields, "score")
-        except MessageError:
-            return
-        self._index[message.frame_id] = {"entries": message.meta.get("entries", {}),
-                                         "models": message.models}
-        self._index.move_to_end(message.frame_id)
-        while len(self._index) > self.config.index_size:
-            self._index.popitem(last=False)
-
-    def _example(self, frame_id: str) -> tuple[Example, np.ndarray | None]:
-        """The frame's features and validity in the working model's reference frame, and its
-        registered image when still available (for canaries)."""
-        info = self._index.get(frame_id)
-        if info is None:
-            raise FeedbackError(f"unknown or expired frame id {frame_id!r}: not among the "
-                                f"{len(self._index)} frames scored lately on line "
-                                f"{self.streams.line}")
-        model = self.online.model()
-        size = model.backbone_.spec.input_size
-        entries = info["entries"]
-        same_reference = info["models"].get("align") in self.state.lineage
-        aligned = self._entry("aligned", entries.get("aligned")) if same_reference else None
-        if same_reference:
-            features = self._entry("features", entries.get("features"))
-            if features is not None and features.body["status"] == "ok":
-                image = None if aligned is None else _aligned_image(aligned)
-                return Example(frame_id, message_features(model, features),
-                               message_validity(features, size)), image
-        if aligned is not None and aligned.body["status"] == "ok":
-            image, valid = _aligned_image(aligned), message_validity(aligned, size)
-        else:
-            frame = self._entry("frames", entries.get("frames"))
-            if frame is None:
-                raise FeedbackError(f"frame {frame_id!r} expired: its image, aligned image and "
-                                    "features are no longer in the line's streams")
-            registered, valids, alignments = model.register([unpack_image(frame.body["image"])])
-            if alignments[0] is not None and not alignments[0].ok:
-                raise FeedbackError(f"frame {frame_id!r} cannot be aligned on the reference "
-                                    f"({alignments[0].reason}); it cannot train the model")
-            image, valid = registered[0], valids[0]
-        return Example(frame_id, _extract(model, image), valid), image
-
-    def _entry(self, hop: str, entry_id: str | None) -> Message | None:
-        if not entry_id:
-            return None
-        found = self.client.xrange(self.streams.key(hop), entry_id, entry_id)
-        if not found or not found[0][1]:
-            return None
-        try:
-            return decode_entry(found[0][1])
-        except MessageError:
-            return None
-
-    def _add_canary(self, example: Example, image: np.ndarray | None) -> None:
-        """A synthetic defect pasted on a held-back normal frame (its region: valid pixels of
-        the ROI), so the gate can check recall before any operator confirmed a defect. The
-        defect is drawn from a generator seeded by the frame id, so a restart, a standby or a
-        rerun pastes the same canary and the gate's decision can be reproduced."""
-        if image is None:
-            return
-        model = self.online.model()
-        region = example.valid & model.roi_.numpy()
-        try:
-            rng = np.random.default_rng(zlib.crc32(example.frame_id.encode()))
-            defective, _ = paste_defect(image, region, rng)
-        except (ValueError, RuntimeError) as error:
-            log.info("no canary from frame %s: %s", example.frame_id, error)
-            return
-        self.gate.canaries.append(Example(example.frame_id + CANARY_SUFFIX,
-                                          _extract(model, defective), example.valid))
-
-
-def _extract(model: GladModel, image: np.ndarray) -> list[np.ndarray]:
-    features = model.backbone_.extract(image[None])
-    return [f[0].to(torch.float16).cpu().numpy() for f in features]
-
-
-def _aligned_image(message: Message) -> np.ndarray:
-    return unpack_array(message.body["image"], "image", dtype="uint8", ndim=3)
-
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _example_arrays(gate: Gate) -> dict[str, np.ndarray]:
-    """The gate's held-back frames and canaries as named arrays (a safetensors file)."""
-    arrays = {}
-    for kind, examples in (("held", gate.held_back), ("canary", gate.canaries)):
-        for index, example in enumerate(examples):
-            prefix = f"{kind}.{index:04d}."
-            arrays[prefix + "id"] = np.frombuffer(example.frame_id.encode(), np.uint8).copy()
-            arrays[prefix + "valid"] = np.packbits(example.valid)
-            arrays[prefix + "side"] = np.array([example.valid.shape[0]], np.int64)
-            for layer, array in enumerate(example.features):
-                arrays[prefix + f"f{layer}"] = array
-    return arrays or {"empty": np.zeros(0, np.uint8)}
-
-
-def _restore_examples(arrays: dict[str, np.ndarray], gate: Gate) -> None:
-    for kind, target in (("held", gate.held_back), ("canary", gate.canaries)):
-        prefixes = sorted({k.rsplit(".", 1)[0] for k in arrays if k.startswith(kind + ".")})
-        for prefix in prefixes:
-            side = int(arrays[prefix + ".side"][0])
-            valid = np.unpackbits(arrays[prefix + ".valid"])[: side * side].reshape(side, side)
-            layers = sorted((k for k in arrays if k.startswith(prefix + ".f")),
-                            key=lambda k: int(k.rsplit(".f", 1)[1]))
-            target.append(Example(arrays[prefix + ".id"].tobytes().decode(),
-                                  [arrays[k] for k in layers], valid.astype(bool)))
-
-

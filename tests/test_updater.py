@@ -110,17 +110,17 @@ def test_one_updater_leads_and_a_standby_takes_over(line) -> None:
     leader, standby = updater(line, config, "A"), updater(line, config, "B")
     thread = threading.Thread(target=leader.run, daemon=True)
     thread.start()
-    wait_for(lambda: leader.holder() == "A", what="A leads")
+    wait_for(lambda: leader.lease.current_holder() == "A", what="A leads")
     with pytest.raises(FeedbackError, match="another updater"):
         standby.run(once=True)
     ids = score_frames(line, variant_frames(2), "s")
     leader.stop_event.set()
     thread.join(timeout=30)
     confirm(line.client, line.name, ids[0], "normal")
-    assert leader.holder() is None, "a stopped updater hands its lease over"
+    assert leader.lease.current_holder() is None, "a stopped updater hands its lease over"
     standby.run(once=True)
     assert standby.state.applied == [ids[0]], "the standby did not take over"
-    assert standby.holder() is None
+    assert standby.lease.current_holder() is None
 
 
 def test_a_failing_candidate_is_kept_with_its_reasons_not_published(line) -> None:
