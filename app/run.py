@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,18 +75,38 @@ class RunOptions:
 
 @dataclass
 class Baseline:
-    """Counts of the line before this run started (a line's streams outlive runs)."""
+    """Counts of the line before this run started (a line's streams outlive runs), and the
+    epoch of the line's data in Redis: a new epoch means Redis lost the data (a restart without
+    persistence) and the counts started again from zero."""
 
     added: int
     deadletters: int
     last_event: str
+    epoch: str
 
     @classmethod
     def now(cls, client, streams: Streams) -> Baseline:
         events = client.xrevrange(streams.key("events"), count=1)
         return cls(int(client.hget(streams.counters, "frames:added") or 0),
                    int(client.xlen(streams.key("deadletter"))),
-                   events[0][0].decode() if events else "0")
+                   events[0][0].decode() if events else "0", _epoch(client, streams))
+
+    def follow_reset(self, client, streams: Streams, summary: Summary) -> None:
+        """When the line's data was lost, carry the counts on: what this run published and
+        dead-lettered before the loss stays counted."""
+        epoch = _epoch(client, streams)
+        if epoch == self.epoch:
+            return
+        log.warning("Redis lost the line's data (restarted without persistence?): %d frames "
+                    "published so far, counting on from there", summary.published)
+        self.added, self.deadletters = -summary.published, -summary.deadletters
+        self.epoch = epoch
+
+
+def _epoch(client, streams: Streams) -> str:
+    """The line's data epoch in Redis, created when missing (SET NX: one per loss)."""
+    client.set(streams.epoch, uuid.uuid4().hex, nx=True)
+    return client.get(streams.epoch).decode()
 
 
 @dataclass
@@ -155,6 +176,8 @@ def _run(options: RunOptions) -> Summary:
         client = connect(url)
         streams = Streams(options.line)
         registry = ModelRegistry(options.models, client, streams)
+        if options.fresh and embedded is not None:
+            registry.forget_current()
         skip = _ensure_model(options, registry)
         baseline = Baseline.now(client, streams)
         workers = start_stage_workers(options, url)
@@ -190,8 +213,9 @@ def _ensure_model(options: RunOptions, registry: ModelRegistry) -> int:
         _say(options, f"model {options.model} published as version {version} of line "
                       f"{options.line}")
         return 0
-    if registry.current() is not None:
-        _say(options, f"line {options.line} serves model version {registry.current()}")
+    current = registry.current() or registry.restore()
+    if current is not None:
+        _say(options, f"line {options.line} serves model version {current}")
         return 0
     from glad.model import GladModel
 
@@ -395,12 +419,13 @@ def _check_embedded(embedded: EmbeddedRedis | None) -> None:
 
 def _update(summary: Summary, writer: ResultWriter, client, streams: Streams,
             registry: ModelRegistry, baseline: Baseline) -> None:
+    baseline.follow_reset(client, streams, summary)
     summary.scored = writer.written
     summary.anomalies = writer.anomalies
     summary.latencies = list(writer.latencies)
     summary.published = int(client.hget(streams.counters, "frames:added") or 0) - baseline.added
     summary.deadletters = int(client.xlen(streams.key("deadletter"))) - baseline.deadletters
-    summary.model = registry.current()
+    summary.model = registry.current() or registry.restore()
 
 
 def _source_ended(client, streams: Streams, baseline: Baseline) -> bool:

@@ -313,7 +313,7 @@ class Updater(Service):
     # --- state ----------------------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        current = self.registry.current()
+        current = self.registry.current() or self.registry.restore()
         if current is None:
             raise FeedbackError(f"line {self.streams.line} has no model yet; publish one first")
         committed = self.store.latest()

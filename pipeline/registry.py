@@ -9,6 +9,7 @@ the same `root` (a shared volume).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,13 +19,15 @@ from pathlib import Path
 import msgpack
 import redis
 
-from glad.manifest import read_manifest
+from glad.manifest import MANIFEST, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.streams import Streams, publish_event
 
 log = logging.getLogger(__name__)
 
 STALE_S = 600.0  # a staging copy this old belongs to a publisher that died (copies take seconds)
+POINTER_FILE = "CURRENT"  # the current version, on disk beside the version folders
+RECORD = "record.json"  # a version's registry record, inside its folder
 RETRY_REJECTED_S = 30.0  # a version that failed to load (e.g. files still syncing) is retried
 DEFAULT_ROOT = Path(os.environ.get("GLAD_MODELS", "glad-data/models"))  # --models default
 
@@ -66,6 +69,7 @@ class ModelRegistry:
                   "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
                   "created": time.time(), "note": note, "path": str(target), "parent": parent,
                   "provenance": provenance or {}, "calibration": _calibration_summary(manifest)}
+        (target / RECORD).write_text(json.dumps(record, default=str))  # for `restore`
         self.client.hset(self._versions_key, str(version), msgpack.packb(record))
         self.set_current(version)
         log.info("line %s: model version %d published (%s)", self.streams.line, version, note)
@@ -99,7 +103,44 @@ class ModelRegistry:
         pipe.set(self._current_key, version)
         pipe.rpush(self._history_key, version)
         pipe.execute()
+        self._mark_current(version)
         publish_event(self.client, self.streams, "model_current", version=version)
+
+    def _mark_current(self, version: int) -> None:
+        """The pointer on disk too (atomic replace), so `restore` finds it after Redis lost it."""
+        tmp = self.folder / f".{POINTER_FILE}.{os.getpid()}"
+        tmp.write_text(str(version))
+        os.replace(tmp, self.folder / POINTER_FILE)
+
+    def forget_current(self) -> None:
+        """Remove the on-disk pointer (a line started over: nothing to restore)."""
+        (self.folder / POINTER_FILE).unlink(missing_ok=True)
+
+    def restore(self) -> int | None:
+        """After Redis lost the line's data (a restart without persistence): make the version
+        the folder says was current current again, with every version's record and the number
+        counter. Returns it; None when Redis still has a pointer or the folder has none. Safe to
+        call from many workers at once (the first SET NX wins, the others only read)."""
+        marker = self.folder / POINTER_FILE
+        if self.current() is not None or not marker.is_file():
+            return self.current()
+        version = int(marker.read_text())
+        if not (self.path(version, must_exist=False) / MANIFEST).is_file():
+            return None
+        if not self.client.set(self._current_key, version, nx=True):
+            return self.current()
+        on_disk = []
+        for folder in sorted(self.folder.glob("v[0-9]*")):
+            if folder.name[1:].isdigit() and (folder / MANIFEST).is_file():
+                on_disk.append(int(folder.name[1:]))
+                self.client.hsetnx(self._versions_key, str(on_disk[-1]),
+                                   msgpack.packb(_record_on_disk(folder, int(folder.name[1:]))))
+        self.client.rpush(self._history_key, version)
+        self.client.set(self.streams.model("next"), max(on_disk), nx=True)
+        publish_event(self.client, self.streams, "model_current", version=version, restored=True)
+        log.warning("line %s: Redis had lost the line's records (restarted without persistence?); "
+                    "version %d is current again, from %s", self.streams.line, version, self.folder)
+        return version
 
     def rollback(self) -> int:
         """Make the version that was current before the current one current again (repeatable:
@@ -118,6 +159,7 @@ class ModelRegistry:
             return history[-2]
 
         previous = self.client.transaction(step_back, self._history_key, value_from_callable=True)
+        self._mark_current(previous)
         publish_event(self.client, self.streams, "model_current", version=previous, rollback=True)
         return previous
 
@@ -200,8 +242,9 @@ class ModelFollower:
         return self._previous[version], version
 
     def refresh(self) -> bool:
-        """True when a model is loaded (possibly a new version just now)."""
-        current = self.registry.current()
+        """True when a model is loaded (possibly a new version just now). A line whose pointer
+        Redis lost is restored from the registry folder (`ModelRegistry.restore`)."""
+        current = self.registry.current() or self.registry.restore()
         rejected = self._rejected is not None and self._rejected[0] == current and \
             time.monotonic() - self._rejected[1] < RETRY_REJECTED_S
         if current is None or current == self.version or rejected:
@@ -232,6 +275,18 @@ class ModelFollower:
                 self.model.backbone_.spec.preprocessing_hash()
             backbone = self.model.backbone_ if same else None
         return GladModel.load(path, backbone=backbone, device=self.device)
+
+
+def _record_on_disk(folder: Path, version: int) -> dict:
+    """A version's record as published (record.json), else a minimal one from its manifest."""
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        manifest = read_manifest(folder)
+        return {"version": version, "sha256": manifest.get("arrays_sha256"),
+                "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
+                "note": "restored from disk", "path": str(folder),
+                "calibration": _calibration_summary(manifest)}
 
 
 def _verify(model_dir: Path) -> None:

@@ -45,7 +45,7 @@ def check_line(line: str) -> str:
 @dataclass(frozen=True)
 class Streams:
     """Every Redis key of one production line (streams, counters, heartbeats, the registry's,
-    the updater's lease): built here only, all under the hash tag `glad:{line}`."""
+    the updater's lease): built here only, all under the prefix `glad:LINE:`."""
 
     line: str
 
@@ -69,6 +69,11 @@ class Streams:
     def model(self, name: str) -> str:
         """Registry keys: "current" (the pointer), "versions" (records), "history", "next"."""
         return f"glad:{self.line}:model:{name}"
+
+    @property
+    def epoch(self) -> str:
+        """A token that changes when Redis loses the line's data (see `glad run`'s counts)."""
+        return f"glad:{self.line}:epoch"
 
     @property
     def updater_lease(self) -> str:

@@ -139,3 +139,23 @@ def test_leftovers_of_interrupted_publishes_are_collected(line, pipeline_model) 
     assert not stale_staging.exists() and not never_recorded.exists()
     assert fresh_staging.exists() and unrecorded.exists() and newest_unrecorded.exists()
     assert registry.path(2).is_dir()  # the current version is never touched
+
+
+def test_a_line_redis_forgot_is_restored_from_its_folder(line, pipeline_model) -> None:
+    """Issue 13, hole 8: after a Redis restart without persistence the pointer, the records and
+    the version counter come back from the folder (each version's record.json, CURRENT)."""
+    registry = line.registry()
+    assert registry.publish(pipeline_model, note="second") == 2
+    registry.rollback()
+    for key in line.client.scan_iter(f"glad:{line.name}:*"):
+        line.client.delete(key)
+    assert registry.current() is None
+    assert registry.restore() == 1  # the version current when the data went
+    assert registry.restore() == 1  # idempotent: nothing more to do
+    assert [r["version"] for r in registry.versions()] == [1, 2]
+    assert registry.record(2)["note"] == "second"
+    assert registry.publish(pipeline_model) == 3  # numbering goes on
+    registry.forget_current()
+    for key in line.client.scan_iter(f"glad:{line.name}:*"):
+        line.client.delete(key)
+    assert registry.restore() is None  # a line started over has nothing to restore

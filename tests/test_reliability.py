@@ -108,8 +108,9 @@ def test_redis_restarted_mid_stream(persist, images, pipeline_model, tmp_path) -
             server.stop(kill=True)  # a crash: no shutdown save
             time.sleep(1.0)
             server.start()
-            if not persist:  # the registry pointer went with the data: publish the model again
-                line = Line.create("restart", server.url, tmp_path / "models", pipeline_model)
+            if not persist:  # the pointer went with the data: the workers restore it (hole 8)
+                wait_for(lambda: line.registry().current() == 1, what="the pointer restored")
+                assert [r["version"] for r in line.registry().versions()] == [1]
             thread.join(timeout=120)
             assert published == [30]
             scored = wait_for(lambda: _scored_after_restart(line, persist), timeout=120,
@@ -187,3 +188,23 @@ def test_redis_auth_from_the_url(tmp_path) -> None:
             connect(wrong, wait=1.0)
         client = connect(server.url.replace("unix://", "unix://:s3cret@"), wait=1.0)
         assert client.ping()
+
+
+def test_glad_run_counts_on_when_redis_loses_the_line(redis_server) -> None:
+    """Issue 13, hole 8: frames:added restarted from zero after a restart without persistence,
+    so the run's end condition (scored >= published) fired early and it reported success."""
+    from app.run import Baseline, Summary
+
+    line = Line.create("epoch", redis_server.url, None, None)
+    client, streams = line.client, line.streams
+    client.hset(streams.counters, "frames:added", 5)
+    baseline = Baseline.now(client, streams)
+    client.hincrby(streams.counters, "frames:added", 12)
+    summary = Summary(published=12, deadletters=1)
+    baseline.follow_reset(client, streams, summary)
+    assert baseline.added == 5  # same epoch: nothing to carry
+    for key in client.scan_iter(f"glad:{line.name}:*"):  # what a restart without AOF loses
+        client.delete(key)
+    client.hset(streams.counters, "frames:added", 3)  # frames published since the restart
+    baseline.follow_reset(client, streams, summary)
+    assert 3 - baseline.added == 15  # 12 before the loss and 3 after
