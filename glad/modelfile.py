@@ -58,6 +58,9 @@ def save_model(model, path: Path) -> Path:
         }
         if mix.stats is not None:
             arrays |= {prefix + "stats." + name: getattr(mix.stats, name) for name in _STATS}
+            # the scatters are most of the file: float32 on disk (7 significant digits, far
+            # below what OAS shrinkage and decay change), float64 again in memory for merges
+            arrays[prefix + "stats.scatter"] = mix.stats.scatter.astype(np.float32)
         if layer.local is not None:
             arrays |= {
                 prefix + "local.indptr": layer.local.indptr,
@@ -174,7 +177,8 @@ def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool):
         )
         stats = None
         if prefix + "stats.weight" in arrays:
-            stats = ComponentStats(**{name: arrays[prefix + "stats." + name] for name in _STATS},
+            stats = ComponentStats(**{name: arrays[prefix + "stats." + name].astype(np.float64)
+                                      for name in _STATS},
                                    mean=means, support=arrays[prefix + "image_support"])
         mixture = GaussianMixture(weights, means, covariances=_covariances(whiteners),
                                   counts=arrays[prefix + "counts"],

@@ -259,11 +259,12 @@ def test_glad_max_pixels_flag(tmp_path: Path, capsys, monkeypatch) -> None:
     from app.cli import main
     from glad.images import MAX_PIXELS_ENV
 
-    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    # main() sets the variable for the workers it starts; setenv first, so the test's teardown
+    # restores the environment as it was (unset) whatever main() wrote
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(MAX_PIXELS))
     frame = tmp_path / "frame.png"
     frame.write_bytes(cv2.imencode(".png", gradient(100, 100))[1].tobytes())
     code = main(["--max-pixels", "5000", "score", str(tmp_path / "no-model"), str(frame)])
     assert code == 2 and os.environ[MAX_PIXELS_ENV] == "5000"
-    monkeypatch.delenv(MAX_PIXELS_ENV)
     assert main(["--max-pixels", "7", "score", str(tmp_path / "no-model"), str(frame)]) == 2
     assert "expected a pixel count" in capsys.readouterr().err
