@@ -127,16 +127,16 @@ class ModelRegistry:
         version = int(marker.read_text())
         if not (self.path(version, must_exist=False) / MANIFEST).is_file():
             return None
-        if not self.client.set(self._current_key, version, nx=True):
-            return self.current()
-        on_disk = []
+        on_disk = []  # records first (any worker may write them): a pointer never precedes them
         for folder in sorted(self.folder.glob("v[0-9]*")):
             if folder.name[1:].isdigit() and (folder / MANIFEST).is_file():
                 on_disk.append(int(folder.name[1:]))
                 self.client.hsetnx(self._versions_key, str(on_disk[-1]),
-                                   msgpack.packb(_record_on_disk(folder, int(folder.name[1:]))))
-        self.client.rpush(self._history_key, version)
+                                   msgpack.packb(_record_on_disk(folder, on_disk[-1])))
         self.client.set(self.streams.model("next"), max(on_disk), nx=True)
+        if not self.client.set(self._current_key, version, nx=True):
+            return self.current()
+        self.client.rpush(self._history_key, version)
         publish_event(self.client, self.streams, "model_current", version=version, restored=True)
         log.warning("line %s: Redis had lost the line's records (restarted without persistence?); "
                     "version %d is current again, from %s", self.streams.line, version, self.folder)
