@@ -14,7 +14,7 @@ import torch
 
 from glad.errors import GladError
 from glad.model import GladModel
-from glad.synth import paste_defect
+from glad.validation import make_canaries
 from online.gate import CANARY_SUFFIX, Example, Gate
 from pipeline.errors import MessageError
 from pipeline.payloads import message_features, message_validity
@@ -111,19 +111,18 @@ class RecentFrames:
 
 def canary_of(example: Example, image: np.ndarray | None, model: GladModel) -> Example | None:
     """A synthetic defect pasted on a held-back normal frame (its region: valid pixels of the
-    ROI), so the gate can check recall before any operator confirmed a defect. The defect is
-    drawn from a generator seeded by the frame id, so a restart, a standby or a rerun pastes the
-    same canary and the gate's decision can be reproduced. None without an image."""
+    ROI) the way a fit makes its canaries (`glad.validation.make_canaries`), so the gate can
+    check recall before any operator confirmed a defect. The defect is drawn from a generator
+    seeded by the frame id, so a restart, a standby or a rerun pastes the same canary and the
+    gate's decision can be reproduced. None without an image."""
     if image is None:
         return None
     region = example.valid & model.roi_.numpy()
-    try:
-        rng = np.random.default_rng(zlib.crc32(example.frame_id.encode()))
-        defective, _ = paste_defect(image, region, rng)
-    except (ValueError, RuntimeError) as error:
-        log.info("no canary from frame %s: %s", example.frame_id, error)
+    canaries, _ = make_canaries([image], [region], seed=zlib.crc32(example.frame_id.encode()))
+    if not canaries:
+        log.info("no canary from frame %s: no defect fits its valid region", example.frame_id)
         return None
-    return Example(example.frame_id + CANARY_SUFFIX, extract(model, defective), example.valid)
+    return Example(example.frame_id + CANARY_SUFFIX, extract(model, canaries[0]), example.valid)
 
 
 def extract(model: GladModel, image: np.ndarray) -> list[np.ndarray]:

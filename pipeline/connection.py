@@ -1,4 +1,5 @@
-"""Redis connections: from `REDIS_URL` (AUTH and TLS through the URL) or an embedded server.
+"""Redis connections: from `REDIS_URL` (AUTH and TLS through the URL) or an embedded server;
+a URL of any node of a Redis Cluster gives a cluster client (a line's keys share one hash slot).
 
 `connect` never hangs silently and never spams tracebacks: while Redis is unreachable it logs one
 line per attempt and retries with exponential backoff, then gives up with `RedisUnavailableError`
@@ -74,7 +75,19 @@ def connect(url: str, wait: float | None = 30.0, backoff: Backoff = Backoff(),
     except ValueError as error:
         raise RedisUnavailableError(f"bad Redis URL {redact(url)!r}: {error}") from None
     wait_until_reachable(client, url, wait, backoff, stop)
+    if _cluster_enabled(client):  # any node's address will do: the client finds the others
+        client.close()
+        client = redis.RedisCluster.from_url(url, **tcp)
+        wait_until_reachable(client, url, wait, backoff, stop)
     return client
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a Redis Cluster node (INFO's cluster section)."""
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:  # a proxy or server that hides INFO
+        return False
 
 
 def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.0,
@@ -132,6 +145,10 @@ def credentials_refused(error: Exception) -> bool:
 def client_url(client: redis.Redis) -> str:
     """The URL a client connects to, rebuilt from its connection settings (with the password,
     which `redact` removes before anything is logged)."""
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_default_node()
+        settings = node.redis_connection.connection_pool.connection_kwargs
+        return f"redis://{settings.get('host', node.host)}:{settings.get('port', node.port)}/0"
     settings = client.connection_pool.connection_kwargs
     password = settings.get("password")
     auth = f":{urllib.parse.quote(str(password), safe='')}@" if password else ""

@@ -10,14 +10,18 @@ this way in `line_store` (beside the model folders), so a second run, `glad stat
 from __future__ import annotations
 
 import atexit
+import bisect
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from pipeline.errors import RedisUnavailableError
 
@@ -69,12 +73,13 @@ class EmbeddedRedis:
     """
 
     def __init__(self, run_dir: str | Path | None = None, persist: bool = False, port: int = 0,
-                 maxmemory: str | None = None):
+                 maxmemory: str | None = None, extra: list[str] | None = None):
         self._owns_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="glad-redis-"))
         self.persist = persist
         self.port = port
         self.maxmemory = maxmemory
+        self.extra = list(extra or [])  # more redis-server options
         self.process: subprocess.Popen | None = None
 
     @property
@@ -101,6 +106,7 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory]
+        args += self.extra
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop)
@@ -153,3 +159,83 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+CLUSTER_SLOTS = 16384
+
+
+class EmbeddedCluster:
+    """A local Redis Cluster of `masters` nodes (no replicas) from the same bundled binary, on
+    free TCP ports of 127.0.0.1: for tests and benchmarks of sharded lines. `url` is any node's
+    address; `connect` turns it into a cluster client."""
+
+    def __init__(self, run_dir: str | Path | None = None, masters: int = 3):
+        self._owns_dir = run_dir is None
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="glad-cluster-"))
+        self.nodes = [EmbeddedRedis(self.run_dir / f"node{i}", port=_free_port(),
+                                    extra=["--cluster-enabled", "yes", "--cluster-config-file",
+                                           "nodes.conf", "--cluster-node-timeout", "5000"])
+                      for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> EmbeddedCluster:
+        """Start the nodes, share the slots out evenly, introduce them, wait until it serves."""
+        for node in self.nodes:
+            node.start()
+        clients = [redis.Redis(unix_socket_path=str(node.socket)) for node in self.nodes]
+        bounds = self._bounds()
+        for client, first, end in zip(clients, bounds, bounds[1:], strict=False):
+            client.execute_command("CLUSTER ADDSLOTS", *range(first, end))
+        for node in self.nodes[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+        deadline = time.monotonic() + STARTUP_TIMEOUT * 3
+        while time.monotonic() < deadline:
+            states = [c.execute_command("CLUSTER INFO") for c in clients]
+            if all(_cluster_ok(state, len(self.nodes)) for state in states):
+                for client in clients:
+                    client.close()
+                return self
+            time.sleep(0.05)
+        raise RedisUnavailableError(f"the local cluster in {self.run_dir} did not form within "
+                                    f"{STARTUP_TIMEOUT * 3:.0f} s")
+
+    def node_of(self, key: str) -> int:
+        """Which node (index) serves `key`'s slot."""
+        return bisect.bisect_right(self._bounds(), key_slot(key.encode())) - 1
+
+    def _bounds(self) -> list[int]:
+        return [CLUSTER_SLOTS * i // len(self.nodes) for i in range(len(self.nodes) + 1)]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        if self._owns_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _cluster_ok(info: dict, nodes: int) -> bool:
+    """Whether a node's CLUSTER INFO says the cluster serves every slot with all `nodes`."""
+    return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == nodes
+
+
+def _free_port() -> int:
+    """A free port whose cluster bus port (port + 10000, at most 65535) is free as well."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 50000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port

@@ -135,6 +135,9 @@ class StageRunner(Service):
 
     def bootstrap(self) -> None:
         ensure_group(self.client, self._input, self.stage.name)
+        # in a transaction the script runs by its digest: load it (a cluster's pipelines do not,
+        # and a Redis restarted without persistence forgot it)
+        self.client.script_load(WRITE_ONCE)
         self._pending_cursor = "0"
         prune_heartbeats(self.client, self.streams)
         self._heartbeat(force=True)

@@ -1,6 +1,7 @@
 """Stream names per production line, consumer groups, lag counters and the events stream.
 
-Every key of a line starts with `glad:{line}:`, so many lines share one Redis. Redis 6.2 (the
+Every key of a line starts with `glad:{LINE}:` (braces included: a Redis Cluster hash tag), so
+many lines share one Redis, or spread over a cluster. Redis 6.2 (the
 bundled server) has no per-group lag, so writers count what they add to each stream and readers
 count what their group was delivered, in one hash; lag = added - delivered. The counts also give
 backpressure: a stage stops reading while its output's consumers lag too far behind, so MAXLEN
@@ -45,44 +46,51 @@ def check_line(line: str) -> str:
 @dataclass(frozen=True)
 class Streams:
     """Every Redis key of one production line (streams, counters, heartbeats, the registry's,
-    the updater's lease): built here only, all under the prefix `glad:LINE:`."""
+    the updater's lease): built here only, all under `prefix`."""
 
     line: str
 
     def __post_init__(self) -> None:
         check_line(self.line)
 
+    @property
+    def prefix(self) -> str:
+        """`glad:{LINE}:`, the start of every key of the line. The braces are a Redis Cluster
+        hash tag: all of a line's keys live in one slot, so its transactions, scripts and
+        multi-stream reads work on a cluster, and lines spread over the nodes."""
+        return f"glad:{{{self.line}}}:"
+
     def key(self, hop: str) -> str:
         """The stream of a hop: frames, aligned, features, scores, feedback, deadletter, events."""
-        return f"glad:{self.line}:{hop}"
+        return f"{self.prefix}{hop}"
 
     @property
     def workers(self) -> str:
         """Hash: worker name -> msgpack heartbeat."""
-        return f"glad:{self.line}:workers"
+        return f"{self.prefix}workers"
 
     @property
     def counters(self) -> str:
         """Hash: "{hop}:added" and "{hop}:delivered:{group}" counts."""
-        return f"glad:{self.line}:counters"
+        return f"{self.prefix}counters"
 
     def model(self, name: str) -> str:
         """Registry keys: "current" (the pointer), "versions" (records), "history", "next"."""
-        return f"glad:{self.line}:model:{name}"
+        return f"{self.prefix}model:{name}"
 
     @property
     def epoch(self) -> str:
         """A token that changes when Redis loses the line's data (see `glad run`'s counts)."""
-        return f"glad:{self.line}:epoch"
+        return f"{self.prefix}epoch"
 
     @property
     def updater_lease(self) -> str:
         """The online updater's leader lease."""
-        return f"glad:{self.line}:updater:lease"
+        return f"{self.prefix}updater:lease"
 
     def done(self, stage: str, frame_id: str) -> str:
         """Marker that `stage` already wrote its output for `frame_id` (idempotent outputs)."""
-        return f"glad:{self.line}:done:{stage}:{frame_id}"
+        return f"{self.prefix}done:{stage}:{frame_id}"
 
     def lag(self, client: redis.Redis, hop: str, group: str) -> int:
         """Entries of `hop` not yet delivered to `group`."""

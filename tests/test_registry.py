@@ -147,7 +147,7 @@ def test_a_line_redis_forgot_is_restored_from_its_folder(line, pipeline_model) -
     registry = line.registry()
     assert registry.publish(pipeline_model, note="second") == 2
     registry.rollback()
-    for key in line.client.scan_iter(f"glad:{line.name}:*"):
+    for key in line.client.scan_iter(line.streams.prefix + "*"):
         line.client.delete(key)
     assert registry.current() is None
     assert registry.restore() == 1  # the version current when the data went
@@ -156,6 +156,6 @@ def test_a_line_redis_forgot_is_restored_from_its_folder(line, pipeline_model) -
     assert registry.record(2)["note"] == "second"
     assert registry.publish(pipeline_model) == 3  # numbering goes on
     registry.forget_current()
-    for key in line.client.scan_iter(f"glad:{line.name}:*"):
+    for key in line.client.scan_iter(line.streams.prefix + "*"):
         line.client.delete(key)
     assert registry.restore() is None  # a line started over has nothing to restore
