@@ -38,6 +38,7 @@ from pipeline.streams import (
     deadletter,
     ensure_group,
     heartbeats,
+    trim_finished,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ return 1
 """
 
 
+UNTRIMMED = 2**62  # MAXLEN for writes that `trim_finished` trims afterwards
 FORGET_AFTER_S = 3600.0  # a worker silent this long is dropped from the heartbeat table
 
 
@@ -314,17 +316,19 @@ class StageRunner(Service):
         """Outputs, dead letters and acknowledgements in one transaction."""
         pipe = self.client.pipeline(transaction=True)
         now = time.time()
+        maxlen = self.config.maxlen.get(self.stage.output, 10_000)
+        trim_later = self.stage.output in PIPELINE_GROUPS  # never below what its stage holds
         if writes:
             out = self.streams.key(self.stage.output)
-            maxlen = self.config.maxlen.get(self.stage.output, 10_000)
+            cap = UNTRIMMED if trim_later else maxlen
             for message in writes:
                 message.stamps[self.stage.name] = now
                 if self.stage.idempotent:
                     self._write_once(keys=[out, self.streams.done(self.stage.name, message.frame_id)],
-                                     args=[message.encode(), maxlen, self.config.done_ttl_s],
+                                     args=[message.encode(), cap, self.config.done_ttl_s],
                                      client=pipe)
                 else:
-                    pipe.xadd(out, {FIELD: message.encode()}, maxlen=maxlen, approximate=True)
+                    pipe.xadd(out, {FIELD: message.encode()}, maxlen=cap, approximate=True)
             pipe.hincrby(self.streams.counters, f"{self.stage.output}:added", len(writes))
         for entry_id, fields, reason, error_type in dead:
             deadletter(pipe, self.streams, self.stage.name, self._input, entry_id, reason,
@@ -333,6 +337,8 @@ class StageRunner(Service):
         if ack:
             pipe.xack(self._input, self.stage.name, *ack)
         pipe.execute()
+        if writes and trim_later:
+            trim_finished(self.client, self.streams, self.stage.output, maxlen)
         self.stats.written += len(writes)
         self.stats.deadlettered += len(dead)
 

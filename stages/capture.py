@@ -25,7 +25,14 @@ import redis
 from glad.errors import GladError
 from pipeline.schema import FIELD, Message, pack_array, pack_image
 from pipeline.service import Service
-from pipeline.streams import DEFAULT_MAXLEN, Streams, beat, publish_event, wait_for_room
+from pipeline.streams import (
+    DEFAULT_MAXLEN,
+    Streams,
+    beat,
+    publish_event,
+    trim_finished,
+    wait_for_room,
+)
 from stages.sources import SourceFrame
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ ENCODINGS = ("png", "jpeg", "raw")
 HEARTBEAT_S = 2.0
 PRODUCER_BACKLOG = 256  # frames in flight an external producer may run ahead of align
 PRODUCER_TIMEOUT_S = 30.0  # how long publish_frame waits for room before raising Backpressure
-TRIM_SLACK = 200  # entries approximate MAXLEN trimming may keep above or cut below maxlen
+TRIM_SLACK = 200  # entries approximate trimming may keep above maxlen (whole nodes of 100)
 
 
 def encode_frame(image: np.ndarray, encoding: str = "png") -> dict:
@@ -78,9 +85,10 @@ def publish_frame(client: redis.Redis, line: str, image: np.ndarray | None = Non
                       meta=dict(meta or {}))
     message.stamps["capture"] = time.time()
     pipe = client.pipeline(transaction=True)
-    pipe.xadd(streams.key("frames"), {FIELD: message.encode()}, maxlen=maxlen, approximate=True)
+    pipe.xadd(streams.key("frames"), {FIELD: message.encode()})
     pipe.hincrby(streams.counters, "frames:added", 1)
     pipe.execute()
+    trim_finished(client, streams, "frames", maxlen)
     return frame_id
 
 

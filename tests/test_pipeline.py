@@ -209,3 +209,24 @@ def test_frames_in_flight_at_a_swap_are_scored_by_the_version_that_aligned_them(
     for frame_id, message in by_id.items():
         expected = (1, v1) if frame_id.startswith("inflight") else (2, v1 + 5.0)
         assert (message.models["score"], message.body["threshold"]) == pytest.approx(expected)
+
+
+def test_trimming_never_drops_an_entry_still_pending_for_a_dead_worker(line) -> None:
+    """bench_soak found frames lost as 'entry trimmed (MAXLEN) before it was processed': a dead
+    worker's pending entries waited for a claim while more than MAXLEN newer ones went by."""
+    from pipeline.streams import ensure_group
+
+    key = line.streams.key("frames")
+    ensure_group(line.client, key, "align")
+    tiny = np.zeros((32, 32, 3), np.uint8)
+    publish_frame(line.client, line.name, image=tiny, frame_id="held", max_backlog=None, maxlen=50)
+    (held,) = line.client.xreadgroup("align", "dead-worker", {key: ">"}, count=1)[0][1]
+    for index in range(300):  # a live worker keeps up with everything newer
+        publish_frame(line.client, line.name, image=tiny, frame_id=f"n{index}",
+                      max_backlog=None, maxlen=50)
+        ((_, entries),) = line.client.xreadgroup("align", "live-worker", {key: ">"}, count=10)
+        line.client.xack(key, "align", *[entry_id for entry_id, _ in entries])
+    assert line.client.xrange(key, held[0], held[0])  # still there for the claim
+    line.client.xack(key, "align", held[0])  # claimed and finished at last
+    publish_frame(line.client, line.name, image=tiny, frame_id="last", max_backlog=None, maxlen=50)
+    assert line.client.xlen(key) <= 50 + 100  # once finished, it goes too (whole nodes of 100)
