@@ -54,6 +54,7 @@ FIT_FRAMES = 24
 DISTINCT_FRAMES = 64  # rendered once, sent round-robin under unique frame ids
 STALL_S = 300.0  # give up when nothing is scored or dead-lettered for this long
 POISON = b"\x89PNG\r\n\x1a\n this is not an image"
+PIPELINE_HOPS = {Streams(LINE).key(hop) for hop in ("frames", "aligned", "features")}
 
 
 def fit_model(path: Path) -> None:
@@ -167,11 +168,14 @@ def outcome(client, streams: Streams, sent: list[str]) -> dict:
 
 
 def _dead_frame(fields: dict) -> str | None:
-    """The frame id of a dead letter's original message (None when it is not one of ours)."""
+    """The frame id of a dead letter parked by a pipeline stage (None for anything else: the
+    updater's refused confirmations are feedback, not frames)."""
     import msgpack
 
     try:
         record = msgpack.unpackb(fields[b"m"], raw=False)
+        if record["stream"] not in PIPELINE_HOPS:
+            return None
         return decode_entry({b"m": record["payload"]}).frame_id
     except Exception:
         return None
