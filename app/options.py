@@ -51,8 +51,9 @@ def line_url(args) -> str:
     """The Redis URL of a command that reads or edits a line's records (status, models): as
     `required_url`, else the line `glad run` keeps beside the model folders (its server while a
     run goes on, else one started on its data for the life of this command)."""
-    if redis_url(args.redis_url) is not None:
-        return required_url(args)
+    url = redis_url(args.redis_url)
+    if url is not None:
+        return url
     store = line_store(args.models)
     if not store.is_dir():
         raise PipelineError(f"no Redis: pass --redis-url or set REDIS_URL (no line of `glad run` "

@@ -47,6 +47,12 @@ class Backoff:
             yield self.delay(failures)
 
 
+def first_line(error: Exception) -> str:
+    """An error's first line, or its type when it has no text (for one-line logs)."""
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def redis_url(url: str | None = None) -> str | None:
     """The Redis URL to use: `url`, else `REDIS_URL`, else None (start an embedded server)."""
     return url or os.environ.get("REDIS_URL") or None
@@ -108,7 +114,7 @@ def wait_until_reachable(client: redis.Redis, url: str, wait: float | None = 30.
             raise RedisUnavailableError(f"Redis at {redact(url)} refused the credentials: "
                                         f"{text}") from None
         except TRANSIENT as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise RedisUnavailableError(f"Redis at {redact(url)} is unreachable ({reason}); "
                                             "check REDIS_URL or unset it to use the embedded "

@@ -65,10 +65,7 @@ class ModelRegistry:
         manifest = read_manifest(source)  # refuses anything that is not a GLAD model
         _verify(source)
         version, target = self._claim_folder(source)
-        record = {"version": version, "sha256": manifest.get("arrays_sha256"),
-                  "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
-                  "created": time.time(), "note": note, "path": str(target), "parent": parent,
-                  "provenance": provenance or {}, "calibration": _calibration_summary(manifest)}
+        record = _record(manifest, version, target, note, parent, provenance or {})
         (target / RECORD).write_text(json.dumps(record, default=str))  # for `restore`
         self.client.hset(self._versions_key, str(version), msgpack.packb(record))
         self.set_current(version)
@@ -121,9 +118,9 @@ class ModelRegistry:
         the folder says was current current again, with every version's record and the number
         counter. Returns it; None when Redis still has a pointer or the folder has none. Safe to
         call from many workers at once (the first SET NX wins, the others only read)."""
-        marker = self.folder / POINTER_FILE
-        if self.current() is not None or not marker.is_file():
-            return self.current()
+        marker, current = self.folder / POINTER_FILE, self.current()
+        if current is not None or not marker.is_file():
+            return current
         version = int(marker.read_text())
         if not (self.path(version, must_exist=False) / MANIFEST).is_file():
             return None
@@ -282,11 +279,16 @@ def _record_on_disk(folder: Path, version: int) -> dict:
     try:
         return json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
-        manifest = read_manifest(folder)
-        return {"version": version, "sha256": manifest.get("arrays_sha256"),
-                "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
-                "note": "restored from disk", "path": str(folder),
-                "calibration": _calibration_summary(manifest)}
+        return _record(read_manifest(folder), version, folder, "restored from disk")
+
+
+def _record(manifest: dict, version: int, path: Path, note: str, parent: int | None = None,
+            provenance: dict | None = None) -> dict:
+    """The registry's record of a version: what `glad models list` and the dashboard show."""
+    return {"version": version, "sha256": manifest.get("arrays_sha256"),
+            "backbone": manifest["backbone"]["name"], "threshold": manifest["threshold"],
+            "created": time.time(), "note": note, "path": str(path), "parent": parent,
+            "provenance": provenance or {}, "calibration": _calibration_summary(manifest)}
 
 
 def _verify(model_dir: Path) -> None:

@@ -336,9 +336,11 @@ class StageRunner(Service):
                        self.config.maxlen.get("deadletter", DEFAULT_MAXLEN["deadletter"]))
         if ack:
             pipe.xack(self._input, self.stage.name, *ack)
-        pipe.execute()
         if writes and trim_later:
-            trim_finished(self.client, self.streams, self.stage.output, maxlen)
+            pipe.xlen(self.streams.key(self.stage.output))
+        replies = pipe.execute()
+        if writes and trim_later:
+            trim_finished(self.client, self.streams, self.stage.output, replies[-1], maxlen)
         self.stats.written += len(writes)
         self.stats.deadlettered += len(dead)
 

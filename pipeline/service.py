@@ -23,6 +23,7 @@ from pipeline.connection import (
     await_redis,
     client_url,
     credentials_refused,
+    first_line,
 )
 from pipeline.errors import RedisUnavailableError
 
@@ -121,9 +122,3 @@ class Service:
     def _refused(self, error: Exception) -> RedisUnavailableError:
         return RedisUnavailableError(f"{self.name}: Redis refused the credentials "
                                      f"({first_line(error)})")
-
-
-def first_line(error: Exception) -> str:
-    """An error's first line, or its type when it has no text (for one-line logs)."""
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__

@@ -121,14 +121,16 @@ class Streams:
         return self.lag(client, hop, group) + pending
 
 
-def trim_finished(client: redis.Redis, streams: Streams, hop: str, maxlen: int) -> None:
+def trim_finished(client: redis.Redis, streams: Streams, hop: str, length: int,
+                  maxlen: int) -> None:
     """Keep a pipeline hop (frames, aligned, features) near `maxlen` entries without ever
     trimming one its stage has not finished: when it is longer, the entries older than the
     oldest unfinished one go (approximately, whole nodes). MAXLEN alone trimmed entries still
     pending for a worker that died, when the claims took longer than `maxlen` newer entries
-    (bench_soak found 7 of 1,500 frames lost that way)."""
+    (bench_soak found 7 of 1,500 frames lost that way). `length` is the hop's length, which
+    writers read in the transaction of their append (no extra round trip)."""
     key = streams.key(hop)
-    if client.xlen(key) > maxlen:
+    if length > maxlen:
         client.xtrim(key, minid=_unfinished_floor(client, key, PIPELINE_GROUPS[hop]),
                      approximate=True)
 
@@ -155,10 +157,11 @@ def wait_for_room(client: redis.Redis, streams: Streams, hop: str, max_backlog: 
     append can never push an unfinished entry past MAXLEN). False when `stop` was set first;
     raises Backpressure after `timeout` seconds (None: wait as long as it takes)."""
     group = PIPELINE_GROUPS[hop]
+    stop = stop or threading.Event()  # never set: a plain wait
     deadline = None if timeout is None else time.monotonic() + timeout
     last_reconcile = time.monotonic()
     while streams.in_flight(client, hop, group) > max_backlog:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             return False
         if deadline is not None and time.monotonic() >= deadline:
             raise Backpressure(f"line {streams.line}: the {group} stage has had more than "
@@ -167,10 +170,7 @@ def wait_for_room(client: redis.Redis, streams: Streams, hop: str, max_backlog: 
         if time.monotonic() - last_reconcile > 1.0:  # counters may have drifted up
             streams.reconcile(client, hop, group)
             last_reconcile = time.monotonic()
-        if stop is not None:
-            stop.wait(BACKLOG_POLL_S)
-        else:
-            time.sleep(BACKLOG_POLL_S)
+        stop.wait(BACKLOG_POLL_S)
     return True
 
 

@@ -87,8 +87,8 @@ def publish_frame(client: redis.Redis, line: str, image: np.ndarray | None = Non
     pipe = client.pipeline(transaction=True)
     pipe.xadd(streams.key("frames"), {FIELD: message.encode()})
     pipe.hincrby(streams.counters, "frames:added", 1)
-    pipe.execute()
-    trim_finished(client, streams, "frames", maxlen)
+    pipe.xlen(streams.key("frames"))
+    trim_finished(client, streams, "frames", pipe.execute()[-1], maxlen)
     return frame_id
 
 
