@@ -35,6 +35,12 @@ CANDIDATES = 12
 # float32 cancellation misplaces it by more than RANKED - 1 places (never seen on real layers).
 RANKED = 12
 EXPANDED_BUDGET = 1 << 22  # expanded row values ([vech(t t^T), t, 1]) in one ranking chunk
+# On the CPU, costs of layers up to this width come from the expanded form in float64 (exact to
+# float32 rounding, unlike the float32 expanded form) in chunks of at least EXACT_EXPANDED_ROWS
+# rows: against the whitened form on Lite0's layers, 0.43x the time at d = 24, 0.63x at d = 40,
+# but 1.2x at d = 112 (2-core CPU, 60 000 vectors, K = 254 / 254 / 192).
+EXACT_EXPANDED_MAX_DIM = 48
+EXACT_EXPANDED_ROWS = 2048
 
 
 # --- OAS (spec §2.3) ----------------------------------------------------------------------------
@@ -289,22 +295,30 @@ def iter_costs(
     x: torch.Tensor, factors: MixtureFactors, budget: int = COST_BUDGET
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, costs) with costs[i, k] = D_k(x_i) + logdet_k, float32, in row chunks of
-    budget / (K d) rows.
+    budget / (K d) rows (or an integer multiple of that, see below).
 
     GEMMs against the whiteners stacked, with -b_k folded in through a constant column, so
     W_k u - b_k costs no extra pass over memory (the "subtract then multiply" form of §2.6,
     without the cancellation-prone expanded quadratic). On the CPU the components go in groups
     of about WHITENED_COLUMNS whitened values, so each block of W u - b stays in cache while its
-    norms are taken (measured 2-3x faster than one wide GEMM, bench/README.md).
+    norms are taken (measured 2-3x faster than one wide GEMM, bench/README.md). Narrow layers on
+    the CPU (d <= EXACT_EXPANDED_MAX_DIM) take the expanded form in float64 instead, in chunks
+    of a whole multiple of the budget's rows (so a caller's alignment of rows is kept).
     """
     k, d = factors.n_components, factors.dim
+    rows = max(1, budget // (k * d))
+    if x.device.type == "cpu" and d <= EXACT_EXPANDED_MAX_DIM:
+        expanded = ExpandedCosts(factors, torch.float64)
+        rows *= -(-EXACT_EXPANDED_ROWS // rows)
+        for start in range(0, x.shape[0], rows):
+            yield start, expanded(x[start : start + rows])
+        return
     stacked = torch.cat([factors.whiteners.reshape(k * d, d),
                          -factors.offsets.reshape(k * d, 1)], dim=1).t()
     group = max(1, WHITENED_COLUMNS // d) if x.device.type == "cpu" else k
     blocks = [(first, stacked[:, first * d : (first + group) * d].contiguous())
               for first in range(0, k, group)]
     logdets = factors.logdets.to(device=x.device, dtype=torch.float32)
-    rows = max(1, budget // (k * d))
     ones = torch.ones(min(rows, x.shape[0]), 1, device=x.device)
     for start in range(0, x.shape[0], rows):
         chunk = x[start : start + rows]
@@ -345,18 +359,18 @@ def _assign_exhaustive(x: torch.Tensor, factors: MixtureFactors) -> tuple[torch.
 
 
 class ExpandedCosts:
-    """Approximate costs D_k(u) + logdet_k of every component, for ranking components only.
+    """Costs D_k(u) + logdet_k of every component through the expanded quadratic form.
 
     With t = u - s (s the mean of the component means), Q_k = W_k^T W_k and e_k = W_k s - b_k:
     D_k(u) = t^T Q_k t + 2 e_k^T W_k t + |e_k|^2, the dot product of the expanded row
     [t_i t_j (i <= j), t, 1] with per-component coefficients. That is one GEMM with K outputs per
     row instead of K x d whitened values and their norms (several times faster on the CPU,
-    bench/README.md), but it is the expanded form §2.6 warns about: float32 cancellation makes
-    it unfit for the costs themselves, so callers only rank with it and recompute the costs of
-    the components they keep exactly.
+    bench/README.md), but it is the expanded form §2.6 warns about: in float32 (the default
+    `dtype`) cancellation makes it fit for ranking components only, and callers recompute the
+    costs of the components they keep exactly; in float64 it is exact to float32 rounding.
     """
 
-    def __init__(self, factors: MixtureFactors):
+    def __init__(self, factors: MixtureFactors, dtype: torch.dtype = torch.float32):
         w = factors.whiteners.double()
         b = factors.offsets.double()
         means = torch.linalg.solve(w, b[..., None])[..., 0]
@@ -369,8 +383,8 @@ class ExpandedCosts:
         linear = 2.0 * torch.einsum("ki,kij->kj", e, w)
         constant = (e * e).sum(1) + factors.logdets.double()
         coefficients = torch.cat([*upper, linear, constant[:, None]], dim=1).t()
-        self.coefficients = coefficients.to(device=w.device, dtype=torch.float32).contiguous()
-        self.shift = self.shift.to(torch.float32)
+        self.coefficients = coefficients.to(device=w.device, dtype=dtype).contiguous()
+        self.shift = self.shift.to(dtype)
         self.dim = d
 
     @property
@@ -379,16 +393,16 @@ class ExpandedCosts:
         return self.coefficients.shape[0]
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, K) approximate D_k + logdet_k of rows (n, d)."""
-        t = rows - self.shift.to(rows.device)
-        expanded = torch.empty(len(t), self.width, device=rows.device)
+        """(n, K) float32 D_k + logdet_k of rows (n, d), computed in the coefficients' dtype."""
+        t = rows.to(self.shift.dtype) - self.shift.to(rows.device)
+        expanded = torch.empty(len(t), self.width, device=rows.device, dtype=t.dtype)
         column = 0
         for i in range(self.dim):
             torch.mul(t[:, i : i + 1], t[:, i:], out=expanded[:, column : column + self.dim - i])
             column += self.dim - i
         expanded[:, column : column + self.dim] = t
         expanded[:, -1] = 1.0
-        return expanded @ self.coefficients.to(rows.device)
+        return (expanded @ self.coefficients.to(rows.device)).to(torch.float32)
 
 
 def rank_components(x: torch.Tensor, factors: MixtureFactors, width: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ from scipy.optimize import linear_sum_assignment
 
 from glad.errors import FeatureError
 from glad.mixture import (
+    EXACT_EXPANDED_MAX_DIM,
+    EXACT_EXPANDED_ROWS,
     CandidateGroups,
     GaussianMixture,
     assign,
@@ -179,21 +181,42 @@ def test_factors_refuse_a_non_positive_definite_covariance() -> None:
         mixture.factors()
 
 
-@pytest.mark.parametrize("budget", [1 << 20, 5 * 4 * 7])
-def test_iter_costs_equals_naive_float64(budget: int) -> None:
+@pytest.mark.parametrize("d, budget", [(4, 1 << 20), (4, 5 * 4 * 7), (60, 1 << 20),
+                                       (60, 5 * 60 * 7)])
+def test_iter_costs_equals_naive_float64(d: int, budget: int) -> None:
+    """Both forms (expanded float64 for narrow layers, whitened above EXACT_EXPANDED_MAX_DIM):
+    contiguous chunks, each a whole multiple of the budget's rows, costs of float64 accuracy."""
     rng = np.random.default_rng(22)
-    mixture = random_mixture(rng, 5, 4)
-    x = rng.normal(scale=3.0, size=(53, 4)).astype(np.float32)
+    mixture = random_mixture(rng, 5, d)
+    n = 3 * EXACT_EXPANDED_ROWS + 53
+    x = rng.normal(scale=3.0, size=(n, d)).astype(np.float32)
     f = mixture.factors()
     chunks = list(iter_costs(torch.from_numpy(x), f, budget=budget))
     starts = [start for start, _ in chunks]
     sizes = [len(costs) for _, costs in chunks]
-    assert starts == list(np.cumsum([0, *sizes[:-1]])) and sum(sizes) == 53
-    if budget < 1000:
-        assert len(chunks) > 1
+    assert starts == list(np.cumsum([0, *sizes[:-1]])) and sum(sizes) == n
+    assert all(size % (budget // (5 * d)) == 0 for size in sizes[:-1])
+    assert len(chunks) > 1 or budget // (5 * d) >= n
     costs = torch.cat([c for _, c in chunks]).numpy()
-    assert costs.shape == (53, 5)
+    assert costs.shape == (n, 5) and costs.dtype == np.float32
     np.testing.assert_allclose(costs, naive_costs(x, mixture), rtol=1e-4, atol=1e-3)
+
+
+def test_narrow_costs_stay_exact_for_tight_components_far_apart() -> None:
+    """Rows near tight components whose means lie far from the means' centre: the expanded form
+    cancels there in float32 (errors of about 10 on costs near -100 in this setting); the
+    float64 expanded form that iter_costs uses for narrow layers must not."""
+    rng = np.random.default_rng(23)
+    mixture = random_mixture(rng, 40, EXACT_EXPANDED_MAX_DIM)
+    mixture.covariances *= 0.01
+    mixture.means *= 10.0
+    labels = rng.integers(40, size=500)
+    x = (mixture.means[labels] + 0.1 * rng.normal(size=(500, EXACT_EXPANDED_MAX_DIM)))
+    x = x.astype(np.float32)
+    costs = torch.cat([c for _, c in iter_costs(torch.from_numpy(x), mixture.factors())])
+    rows = np.arange(500)
+    np.testing.assert_allclose(costs.numpy()[rows, labels], naive_costs(x, mixture)[rows, labels],
+                               rtol=0, atol=1e-2)
 
 
 @pytest.mark.parametrize("budget", [1 << 20, 40])
