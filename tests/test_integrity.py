@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from app.cli import main
 from glad.errors import ModelFileError
-from glad.integrity import CONTENT_HASH, probe_image, sealed
+from glad.integrity import CONTENT_HASH, check_manifest, probe_image, sealed
 from glad.model import GladModel
 from glad.modelfile import ARRAYS, MANIFEST
 from glad.runtime import file_sha256
@@ -61,6 +61,14 @@ def test_a_saved_model_is_sealed_and_loads(pipeline_model: Path) -> None:
 def test_an_edit_without_resealing_is_caught_by_the_content_hash(pipeline_model, tmp_path) -> None:
     edited = tampered(pipeline_model, tmp_path, setter("threshold", 1e9), reseal=False)
     with pytest.raises(ModelFileError, match="content hash"):
+        GladModel.load(edited)
+
+
+def test_far_out_scores_of_a_legitimate_model_are_accepted(pipeline_model, tmp_path) -> None:
+    """A model of bottles scores the probe image 1.3e8 (measured): large scores are data."""
+    edited = tampered(pipeline_model, tmp_path, setter("probe.score", 1.3e8))
+    check_manifest(json.loads((edited / MANIFEST).read_text()), edited)
+    with pytest.raises(ModelFileError, match="probe image"):  # but it must still reproduce it
         GladModel.load(edited)
 
 
