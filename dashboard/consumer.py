@@ -25,12 +25,11 @@ import redis
 
 from dashboard.gallery import Gallery
 from dashboard.metrics import LineMetrics, Windows
+from dashboard.pictures import Pictures
 from dashboard.plain import plain
-from glad.heatmap import encode_jpeg, side_by_side
 from pipeline.errors import MessageError
 from pipeline.feedback import confirm, verdict_of
 from pipeline.registry import DEFAULT_ROOT, ModelRegistry
-from pipeline.results import anomaly_view
 from pipeline.schema import Message, decode_entry
 from pipeline.service import Service
 from pipeline.streams import PIPELINE_GROUPS, STALE_AFTER_S, Streams, as_text, beat, ensure_group, heartbeats
@@ -69,6 +68,7 @@ class DashboardConsumer(Service):
         self.config = config or ConsumerConfig()
         self.metrics = LineMetrics(line, self.config.windows)
         self.gallery = Gallery(self.config.gallery)
+        self.pictures = Pictures(client, self.streams, self.gallery)
         self.registry = ModelRegistry(DEFAULT_ROOT, client, self.streams)  # records only, no files
         self.worker = f"dashboard-{socket.gethostname()}-{os.getpid()}"
         self.address: str | None = None  # the page's URL, in the heartbeat once serving
@@ -95,8 +95,8 @@ class DashboardConsumer(Service):
     def run(self) -> None:
         """Read until `stop_event` is set; waits Redis out (see `pipeline.service.Service`)."""
         if self.config.render_per_s > 0:
-            threading.Thread(target=self._render_ahead, name="dashboard-pictures",
-                             daemon=True).start()
+            threading.Thread(target=self.pictures.render_ahead, name="dashboard-pictures",
+                             args=(self.config.render_per_s, self.stop_event), daemon=True).start()
         super().run()
 
     def bootstrap(self) -> None:
@@ -285,32 +285,7 @@ class DashboardConsumer(Service):
 
     def picture(self, frame_id: str) -> bytes | None:
         """JPEG of a gallery frame beside its heat-map overlay; None when it is not in the gallery."""
-        return self.gallery.picture(frame_id, self._render)
-
-    def _render_ahead(self) -> None:
-        """Make the newest gallery pictures before a browser asks (a page with a full gallery
-        then loads at once), at most `render_per_s` a second, so a flood of anomalies costs a
-        bounded share of a core."""
-        interval = 1.0 / self.config.render_per_s
-        failed: set[str] = set()  # not retried ahead of time (a request still may)
-        while not self.stop_event.is_set():
-            message = self.gallery.unrendered(failed)
-            if message is None:
-                self.stop_event.wait(0.1)
-                continue
-            started = time.monotonic()
-            try:
-                self.picture(message.frame_id)
-            except (MessageError, ValueError, redis.RedisError) as error:
-                log.debug("dashboard: no picture for %s: %s", message.frame_id, error)
-                if len(failed) > 4 * self.gallery.size:
-                    failed.clear()
-                failed.add(message.frame_id)
-            self.stop_event.wait(max(0.0, interval - (time.monotonic() - started)))
-
-    def _render(self, message: Message) -> bytes:
-        frame, heatmap = anomaly_view(self.client, self.streams, message)
-        return encode_jpeg(side_by_side(frame, heatmap, message.body["threshold"]))
+        return self.pictures.get(frame_id)
 
     def knows(self, frame_id: str) -> bool:
         """Whether the dashboard has scored this frame recently (only those can be confirmed)."""

@@ -2,8 +2,8 @@
 
 Each item keeps its score message (with the heat map, ~128 KB at 256x256 float16). Overlay
 pictures (the original frame, fetched from the frames stream while Redis retains it, beside its
-heat map) are cached while the item is in the gallery; they are made when a browser asks, or
-ahead of time by the consumer within a budget (newest first), so thousands of anomalies a minute
+heat map) are cached while the item is in the gallery; they are made (`dashboard.pictures`) when a
+browser asks, or ahead of time within a budget (newest first), so thousands of anomalies a minute
 cost the ring's turnover and a bounded amount of rendering.
 """
 

@@ -27,13 +27,13 @@ import redis
 
 from glad.errors import GladError
 from pipeline.errors import MessageError
+from pipeline.pending import PendingEntries, entries_of
 from pipeline.schema import FIELD, Message, decode_entry
 from pipeline.service import Service
 from pipeline.streams import (
     DEFAULT_MAXLEN,
     PIPELINE_GROUPS,
     Streams,
-    as_text,
     beat,
     deadletter,
     ensure_group,
@@ -115,12 +115,13 @@ class StageRunner(Service):
         self.started_at = time.time()
         self._input = streams.key(stage.input)
         self._write_once = client.register_script(WRITE_ONCE)
+        self.pending = PendingEntries(client, self._input, stage.name, self.consumer,
+                                      self.config.max_deliveries)
         self._last_claim = 0.0
         self._last_heartbeat = 0.0
         self._waiting_logged = False
         self._backlog_since: float | None = None
         self._last_reconcile = 0.0
-        self._pending_cursor: str | None = "0"  # own pending entries, re-read after (re)start
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class StageRunner(Service):
         # in a transaction the script runs by its digest: load it (a cluster's pipelines do not,
         # and a Redis restarted without persistence forgot it)
         self.client.script_load(WRITE_ONCE)
-        self._pending_cursor = "0"
+        self.pending.restart()
         prune_heartbeats(self.client, self.streams)
         self._heartbeat(force=True)
 
@@ -197,60 +198,23 @@ class StageRunner(Service):
 
     def _read(self) -> tuple[list[tuple[str, dict]], dict[str, int]]:
         """Own pending entries first (after a start or reconnect), then claims, then new ones."""
-        batch = self.config.batch_size
-        if self._pending_cursor is not None:
-            response = self.client.xreadgroup(self.stage.name, self.consumer,
-                                              {self._input: self._pending_cursor}, count=batch)
-            entries = _entries(response)
-            if entries:
-                self._pending_cursor = entries[-1][0]  # each pending entry once, then move on
-                return entries, self._deliveries([e[0] for e in entries])
-            self._pending_cursor = None
+        entries, deliveries = self.pending.own(self.config.batch_size)
+        if entries:
+            return entries, deliveries
         if time.monotonic() - self._last_claim > self.config.claim_every_s:
             self._last_claim = time.monotonic()
-            entries, deliveries = self._claim()
+            entries, deliveries = self.pending.claim(self.config.claim_idle_ms,
+                                                     self.config.batch_size)
             if entries:
+                self.stats.claimed += len(entries)
                 return entries, deliveries
         response = self.client.xreadgroup(self.stage.name, self.consumer, {self._input: ">"},
-                                          count=batch, block=self.config.block_ms)
-        entries = _entries(response)
+                                          count=self.config.batch_size, block=self.config.block_ms)
+        entries = entries_of(response)
         if entries:
             self.client.hincrby(self.streams.counters,
                                 f"{self.stage.input}:delivered:{self.stage.name}", len(entries))
         return entries, {}
-
-    def _claim(self) -> tuple[list[tuple[str, dict]], dict[str, int]]:
-        """Entries left pending longer than `claim_idle_ms` (a dead worker's, or this one's own
-        failures to retry), with their delivery counts. An entry trimmed by MAXLEN meanwhile
-        comes back without fields: `_handle` dead-letters it, so it never blocks the list."""
-        idle = self.config.claim_idle_ms
-        stale = self.client.xpending_range(self._input, self.stage.name, min="-", max="+",
-                                           count=self.config.batch_size, idle=idle)
-        if not stale:
-            return [], {}
-        ids = [as_text(p["message_id"]) for p in stale]
-        claimed = self.client.xclaim(self._input, self.stage.name, self.consumer, idle, ids)
-        found = {as_text(i): f for i, f in claimed if i is not None and f}
-        missing = [i for i in ids if i not in found]
-        if missing:  # trimmed ones are now ours (Redis 6.2) but have no fields left
-            mine = self.client.xpending_range(self._input, self.stage.name, min=missing[0],
-                                              max=missing[-1], count=len(ids),
-                                              consumername=self.consumer)
-            found |= {as_text(p["message_id"]): {} for p in mine if as_text(p["message_id"]) in missing}
-        entries = [(i, found[i]) for i in ids if i in found]
-        if entries:
-            self.stats.claimed += len(entries)
-            log.info("%s: claimed %d entries pending for over %d ms", self.stage.name, len(entries),
-                     idle)
-        counts = {as_text(p["message_id"]): int(p["times_delivered"]) + 1 for p in stale}
-        return entries, counts
-
-    def _deliveries(self, ids: list[str]) -> dict[str, int]:
-        """How often each of this consumer's pending entries was delivered so far."""
-        info = self.client.xpending_range(self._input, self.stage.name, min=ids[0], max=ids[-1],
-                                          count=len(ids), consumername=self.consumer)
-        counts = {as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
-        return {i: counts.get(i, self.config.max_deliveries) for i in ids}
 
     def _handle(self, entries: list[tuple[str, dict]], deliveries: dict[str, int]) -> None:
         raw = dict(entries)
@@ -366,15 +330,6 @@ def prune_heartbeats(client: redis.Redis, streams: Streams, older_than_s: float 
     for name, record in heartbeats(client, streams).items():
         if now - record.get("seen", 0) > older_than_s:
             client.hdel(streams.workers, name)
-
-
-def _entries(response) -> list[tuple[str, dict]]:
-    """Flatten an XREADGROUP reply to [(entry id, fields)]; a pending entry trimmed meanwhile
-    has empty fields."""
-    out = []
-    for _, entries in response or []:
-        out.extend((as_text(entry_id), fields or {}) for entry_id, fields in entries)
-    return out
 
 
 def _reason(error: Exception, attempts: int) -> str:
