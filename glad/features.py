@@ -54,6 +54,15 @@ def feature_batches(
     )
 
 
+def layer_features(backbone: Backbone, images: Sequence[np.ndarray], batch_size: int,
+                   progress: bool, desc: str) -> list[torch.Tensor]:
+    """Per layer, the features (N, h, w, d) of all `images`, float32 on the CPU (channels last,
+    as the mixtures take them); `desc` names the step on the progress bar."""
+    per_batch = [[f.permute(0, 2, 3, 1).cpu() for f in batch]
+                 for batch in feature_batches(backbone, images, batch_size, progress, desc)]
+    return [torch.cat([b[i] for b in per_batch]) for i in range(len(per_batch[0]))]
+
+
 def layer_validity(valid: np.ndarray, grids: Sequence[tuple[int, int]], erosion: int = 1,
                    ) -> list[torch.Tensor]:
     """Per-layer validity (B, h*w) from pixel validity (B, S, S) (spec §1.3 step 5, §6.4).

@@ -22,14 +22,16 @@ from safetensors.numpy import load_file, save_file
 from glad.backbones import BackboneSpec, FeatureExtractor
 from glad.errors import ModelFileError, ModelMismatchError
 from glad.integrity import check_arrays, check_manifest, sealed
+from glad.layer_fit import LayerModel
 from glad.local_weights import LocalWeights
 from glad.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, read_manifest
 from glad.mixture import ComponentStats, GaussianMixture, MixtureFactors
 from glad.runtime import carry_export, file_sha256, open_backbone
+from glad.validation import Calibration, Validation
 
 ARRAYS = "arrays.safetensors"
 __all__ = ["ARRAYS", "MANIFEST", "SCHEMA", "SCHEMA_VERSION", "ModelFile", "read_manifest",
-           "read_model", "save_model"]
+           "read_model", "restore_model", "save_model"]
 
 # Constructor parameters that shape scoring; restored on load so a loaded model scores identically.
 _SCORING_PARAMS = ("quantile", "local_mode", "neighbourhood", "batch_size", "align", "motion")
@@ -146,6 +148,26 @@ def read_model(path: Path, backbone: str | FeatureExtractor | None = None, devic
     spec = BackboneSpec.from_dict(manifest["backbone"])
     return ModelFile(path, manifest, arrays, _matching_backbone(spec, backbone, device, path,
                                                                 runtime))
+
+
+def restore_model(model, file: ModelFile) -> None:
+    """Give `model` (a GladModel built with the file's parameters) the learned attributes that
+    `save_model` wrote to `file`, all but its aligner (which the model builds from them)."""
+    manifest = file.manifest
+    model.backbone_ = file.backbone
+    model.roi_ = torch.from_numpy(file.arrays["roi"].astype(bool))
+    model.reference_ = file.arrays.get("reference")
+    model.align_gates_ = manifest.get("alignment", {}).get("gates", {})
+    model.layers_ = [LayerModel(*file.layer(index)) for index in range(len(manifest["layers"]))]
+    model.radius_ = manifest["radius"]
+    model.threshold_ = manifest["threshold"]
+    model.n_train_images_ = manifest["training"]["n_images"]
+    model.fit_seconds_ = manifest["training"]["fit_seconds"]
+    model.selection_ = manifest["training"].get("selection", {})
+    model.calibration_ = record_of(Calibration, manifest.get("calibration"))
+    model.validation_ = record_of(Validation, manifest.get("validation"))
+    model.online_ = manifest.get("online") or {}
+    model.manifest_ = manifest
 
 
 def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path,

@@ -9,6 +9,7 @@ distinct images show them. A bounded replay reservoir of recent images lets `con
 their hard assignments with the current parameters (K-MLE iterations, warm-started).
 
 This module is plain math on `GladModel`s: no Redis. `online.updater` is the service around it.
+One layer's state and the update rules on it alone are `glad.online_layer`'s.
 """
 
 from __future__ import annotations
@@ -22,21 +23,24 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from glad.errors import FeatureError, GladError, ModelFileError
+from glad.errors import GladError, ModelFileError
 from glad.features import layer_validity
-from glad.local_weights import LocalWeights, neighbourhood, pool_counts, weights_from_counts
+from glad.layer_fit import LayerModel
+from glad.local_weights import LocalWeights, neighbourhood, weights_from_counts
 from glad.mixture import (
     ComponentStats,
     GaussianMixture,
     MixtureFactors,
-    assign,
     cholesky_with_jitter,
     factors_from_cholesky,
-    fit_kmle,
-    global_loglik,
     route,
 )
-from glad.model import GladModel, LayerModel
+from glad.model import GladModel
+from glad.online_layer import LayerState, OnlineConfig, assign_locally, decay, pooled_counts
+
+# OnlineConfig is defined beside the per-layer rules it configures, and read from here as before.
+__all__ = ["MAX_TYPICAL_COST", "LearnReport", "OnlineConfig", "OnlineGlad", "UnsoundUpdateError",
+           "layer_problems"]
 
 # A Gaussian's whitener W bounds the cost D = |W (u - mu)|^2 of a vector u at the layer's typical
 # distance (|u - mu|^2 ~ the pooled trace) by |W|_F^2 x that trace. Costs are float32 (at most
@@ -49,24 +53,6 @@ MAX_TYPICAL_COST = 1e30
 class UnsoundUpdateError(GladError):
     """An online update that would leave unsound parameters (spec §7.6 step 1). The model is
     left as it was before the update."""
-
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    """How fast the model forgets and when it grows (spec §7.2-7.5 defaults)."""
-
-    half_life: float = 5000.0  # images: global statistics
-    local_half_life: float = 1000.0  # images: local counts (placement adapts faster)
-    epsilon: float = 1e-3  # local prior floor for assignment, so a known look may move
-    min_local_count: float = 0.5  # local counts below this are dropped (sparsity)
-    n_candidates: int = 8  # components considered per vector for the local assignment
-    spawn_min_images: int = 3  # a new Gaussian needs members from this many images
-    spawn_min_members: int = 32
-    spawn_max_new: int = 16  # new Gaussians per spawn at most
-    buffer_max_age: int = 500  # images: older novelty-buffer entries are discarded
-    buffer_max_rows: int = 20_000  # per layer
-    prune_below: float = 2.0  # non-base components with a smaller effective count go
-    reservoir_images: int = 16  # recent images replayed by `consolidate`
 
 
 @dataclass
@@ -96,24 +82,6 @@ class _Replay:
         return replace(self, labels=list(self.labels), local_labels=list(self.local_labels))
 
 
-@dataclass
-class _LayerState:
-    """The updatable state of one layer."""
-
-    stats: ComponentStats
-    covariances: np.ndarray
-    counts: torch.Tensor | None  # (HW, K) local counts c_k(x); None: global weights only
-    threshold: float  # novelty log-likelihood (§7.4)
-    buffer_x: torch.Tensor  # (n, d) novel vectors
-    buffer_image: torch.Tensor  # (n,) image step
-    buffer_pos: torch.Tensor  # (n,) position
-
-    def copy(self) -> _LayerState:
-        """A copy that updates of this one (in place on covariances and counts) leave alone."""
-        counts = None if self.counts is None else self.counts.clone()
-        return replace(self, covariances=self.covariances.copy(), counts=counts)
-
-
 class OnlineGlad:
     """Online K-MLE updates of a fitted, updatable `GladModel` (one whose file has statistics).
 
@@ -133,20 +101,10 @@ class OnlineGlad:
                                  "online; refit it with this version of glad fit")
         self.steps_ = int(model.online_.get("steps", 0))
         self.layers_ = list(model.layers_)  # the current parameters, one LayerModel per layer
-        self.states_ = [self._layer_state(layer, t) for layer, t in zip(model.layers_, thresholds,
-                                                                        strict=True)]
+        self.states_ = [LayerState.of(layer, t) for layer, t in zip(model.layers_, thresholds,
+                                                                   strict=True)]
         self.reservoir_: deque[_Replay] = deque(maxlen=self.config.reservoir_images)
         self._offsets = neighbourhood(model.radius_, model.neighbourhood) if model.radius_ else None
-
-    def _layer_state(self, layer: LayerModel, threshold: float) -> _LayerState:
-        counts = None
-        if layer.local is not None:
-            counts = layer.local.dense_counts()
-        d = layer.mixture.means.shape[1]
-        return _LayerState(layer.mixture.stats, layer.mixture.covariances.copy(), counts,
-                           float(threshold),
-                           torch.zeros(0, d), torch.zeros(0, dtype=torch.int64),
-                           torch.zeros(0, dtype=torch.int64))
 
     # --- learning -------------------------------------------------------------------------------
 
@@ -207,15 +165,15 @@ class OnlineGlad:
 
         batch_stats = ComponentStats.of_members(x[known], labels[known].numpy(),
                                                 image_ids[known.numpy()], state.stats.n_components)
-        state.stats = state.stats.decayed(self._decay(b, self.config.half_life)).merged(batch_stats)
+        state.stats = state.stats.decayed(decay(b, self.config.half_life)).merged(batch_stats)
         touched = np.flatnonzero(batch_stats.weight > 0)
         local_labels = torch.full((int(known.sum()),), -1, dtype=torch.int64)
         if state.counts is not None:
-            local_labels = self._local_labels(layer, cand_index[known], cand_cost[known],
-                                              position[known])
-            state.counts *= self._decay(b, self.config.local_half_life)
-            state.counts += self._pooled(local_labels, position[known], layer.grid,
-                                         state.stats.n_components)
+            local_labels = assign_locally(layer, cand_index[known], cand_cost[known],
+                                          position[known], self.config.epsilon)
+            state.counts *= decay(b, self.config.local_half_life)
+            state.counts += pooled_counts(local_labels, position[known], layer.grid,
+                                          state.stats.n_components, self._offsets)
         for replay, step in zip(replays, steps.tolist(), strict=True):
             mine = (image[known] == step)
             replay.features.append(x[known][mine].half())
@@ -223,107 +181,15 @@ class OnlineGlad:
             replay.labels.append(labels[known][mine])
             replay.local_labels.append(local_labels[mine])
 
-        self._buffer(state, x[novel], image[novel], position[novel])
-        spawned = self._spawn(state, layer)
-        pruned = self._prune(state)
+        state.buffer(x[novel], image[novel], position[novel], self.steps_, self.config)
+        spawned = state.spawn(layer, self.config, self._offsets, self.base_.oas_formula)
+        pruned = state.prune(self.config.prune_below)
+        if pruned:  # component numbers moved: the reservoir (which remembers them) starts afresh
+            self.reservoir_.clear()
         report.spawned.append(spawned)
         report.pruned.append(pruned)
         report.touched.append(len(touched) + spawned)
         self._refresh(index, touched, spawned, pruned)
-
-    def _decay(self, images: int, half_life: float) -> float:
-        return 0.5 ** (images / half_life) if half_life > 0 else 1.0
-
-    def _local_labels(self, layer: LayerModel, cand_index: torch.Tensor, cand_cost: torch.Tensor,
-                      position: torch.Tensor) -> torch.Tensor:
-        """Eq. 10 with the epsilon-smoothed local prior (1 - eps) pi_k(x) + eps pi_k (§7.3), so a
-        known Gaussian can become normal at a position where it never was."""
-        eps = self.config.epsilon
-        local = layer.local.dense()[position]  # (n, K)
-        prior = (1.0 - eps) * torch.gather(local, 1, cand_index) + eps * torch.exp(
-            layer.factors.log_weights.float())[cand_index]
-        total = cand_cost - 2.0 * torch.log(prior)
-        return torch.gather(cand_index, 1, total.argmin(1, keepdim=True))[:, 0]
-
-    def _pooled(self, labels: torch.Tensor, position: torch.Tensor, grid: tuple[int, int],
-                k: int) -> torch.Tensor:
-        hw = grid[0] * grid[1]
-        counts = torch.bincount(position * k + labels, minlength=hw * k).float().view(hw, k)
-        return pool_counts(counts, grid, self._offsets)
-
-    # --- novelty (§7.4) -------------------------------------------------------------------------
-
-    def _buffer(self, state: _LayerState, x: torch.Tensor, image: torch.Tensor,
-                position: torch.Tensor) -> None:
-        keep = state.buffer_image > self.steps_ - self.config.buffer_max_age
-        state.buffer_x = torch.cat([state.buffer_x[keep], x])[-self.config.buffer_max_rows:]
-        state.buffer_image = torch.cat([state.buffer_image[keep], image])[
-            -self.config.buffer_max_rows:]
-        state.buffer_pos = torch.cat([state.buffer_pos[keep], position])[
-            -self.config.buffer_max_rows:]
-
-    def _spawn(self, state: _LayerState, layer: LayerModel) -> int:
-        """New Gaussians from buffered vectors: K-MLE on the buffer; a component is kept when it
-        has enough members from at least `spawn_min_images` images, 80 % of its members are
-        still unlikely under the current mixture (so it duplicates nothing), and its members
-        are not all (nearly) the same vector (`ComponentStats.degenerate`: a flat region shown
-        by three images, or one image confirmed three times, has a zero scatter, hence a zero
-        covariance). K-MLE prunes such clusters, but re-assigning the buffer with the fitted
-        mixture can gather one again."""
-        cfg = self.config
-        d = state.buffer_x.shape[1]
-        needed = max(256, 2 * d)
-        images = torch.unique(state.buffer_image)
-        if len(state.buffer_x) < needed or len(images) < cfg.spawn_min_images:
-            return 0
-        x, image_ids = state.buffer_x, torch.searchsorted(images, state.buffer_image).numpy()
-        k = int(np.clip(len(x) // cfg.spawn_min_members, 1, cfg.spawn_max_new))
-        try:
-            fitted, _ = fit_kmle(x, image_ids, k, max_iter=10, n_min=cfg.spawn_min_members,
-                                 min_images=cfg.spawn_min_images)
-        except FeatureError:  # every component pruned: nothing coherent yet, try again later
-            return 0
-        labels, _, _ = assign(x, fitted.factors())
-        unlikely = global_loglik(x, layer.factors) < state.threshold
-        members = ComponentStats.of_members(x, labels.numpy(), image_ids, fitted.n_components)
-        share = np.bincount(labels[unlikely].numpy(), minlength=fitted.n_components) / np.maximum(
-            members.weight, 1.0)
-        accepted = np.flatnonzero((members.weight >= cfg.spawn_min_members)
-                                  & (members.support >= cfg.spawn_min_images) & (share >= 0.8)
-                                  & ~members.degenerate(state.stats.pooled_trace()))
-        if not len(accepted):
-            return 0
-        relabel = torch.full((fitted.n_components,), -1, dtype=torch.int64)
-        relabel[torch.from_numpy(accepted)] = torch.arange(len(accepted))
-        new_labels = relabel[labels]
-        take = new_labels >= 0
-        k_old = state.stats.n_components
-        new_stats = members.select(accepted)
-        state.stats = state.stats.concat(new_stats)
-        state.covariances = np.concatenate([state.covariances,
-                                            new_stats.covariances(self.base_.oas_formula)])
-        if state.counts is not None:
-            grown = torch.zeros(state.counts.shape[0], len(accepted))
-            state.counts = torch.cat([state.counts, grown], dim=1)
-            state.counts += self._pooled(new_labels[take] + k_old, state.buffer_pos[take],
-                                         layer.grid, k_old + len(accepted))
-        state.buffer_x, state.buffer_image = state.buffer_x[~take], state.buffer_image[~take]
-        state.buffer_pos = state.buffer_pos[~take]
-        return len(accepted)
-
-    def _prune(self, state: _LayerState) -> int:
-        """Drop grown (non-base) components that faded below `prune_below` (§7.5). Component
-        numbers move, so the replay reservoir (which remembers assignments) starts afresh."""
-        fading = (state.stats.floor <= 0) & (state.stats.weight < self.config.prune_below)
-        if not fading.any():
-            return 0
-        self.reservoir_.clear()
-        keep = np.flatnonzero(~fading)
-        state.stats = state.stats.select(keep)
-        state.covariances = state.covariances[keep]
-        if state.counts is not None:
-            state.counts = state.counts[:, torch.from_numpy(keep)]
-        return int(fading.sum())
 
     # --- consolidation (§7.2) -------------------------------------------------------------------
 
@@ -341,7 +207,7 @@ class OnlineGlad:
                     moved += self._reassign(index, state)
             return moved
 
-    def _reassign(self, index: int, state: _LayerState) -> int:
+    def _reassign(self, index: int, state: LayerState) -> int:
         layer = self.layers_[index]
         k = state.stats.n_components
         old_stats = new_stats = None
@@ -352,7 +218,7 @@ class OnlineGlad:
             if not len(x):
                 continue
             age = self.steps_ - replay.step
-            weight = self._decay(age, self.config.half_life)
+            weight = decay(age, self.config.half_life)
             labels, _, cand_index, cand_cost = route(x, layer.factors, self.config.n_candidates)
             moved += int((labels != replay.labels[index]).sum())
             ids = np.zeros(len(x), dtype=np.int64)
@@ -362,12 +228,14 @@ class OnlineGlad:
             new_stats = new if new_stats is None else new_stats.merged(new)
             replay.labels[index] = labels
             if state.counts is not None:
-                local_weight = self._decay(age, self.config.local_half_life)
-                local = self._local_labels(layer, cand_index, cand_cost, replay.positions[index])
-                old_counts = old_counts + local_weight * self._pooled(
-                    replay.local_labels[index], replay.positions[index], layer.grid, k)
-                new_counts = new_counts + local_weight * self._pooled(
-                    local, replay.positions[index], layer.grid, k)
+                local_weight = decay(age, self.config.local_half_life)
+                local = assign_locally(layer, cand_index, cand_cost, replay.positions[index],
+                                       self.config.epsilon)
+                old_counts = old_counts + local_weight * pooled_counts(
+                    replay.local_labels[index], replay.positions[index], layer.grid, k,
+                    self._offsets)
+                new_counts = new_counts + local_weight * pooled_counts(
+                    local, replay.positions[index], layer.grid, k, self._offsets)
                 replay.local_labels[index] = local
         if old_stats is None:
             return 0

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from glad.align import object_mask
 from glad.local_weights import LocalWeights
 from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
 
@@ -157,4 +159,21 @@ def roi_mask(kind: str, size: int) -> torch.Tensor:
         roi[margin : size - margin, margin : size - margin] = True
     else:
         raise ValueError(f"unknown ROI {kind!r}; use 'full', 'margin' or a mask image")
+    return roi
+
+
+def build_roi(roi: str | np.ndarray, reference: np.ndarray, size: int) -> torch.Tensor:
+    """The ROI at the input size `size`: "full", "margin" (textures), "auto" (the part in the
+    reference, spec §4.4), a polygon [(x, y), ...] in reference pixels, or a mask."""
+    if isinstance(roi, str) and roi == "auto":
+        return torch.from_numpy(object_mask(reference))
+    if isinstance(roi, str):
+        return roi_mask(roi, size)
+    roi = np.asarray(roi)
+    if roi.ndim == 2 and roi.shape[1] == 2 and roi.shape != (size, size):  # a polygon
+        points = np.round(roi).astype(np.int32)
+        roi = cv2.fillPoly(np.zeros((size, size), np.uint8), [points], 1)
+    roi = torch.as_tensor(roi > 0)
+    if roi.shape != (size, size):
+        raise ValueError(f"ROI mask must be {size}x{size}, got {tuple(roi.shape)}")
     return roi

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import glad.errors
+import glad.layer_fit
 import glad.mixture
 import glad.model
+import glad.selection
 from glad.backbones import create_backbone
 from glad.datasets import MVTecCategory, image_folder
 from glad.errors import DatasetError, GladError, ModelFileError, ModelMismatchError
@@ -282,7 +284,7 @@ def test_threshold_is_calibrated_and_validated_on_held_back_images(fitted: GladM
     the fit reports the canaries' AUROC and recall at it, and the selection table marks one
     candidate; all of it survives save and load."""
     train = [read_image(p) for p in nut.train_paths()]
-    held = fitted._holdout_indices(len(train))
+    held = glad.selection.holdout_indices(len(train), fitted.holdout, fitted.seed)
     calibration, validation = fitted.calibration_, fitted.validation_
     assert calibration.far == fitted.far == 0.005 and calibration.n_scores == len(held)
     assert calibration.threshold == fitted.threshold_
@@ -290,7 +292,7 @@ def test_threshold_is_calibrated_and_validated_on_held_back_images(fitted: GladM
     assert validation.canary_auroc is not None and 0.0 <= validation.recall <= 1.0
     assert fitted.threshold_ > validation.normal_median
     chosen = [name for name, row in fitted.selection_.items() if row["chosen"]]
-    assert chosen == [glad.model._radius_name(fitted.radius_)]
+    assert chosen == [glad.selection.radius_name(fitted.radius_)]
     assert all(row["canary_auroc"] is not None for row in fitted.selection_.values())
     loaded = GladModel.load(saved)
     assert loaded.calibration_ == calibration and loaded.validation_ == validation
@@ -311,12 +313,12 @@ def test_alignment_is_judged_against_the_images_as_they_are(fitted: GladModel) -
     assert not any(row["chosen"] for name, row in rows.items() if "unaligned" in name)
 
 
-def _localisation(auroc: float, normal_mean: float, prefix: str) -> glad.model.Localisation:
+def _localisation(auroc: float, normal_mean: float, prefix: str) -> glad.selection.Localisation:
     normal = np.full(8, normal_mean)
     validation = Validation(auroc, None, None, normal_mean, 1.0, normal_mean, normal_mean + 5,
                             8, 8)
-    return glad.model.Localisation([], [], None, 1, normal, np.zeros(8),
-                                   {prefix + "r=1": {"chosen": True}}, validation)
+    return glad.selection.Localisation([], [], None, 1, normal, np.zeros(8),
+                                       {prefix + "r=1": {"chosen": True}}, validation)
 
 
 @pytest.mark.parametrize(("aligned", "plain", "keep"), [
@@ -339,7 +341,7 @@ def test_select_off_keeps_the_radius_of_the_lowest_mean_normal_score(nut) -> Non
     train = [read_image(p) for p in nut.train_paths()]
     model = GladModel(**SETTINGS, select=False, far=0.05).fit(train)
     means = {name: row["normal_mean"] for name, row in model.selection_.items()}
-    assert glad.model._radius_name(model.radius_) == min(means, key=means.get)
+    assert glad.selection.radius_name(model.radius_) == min(means, key=means.get)
     assert model.calibration_.far == 0.05
 
 
@@ -347,7 +349,7 @@ def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, n
     """The radius selection scores the global mixtures from the candidates' pass; the held-back
     images must get the scores the dense global path gives them."""
     train = [read_image(p) for p in nut.train_paths()]
-    held = fitted._holdout_indices(len(train))
+    held = glad.selection.holdout_indices(len(train), fitted.holdout, fitted.seed)
     assert len(held) >= 2 and "global" in fitted.selection_
     dense = fitted.without_local_weights().score([train[i] for i in held]).scores
     assert fitted.selection_["global"]["normal_mean"] == pytest.approx(float(np.mean(dense)),
@@ -363,11 +365,11 @@ def test_global_selection_score_equals_dense_global_scoring(fitted: GladModel, n
     (2_000, 256, 1024, 2_000),  # ... unless fewer exist
 ])
 def test_kmle_sample_size_keeps_the_assignment_work_in_budget(available, k, d, expected) -> None:
-    n = glad.model.kmle_sample_size(available, k, d, max_iter=30, max_samples=50_000)
+    n = glad.layer_fit.kmle_sample_size(available, k, d, max_iter=30, max_samples=50_000)
     assert n == expected
     per_vector = d * d * (k * (1 + 30 // glad.mixture.FULL_PASS_EVERY)
                           + glad.mixture.CANDIDATES * 30)
-    assert n * per_vector <= glad.model.FIT_BUDGET or n == min(available, 16 * k)
+    assert n * per_vector <= glad.layer_fit.FIT_BUDGET or n == min(available, 16 * k)
 
 
 def test_backbone_precision_is_checked(monkeypatch) -> None:
