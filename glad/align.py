@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -143,11 +143,7 @@ class Aligner:
         self._templates = [_template(level, motion) for level in _pyramid(self._ref_work, self._levels)]
         self._roi_pyramid = _mask_pyramid(self._roi, self._levels)
         self._ref_smooth = self._templates[0].image
-        self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)
-        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
-        self._cache: dict[tuple[str, bytes], object] = {}
-        self._ref_keypoints, self._ref_descriptors = self._orb.detectAndCompute(
-            _as_uint8(self._ref_work), roi)
+        self._coarse = _CoarseEstimator(self._ref_work, roi, motion, self._project)
 
     def align(self, frame: np.ndarray) -> Alignment:
         """Register `frame` (RGB or grey uint8, any size) on the reference; never raises for bad input.
@@ -157,19 +153,16 @@ class Aligner:
         """
         start = time.perf_counter()
         warnings: list[str] = []
-        self._cache = {}
         try:
             gray = _check_frame(frame)
-            work, frame_scale = _to_work(gray, self.work_size)
-            frames = [_smooth(level) for level in _pyramid(work, self._levels)]
-            warp_work = self._estimate(work, frames, start, warnings)
+            image, frame_scale = _to_work(gray, self.work_size)
+            work = _WorkFrame(image, self._levels, self._ref_smooth, self._roi)
+            warp_work = self._estimate(work, start, warnings)
         except _Failure as failure:
-            self._cache = {}
             return Alignment(np.eye(3), None, None, 0.0, False, f"alignment_failed: {failure}",
                              self.shape, warnings)
         warp = frame_scale @ warp_work @ np.linalg.inv(self._ref_scale)
-        correlation = self._correlation(frames[0], warp_work)
-        self._cache = {}
+        correlation = work.correlation(warp_work)
         reason = self._gate(warp, gray.shape, correlation)
         aligned, valid = self._warp_frame(frame, warp, warnings)
         return Alignment(warp, aligned, valid, correlation, not reason,
@@ -179,27 +172,26 @@ class Aligner:
     # Estimation at working resolution
     # ---------------------------------------------------------------------------------------
 
-    def _estimate(self, work: np.ndarray, frames: list[np.ndarray], start: float,
-                  warnings: list[str]) -> np.ndarray:
+    def _estimate(self, work: _WorkFrame, start: float, warnings: list[str]) -> np.ndarray:
         """Coarse, pyramidal and robust estimation of the working-resolution warp.
 
-        `frames` is the frame's pyramid after the pre-blur. The pyramid starts at the level that
-        `_first_level` picks for the coarse estimate. With the robust pass on, it stops one level
-        above the finest, and the finest (costliest) level runs once, masked by the outliers found
-        at that estimate (or unmasked when the pass is skipped). When the result strays far from a
-        trusted feature-based estimate (a defect can drag the first levels), the robust refinement
-        is also started from the coarse estimate and the better correlated one is kept.
+        The pyramid starts at the level that `_first_level` picks for the coarse estimate. With the
+        robust pass on, it stops one level above the finest, and the finest (costliest) level runs
+        once, masked by the outliers found at that estimate (or unmasked when the pass is skipped).
+        When the result strays far from a trusted feature-based estimate (a defect can drag the
+        first levels), the robust refinement is also started from the coarse estimate and the
+        better correlated one is kept.
         """
-        coarse, trusted = self._coarse(work)
+        coarse, trusted = self._coarse.estimate(work.image)
         self._check_time(start)
         split = self.robust and self._levels > 1
-        warp, converged = self._refine_pyramid(frames, coarse, start, 1 if split else 0,
+        warp, converged = self._refine_pyramid(work, coarse, start, 1 if split else 0,
                                                coarsest=self._first_level(trusted))
-        strayed = _corner_shift(coarse, warp, work.shape)
+        strayed = _corner_shift(coarse, warp, work.image.shape)
         if split:
-            robust, _ = self._robust_pass(frames, warp, start, iterations=GN_FINE_ITERATIONS)
+            robust, _ = self._robust_pass(work, warp, start, iterations=GN_FINE_ITERATIONS)
             if robust is None:
-                robust = self._refine(frames, 0, warp, self._roi_pyramid[0], GN_FINE_ITERATIONS)
+                robust = self._refine(work, 0, warp, self._roi_pyramid[0], GN_FINE_ITERATIONS)
             if robust is not None:
                 warp, converged = robust, True
         if not converged:
@@ -207,81 +199,46 @@ class Aligner:
                 raise _Failure("no convergence")
             warnings.append("refinement_failed: kept the coarse feature-based estimate")
         if self.robust and not split:
-            robust, _ = self._robust_pass(frames, warp, start)
+            robust, _ = self._robust_pass(work, warp, start)
             warp = warp if robust is None else robust
-        strayed = max(strayed, _corner_shift(coarse, warp, work.shape))
+        strayed = max(strayed, _corner_shift(coarse, warp, work.image.shape))
         if self.robust and trusted and strayed > DIVERGENCE:
-            warp = self._second_opinion(frames, coarse, warp, start)
+            warp = self._second_opinion(work, coarse, warp, start)
         return warp
 
-    def _second_opinion(self, frames: list[np.ndarray], coarse: np.ndarray, warp: np.ndarray,
+    def _second_opinion(self, work: _WorkFrame, coarse: np.ndarray, warp: np.ndarray,
                         start: float) -> np.ndarray:
         """Robust refinement started from the coarse estimate; the better of the two is kept.
 
         The comparison uses the correlation outside the outliers of both estimates.
         """
-        alternative, outliers = self._robust_pass(frames, coarse, start, pyramid=self._first_level(True))
+        alternative, outliers = self._robust_pass(work, coarse, start, pyramid=self._first_level(True))
         if alternative is None:
             return warp
-        keep = self._roi & ~(outliers | self._outlier_mask(frames[0], warp))
-        if self._correlation(frames[0], alternative, keep) > self._correlation(frames[0], warp, keep):
+        keep = self._roi & ~(outliers | work.outliers(warp))
+        if work.correlation(alternative, keep) > work.correlation(warp, keep):
             return alternative
         return warp
-
-    def _coarse(self, work: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Feature-based warp (reference -> frame) or, failing that, a phase-correlation shift.
-
-        RANSAC fits a similarity for the motions it contains and a full affinity otherwise (shear
-        would cost a similarity its inliers); the result is projected onto the motion family. The
-        flag says whether the estimate rests on enough RANSAC inliers to be kept on its own.
-        """
-        keypoints, descriptors = self._orb.detectAndCompute(_as_uint8(work), None)
-        if descriptors is not None and self._ref_descriptors is not None and len(keypoints) >= 2:
-            pairs = self._matcher.knnMatch(self._ref_descriptors, descriptors, k=2)
-            good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
-            if len(good) >= MIN_INLIERS:
-                src = np.float32([self._ref_keypoints[m.queryIdx].pt for m in good])
-                dst = np.float32([keypoints[m.trainIdx].pt for m in good])
-                estimate = cv2.estimateAffinePartial2D if self.motion in _PARTIAL else cv2.estimateAffine2D
-                cv2.setRNGSeed(0)  # RANSAC draws from OpenCV's global RNG: same frame, same warp
-                matrix, inliers = estimate(src, dst, method=cv2.RANSAC,
-                                           ransacReprojThreshold=RANSAC_THRESHOLD)
-                if matrix is not None and int(inliers.sum()) >= MIN_INLIERS:
-                    coarse = self._project(np.vstack([matrix, [0.0, 0.0, 1.0]]))
-                    if _invertible(coarse):
-                        return coarse, True
-        return self._project(self._phase_shift(work)), False
-
-    def _phase_shift(self, work: np.ndarray) -> np.ndarray:
-        """Translation by phase correlation, the frame cropped or zero-padded to the reference's shape."""
-        h, w = self._ref_work.shape
-        canvas = np.zeros((h, w), np.float32)
-        crop = work[:h, :w]
-        canvas[: crop.shape[0], : crop.shape[1]] = crop
-        window = cv2.createHanningWindow((w, h), cv2.CV_32F)
-        # a copy: cv2.phaseCorrelate applies the window to its inputs in place
-        (dx, dy), _ = cv2.phaseCorrelate(self._ref_work.copy(), canvas, window)
-        return _translation(dx, dy)
 
     def _first_level(self, trusted: bool) -> int:
         """The pyramid level to start refining at: the coarsest, or TRUSTED_LEVEL (when it exists)
         for a trusted feature-based estimate, which is already within about a working pixel."""
         return min(self._levels - 1, TRUSTED_LEVEL) if trusted else self._levels - 1
 
-    def _refine_pyramid(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
+    def _refine_pyramid(self, work: _WorkFrame, warp: np.ndarray, start: float,
                         finest: int, coarsest: int,
                         rois: list[np.ndarray] | None = None) -> tuple[np.ndarray, bool]:
         """Refine from level `coarsest` down to `finest`; a level that fails keeps the current warp."""
         rois = self._roi_pyramid if rois is None else rois
         converged = False
         for level in range(coarsest, finest - 1, -1):
-            refined = self._refine(frames, level, warp, rois[level])
+            refined = self._refine(work, level, warp, rois[level])
             if refined is not None:
                 warp, converged = refined, True
             self._check_time(start)
         return warp, converged
 
-    def _robust_pass(self, frames: list[np.ndarray], warp: np.ndarray, start: float,
+    def _robust_pass(self, work: _WorkFrame, warp: np.ndarray, start: float,
                      pyramid: int | None = None,
                      iterations: int = GN_ITERATIONS) -> tuple[np.ndarray | None, np.ndarray]:
         """Refine the finest level without the pixels whose residual is an outlier (defects).
@@ -291,35 +248,34 @@ class Aligner:
         does not correlate better than `warp` on the pixels that are not outliers. With `pyramid`
         (a level), every level from that one down runs masked (for a start a few pixels off).
         """
-        region = self._roi & self._view(frames[0], warp)[1]
-        outliers = self._outlier_mask(frames[0], warp)
+        region = self._roi & work.view(warp)[1]
+        outliers = work.outliers(warp)
         low, high = OUTLIER_FRACTION
         if not low * region.sum() <= outliers.sum() <= high * region.sum():
             return None, outliers
         keep = self._roi & ~outliers
         if pyramid is not None:
-            refined, converged = self._refine_pyramid(frames, warp, start, 0, pyramid,
+            refined, converged = self._refine_pyramid(work, warp, start, 0, pyramid,
                                                       _mask_pyramid(keep, self._levels))
             refined = refined if converged else None
         else:
-            refined = self._refine(frames, 0, warp, keep, iterations)
+            refined = self._refine(work, 0, warp, keep, iterations)
         self._check_time(start)
-        if refined is None or (self._correlation(frames[0], refined, keep)
-                               <= self._correlation(frames[0], warp, keep)):
+        if refined is None or work.correlation(refined, keep) <= work.correlation(warp, keep):
             return None, outliers
         return refined, outliers
 
-    def _refine(self, frames: list[np.ndarray], level: int, warp: np.ndarray, roi: np.ndarray,
+    def _refine(self, work: _WorkFrame, level: int, warp: np.ndarray, roi: np.ndarray,
                 iterations: int = GN_ITERATIONS) -> np.ndarray | None:
         """Gauss-Newton at pyramid `level` on the reference pixels of `roi` (spec §6.1).
 
         `warp` (level 0) is conjugated to the level (pyrDown: coarse pixel c is fine pixel 2c,
         spec §6.3 step 3), refined and returned at level 0; None when the refinement fails. At
-        level 0 the first iteration reuses the `_view` of `warp` when this call already made it.
+        level 0 the first iteration reuses the view of `warp` when this call already made it.
         """
         scale = np.diag([2.0**level, 2.0**level, 1.0])
-        view = self._cache.get(("view", warp.tobytes())) if level == 0 else None
-        refined = _gauss_newton(self._templates[level], frames[level],
+        view = work.made_view(warp) if level == 0 else None
+        refined = _gauss_newton(self._templates[level], work.pyramid[level],
                                 np.linalg.inv(scale) @ warp @ scale, roi, iterations, view)
         if refined is None:
             return None
@@ -329,36 +285,6 @@ class Aligner:
     def _project(self, warp: np.ndarray) -> np.ndarray:
         """The nearest warp of this aligner's motion family (working resolution)."""
         return _project(warp, self.motion, _centre(self._ref_work.shape))
-
-    def _view(self, frame: np.ndarray, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The pre-blurred working frame warped onto the reference, and its validity mask.
-
-        Cached per `align` call (keyed by the warp), since gates and comparisons revisit warps.
-        """
-        key = ("view", warp.tobytes())
-        if key not in self._cache:
-            self._cache[key] = (_warp(frame, warp, self._ref_work.shape, cv2.INTER_LINEAR),
-                                _valid(frame.shape, warp, self._ref_work.shape))
-        return self._cache[key]
-
-    def _outlier_mask(self, frame: np.ndarray, warp: np.ndarray) -> np.ndarray:
-        """Outlier blobs of the residual under `warp` (see `_outliers`), cached like `_view`."""
-        key = ("outliers", warp.tobytes())
-        if key not in self._cache:
-            aligned, valid = self._view(frame, warp)
-            self._cache[key] = _outliers(self._ref_smooth, aligned, self._roi & valid)
-        return self._cache[key]
-
-    def _correlation(self, frame: np.ndarray, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
-        """Zero-mean normalised cross-correlation of the aligned and reference greys.
-
-        Computed on the valid pixels of `roi` (default: the reference ROI), after the pre-blur.
-        """
-        aligned, valid = self._view(frame, warp)
-        region = (self._roi if roi is None else roi) & valid
-        if region.sum() < 16:
-            return 0.0
-        return _ncc(self._ref_smooth[region], aligned[region])
 
     # ---------------------------------------------------------------------------------------
     # Gates and outputs
@@ -397,6 +323,113 @@ class Aligner:
         if fraction < MIN_VALID_FRACTION:
             warnings.append(f"valid ROI fraction {fraction:.2f} < {MIN_VALID_FRACTION}")
         return aligned, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Coarse estimate (spec §6.3 step 2) and a frame at working resolution
+# ---------------------------------------------------------------------------------------------
+
+
+class _CoarseEstimator:
+    """The coarse warp (reference -> frame, working resolution) that the refinement starts from.
+
+    Everything it needs of the reference (ORB keypoints and descriptors within the ROI, the working
+    grey for phase correlation) is computed once, with the aligner. `motion` picks the RANSAC model
+    and `project` is the aligner's projection onto that motion family.
+    """
+
+    def __init__(self, reference: np.ndarray, roi: np.ndarray, motion: str,
+                 project: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._reference = reference
+        self._motion = motion
+        self._project = project
+        self._orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)
+        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._keypoints, self._descriptors = self._orb.detectAndCompute(_as_uint8(reference), roi)
+
+    def estimate(self, work: np.ndarray) -> tuple[np.ndarray, bool]:
+        """Feature-based warp (reference -> frame) or, failing that, a phase-correlation shift.
+
+        RANSAC fits a similarity for the motions it contains and a full affinity otherwise (shear
+        would cost a similarity its inliers); the result is projected onto the motion family. The
+        flag says whether the estimate rests on enough RANSAC inliers to be kept on its own.
+        """
+        keypoints, descriptors = self._orb.detectAndCompute(_as_uint8(work), None)
+        if descriptors is not None and self._descriptors is not None and len(keypoints) >= 2:
+            pairs = self._matcher.knnMatch(self._descriptors, descriptors, k=2)
+            good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < RATIO * p[1].distance]
+            if len(good) >= MIN_INLIERS:
+                src = np.float32([self._keypoints[m.queryIdx].pt for m in good])
+                dst = np.float32([keypoints[m.trainIdx].pt for m in good])
+                estimate = cv2.estimateAffinePartial2D if self._motion in _PARTIAL else cv2.estimateAffine2D
+                cv2.setRNGSeed(0)  # RANSAC draws from OpenCV's global RNG: same frame, same warp
+                matrix, inliers = estimate(src, dst, method=cv2.RANSAC,
+                                           ransacReprojThreshold=RANSAC_THRESHOLD)
+                if matrix is not None and int(inliers.sum()) >= MIN_INLIERS:
+                    coarse = self._project(np.vstack([matrix, [0.0, 0.0, 1.0]]))
+                    if _invertible(coarse):
+                        return coarse, True
+        return self._project(self._phase_shift(work)), False
+
+    def _phase_shift(self, work: np.ndarray) -> np.ndarray:
+        """Translation by phase correlation, the frame cropped or zero-padded to the reference's shape."""
+        h, w = self._reference.shape
+        canvas = np.zeros((h, w), np.float32)
+        crop = work[:h, :w]
+        canvas[: crop.shape[0], : crop.shape[1]] = crop
+        window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+        # a copy: cv2.phaseCorrelate applies the window to its inputs in place
+        (dx, dy), _ = cv2.phaseCorrelate(self._reference.copy(), canvas, window)
+        return _translation(dx, dy)
+
+
+class _WorkFrame:
+    """One frame at working resolution during one `Aligner.align` call, and how warps place it.
+
+    `image` is its working grey, `pyramid` the pre-blurred pyramid the refinement samples. A warp's
+    view on the reference (warped frame and validity mask) and its outliers are made once per warp
+    and kept while the call lasts, since gates and comparisons revisit warps; dropping the object
+    drops them, so no frame's data outlives its call.
+    """
+
+    def __init__(self, image: np.ndarray, levels: int, reference: np.ndarray, roi: np.ndarray) -> None:
+        self.image = image
+        self.pyramid = [_smooth(level) for level in _pyramid(image, levels)]
+        self._reference = reference  # the pre-blurred working reference
+        self._roi = roi  # the reference ROI at working resolution
+        self._views: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self._outliers: dict[bytes, np.ndarray] = {}
+
+    def view(self, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pre-blurred working frame warped onto the reference, and its validity mask."""
+        key = warp.tobytes()
+        if key not in self._views:
+            self._views[key] = (_warp(self.pyramid[0], warp, self._reference.shape, cv2.INTER_LINEAR),
+                                _valid(self.pyramid[0].shape, warp, self._reference.shape))
+        return self._views[key]
+
+    def made_view(self, warp: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The `view` of `warp` when it was already made, else None (without making it)."""
+        return self._views.get(warp.tobytes())
+
+    def outliers(self, warp: np.ndarray) -> np.ndarray:
+        """Outlier blobs of the residual under `warp` (see `_outliers`)."""
+        key = warp.tobytes()
+        if key not in self._outliers:
+            aligned, valid = self.view(warp)
+            self._outliers[key] = _outliers(self._reference, aligned, self._roi & valid)
+        return self._outliers[key]
+
+    def correlation(self, warp: np.ndarray, roi: np.ndarray | None = None) -> float:
+        """Zero-mean normalised cross-correlation of the aligned and reference greys.
+
+        Computed on the valid pixels of `roi` (default: the reference ROI), after the pre-blur.
+        """
+        aligned, valid = self.view(warp)
+        region = (self._roi if roi is None else roi) & valid
+        if region.sum() < 16:
+            return 0.0
+        return _ncc(self._reference[region], aligned[region])
 
 
 # ---------------------------------------------------------------------------------------------

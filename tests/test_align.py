@@ -304,14 +304,14 @@ def test_untrusted_start_refines_from_the_coarsest_level(monkeypatch: pytest.Mon
     levels: list[int] = []
     refine = Aligner._refine
 
-    def phase_only(self: Aligner, work: np.ndarray) -> tuple[np.ndarray, bool]:
+    def phase_only(self: align._CoarseEstimator, work: np.ndarray) -> tuple[np.ndarray, bool]:
         return self._project(self._phase_shift(work)), False
 
-    def recording(self: Aligner, frames: list[np.ndarray], level: int, *args: object) -> np.ndarray | None:
+    def recording(self: Aligner, work: align._WorkFrame, level: int, *args: object) -> np.ndarray | None:
         levels.append(level)
-        return refine(self, frames, level, *args)
+        return refine(self, work, level, *args)
 
-    monkeypatch.setattr(Aligner, "_coarse", phase_only)
+    monkeypatch.setattr(align._CoarseEstimator, "estimate", phase_only)
     monkeypatch.setattr(Aligner, "_refine", recording)
     reference = part("pcb", 1)
     rng = np.random.default_rng(21)
