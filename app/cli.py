@@ -69,15 +69,34 @@ def _progress(args) -> bool:
     return not args.json and sys.stderr.isatty()
 
 
-def _add_backbone_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="efficientnet_lite0",
-                        choices=("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                                 "resnet18", "wide_resnet50_2"),  # glad.backbones.BACKBONES
-                        help="feature extractor (default: %(default)s, weights ship offline)")
+BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+                  "wide_resnet50_2")  # glad.backbones.BACKBONES
+
+
+def _add_backbone_options(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        parser.add_argument("--backbone", default=[BACKBONE_NAMES[0]], type=_backbone_list,
+                            help="feature extractor (default: %(default)s, weights ship "
+                                 "offline); several, comma-separated: each is fitted and the one "
+                                 f"whose held-back normals and canaries separate best is kept "
+                                 f"({', '.join(BACKBONE_NAMES)})")
+    else:
+        parser.add_argument("--backbone", default=BACKBONE_NAMES[0], choices=BACKBONE_NAMES,
+                            help="feature extractor (default: %(default)s, weights ship offline)")
     parser.add_argument("--weights", default="pretrained",
                         help="'pretrained' (shipped package or torch cache), 'random', or a "
                              "weights file path")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _backbone_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKBONE_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backbone {', '.join(map(repr, unknown or [value]))}; choose from "
+            f"{', '.join(BACKBONE_NAMES)}")
+    return list(dict.fromkeys(names))
 
 
 # --- synth --------------------------------------------------------------------------------------
@@ -123,7 +142,7 @@ def _add_fit(commands) -> None:
                     "category folder (its train/good is used).")
     parser.add_argument("data", type=Path, help="image folder or MVTec category folder")
     parser.add_argument("--out", type=Path, required=True, help="model directory to write")
-    _add_backbone_options(parser)
+    _add_backbone_options(parser, several=True)
     parser.add_argument("--texture", action="store_true",
                         help="texture product: ignore a 1/16 margin on each side")
     parser.add_argument("--roi", default=None,
@@ -168,25 +187,26 @@ def _add_fit_budget_options(parser: argparse.ArgumentParser) -> None:
 def _fit(args) -> int:
     from glad.datasets import TEXTURE_CATEGORIES, image_folder
     from glad.images import read_image
-    from glad.model import GladModel
+    from glad.model import fit_best_backbone
 
     folder = args.data / "train" / "good" if (args.data / "train" / "good").is_dir() else args.data
     paths = image_folder(folder)
     images = [read_image(p) for p in paths]
     texture = args.texture or args.data.name in TEXTURE_CATEGORIES
-    model = GladModel(
-        backbone=args.backbone, weights=args.weights, device=args.device,
+    model = fit_best_backbone(
+        images, args.backbone, weights=args.weights, device=args.device,
         n_components=_int_or_auto(args.components, "--components"),
         radius=_int_or_auto(args.radius, "--radius"), local=not args.global_only,
         mixture=args.mixture, roi=_roi(args.roi, texture), seed=args.seed,
         max_components=args.max_components, max_iter=args.max_iter,
         align="auto" if args.align is None else args.align, motion=args.motion,
         far=_rate(args.far, "--far"), select=args.select == "on", progress=_progress(args),
-    ).fit(images)
+    )
     model.save(args.out)
     summary = {
         "model": str(args.out),
         "images": len(images),
+        "backbone": model.backbone_.spec.name,
         "components": [layer.mixture.n_components for layer in model.layers_],
         "radius": model.radius_,
         "aligned": model.reference_ is not None,
@@ -202,7 +222,8 @@ def _fit(args) -> int:
     else:
         from glad.validation import format_validation
 
-        print(f"fitted on {len(images)} images in {summary['fit_s']} s: K per layer "
+        print(f"fitted on {len(images)} images in {summary['fit_s']} s: {summary['backbone']}, "
+              f"K per layer "
               f"{summary['components']}, radius {model.radius_ or 'global'}, threshold "
               f"{model.threshold_:.2f}, {summary['model_mb']} MB -> {args.out}")
         print(format_validation(summary["calibration"], summary["validation"]))

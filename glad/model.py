@@ -11,6 +11,7 @@ layers -> heat map and image score (minus a low quantile of the map).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from glad.registration import (
 )
 from glad.scoring import build_roi, combine_layers, heatmaps, image_scores
 from glad.selection import (
+    SELECTION_TIE,
     UNALIGNED,
     Localisation,
     Selector,
@@ -46,7 +48,9 @@ from glad.selection import (
     judges_alignment,
     novelty_thresholds,
 )
-from glad.validation import DEFAULT_FAR
+from glad.validation import DEFAULT_FAR, format_selection, most_separating, selection_row
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, repr=False)
@@ -298,3 +302,29 @@ class GladModel:
     def _check_fitted(self) -> None:
         if not hasattr(self, "layers_"):
             raise NotFittedError("this GladModel is not fitted yet: call fit() or load() first")
+
+
+def fit_best_backbone(images: Sequence[np.ndarray], backbones: Sequence[str],
+                      **params) -> GladModel:
+    """Fit one model per backbone on the same images and keep the one whose held-back normals
+    and canaries separate best (`glad.validation.most_separating`, the rule that picks the
+    radius). Held-back images and canaries are the same for every backbone (they depend on the
+    images and the seed only), so the candidates are judged on equal terms; each candidate is
+    a full fit, so the fit time adds up. The backbones' rows join the model's `selection_`."""
+    if not backbones:
+        raise ValueError("fit_best_backbone needs at least one backbone")
+    models = {name: GladModel(backbone=name, **params).fit(images) for name in backbones}
+    if len(models) == 1:
+        return models[backbones[0]]
+    validated = {name: m.validation_ for name, m in models.items() if m.validation_ is not None}
+    if not validated:
+        raise ValueError("choosing a backbone needs held-back images (at least 4 training images "
+                         "and holdout > 0)")
+    best = most_separating(validated, SELECTION_TIE)
+    rows = {f"backbone {name}": selection_row(v, None, name == best)
+            for name, v in validated.items()}
+    log.info("backbone chosen on %d held-back normals and their canaries:\n%s",
+             validated[best].n_normals, format_selection(rows))
+    chosen = models[best]
+    chosen.selection_ = rows | chosen.selection_
+    return chosen

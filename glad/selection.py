@@ -30,6 +30,8 @@ from glad.validation import (
     calibrate_threshold,
     format_selection,
     make_canaries,
+    most_separating,
+    selection_row,
     validate,
 )
 
@@ -195,10 +197,8 @@ class Selector:
                       else np.zeros(0))
             scored[radius] = (normal, canary, validate(normal, canary))
         best = self._best_localisation(scored)
-        table = {prefix + radius_name(r): {
-            "canary_auroc": v.canary_auroc, "normal_mean": float(np.mean(normal)),
-            "normal_spread": v.normal_spread, "chosen": r == best}
-            for r, (normal, _, v) in scored.items()}
+        table = {prefix + radius_name(r): selection_row(v, float(np.mean(normal)), r == best)
+                 for r, (normal, _, v) in scored.items()}
         if len(radii) > 1:
             log.info("localisation chosen on %d held-back normals and %d canaries (%s):\n%s",
                      len(held), len(scored[best][1]),
@@ -211,10 +211,7 @@ class Selector:
         judged = {r: v for r, (_, _, v) in scored.items() if v.canary_auroc is not None}
         if not self.select or not judged:  # the former rule (also when no canary could be drawn)
             return min(scored, key=lambda r: float(np.mean(scored[r][0])))
-        best = max(judged.values(), key=lambda v: v.canary_auroc)
-        band = max(SELECTION_TIE, best.auroc_error)
-        tied = [r for r, v in judged.items() if v.canary_auroc >= best.canary_auroc - band]
-        return max(tied, key=lambda r: judged[r].separation)
+        return most_separating(judged, SELECTION_TIE)
 
     def _global_scores(self, candidates: list[Candidates], held_features: LayerFeatures,
                        held: np.ndarray, layers: list[LayerModel]) -> np.ndarray:

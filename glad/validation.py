@@ -12,8 +12,9 @@ false-alarm rate from the normal scores' upper tail.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 from scipy import stats
@@ -32,6 +33,8 @@ TAIL_SHARE = 0.5  # the tail model is fitted to the scores above this upper shar
 # 0.005 target, xi >= 0 gave 0.004-0.009 (0.0004-0.002 on the light normal tail).
 MAX_SHAPE = 0.5
 CANARY_SEED_OFFSET = 7919  # canaries draw from their own stream, not the model's seed itself
+
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,28 @@ def validate(normal_scores: Sequence[float], canary_scores: Sequence[float],
                       len(normal), len(canary))
 
 
+def most_separating(validations: Mapping[Key, Validation], tie: float) -> Key:
+    """The key of the candidate whose canaries separate best from its held-back normals: the
+    highest canary AUROC; among those within `tie` or the best AUROC's standard error of it
+    (Hanley-McNeil: candidates that close cannot be told apart on a few dozen images), the widest
+    margin between canary and normal scores in normal spreads (`Validation.separation`).
+    Candidates without canary AUROC are never preferred to one that has it."""
+    judged = {key: v for key, v in validations.items() if v.canary_auroc is not None}
+    if not judged:
+        raise ValueError("no candidate was validated on canaries")
+    best = max(judged.values(), key=lambda v: v.canary_auroc)
+    band = max(tie, best.auroc_error)
+    tied = [key for key, v in judged.items() if v.canary_auroc >= best.canary_auroc - band]
+    return max(tied, key=lambda key: judged[key].separation)
+
+
+def selection_row(validation: Validation, normal_mean: float | None, chosen: bool) -> dict:
+    """One candidate's row of a selection table (`format_selection`)."""
+    return {"canary_auroc": validation.canary_auroc, "normal_mean": normal_mean,
+            "normal_spread": validation.normal_spread, "separation": validation.separation,
+            "chosen": chosen}
+
+
 def make_canaries(images: Sequence[np.ndarray], regions: Sequence[np.ndarray | None],
                   seed: int) -> tuple[list[np.ndarray], list[int]]:
     """One synthetic defect pasted on each normal image, inside its region (bool at the image's
@@ -185,15 +210,22 @@ def make_canaries(images: Sequence[np.ndarray], regions: Sequence[np.ndarray | N
 
 
 def format_selection(selection: dict) -> str:
-    """The localisation candidates as a table: canary AUROC, normal scores, which was chosen."""
+    """Selection candidates as a table: canary AUROC, canary margin in normal spreads (the
+    tie-break), normal scores, which was chosen ("-" where a row lacks a value)."""
     width = max(len("candidate"), *(len(name) for name in selection))
-    lines = [f"{'candidate':>{width}} {'canary AUROC':>13} {'normal mean':>12} "
-             f"{'normal spread':>14}"]
+    columns = (("canary AUROC", "canary_auroc", ".4f"), ("canary margin", "separation", ".3g"),
+               ("normal mean", "normal_mean", ".4g"), ("normal spread", "normal_spread", ".4g"))
+    lines = [f"{'candidate':>{width}}" + "".join(f" {title:>13}" for title, _, _ in columns)]
     for name, row in selection.items():
-        auroc = "-" if row.get("canary_auroc") is None else f"{row['canary_auroc']:.4f}"
-        lines.append(f"{name:>{width}} {auroc:>13} {row['normal_mean']:>12.4g} "
-                     f"{row['normal_spread']:>14.4g}{'  <- chosen' if row.get('chosen') else ''}")
+        cells = "".join(
+            f" {'-' if not _finite(row.get(key)) else format(row[key], spec):>13}"
+            for _, key, spec in columns)
+        lines.append(f"{name:>{width}}{cells}{'  <- chosen' if row.get('chosen') else ''}")
     return "\n".join(lines)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def format_validation(calibration: dict | None, validation: dict | None) -> str:

@@ -100,6 +100,32 @@ def test_fit_writes_a_model(fitted_model) -> None:
     assert summary["validation"]["n_canaries"] > 0 and "r=1" in summary["selection"]
 
 
+def test_fit_keeps_the_backbone_that_separates_canaries_best(nut_root: Path,
+                                                                tmp_path: Path) -> None:
+    """Several backbones: each is fitted, the chosen one is saved, both rows are reported."""
+    out = tmp_path / "m"
+    code, stdout = run(["fit", nut_root, "--out", out, "--backbone",
+                        "efficientnet_lite0,resnet18", "--weights", "random", "--components", "4",
+                        "--radius", "1", "--json"])
+    assert code == 0
+    summary = json.loads(stdout)
+    rows = {name: row for name, row in summary["selection"].items() if name.startswith("backbone")}
+    assert set(rows) == {"backbone efficientnet_lite0", "backbone resnet18"}
+    chosen = [name.split()[1] for name, row in rows.items() if row["chosen"]]
+    assert chosen == [summary["backbone"]]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backbone"]["name"] == summary["backbone"]
+    assert set(rows) <= set(manifest["training"]["selection"])
+
+
+def test_fit_refuses_an_unknown_backbone_in_a_list(nut_root: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", str(nut_root), "--out", str(tmp_path / "m"), "--backbone",
+              "efficientnet_lite0,vgg_imaginary"])
+    assert exited.value.code == 2 and "'vgg_imaginary'" in capsys.readouterr().err
+
+
 def test_fit_refuses_a_false_alarm_rate_outside_0_1(nut_root: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["fit", str(nut_root), "--out", str(tmp_path / "m"), "--far", "1.5"])

@@ -12,7 +12,10 @@ from scipy import stats
 from glad.validation import (
     MIN_TAIL_SCORES,
     calibrate_threshold,
+    format_selection,
     make_canaries,
+    most_separating,
+    selection_row,
     shifted_calibration,
     validate,
 )
@@ -84,6 +87,29 @@ def test_auroc_error_follows_hanley_mcneil() -> None:
     assert many.canary_auroc > few.canary_auroc and many.auroc_error < few.auroc_error / 5
     assert validate([1.0, 2.0], [3.0, 4.0]).auroc_error == 0.0  # perfect separation
     assert validate([1.0], []).auroc_error is None
+
+
+def test_most_separating_breaks_auroc_ties_by_the_canary_margin() -> None:
+    """The rule behind radius and backbone selection: the best canary AUROC wins unless others
+    lie within its standard error (then the widest canary margin in normal spreads wins);
+    candidates without canaries never win over validated ones."""
+    normal = np.arange(20.0)
+    clear = validate(normal, normal + 40.0)  # AUROC 1, margin 40 / spread
+    wider = validate(normal / 4, normal / 4 + 40.0)  # AUROC 1, four times the margin
+    overlapping = validate(normal, np.r_[normal[:10] + 5.0, normal[10:] + 200.0])  # lower AUROC
+    assert clear.canary_auroc == wider.canary_auroc == 1.0 > overlapping.canary_auroc
+    assert wider.separation > clear.separation
+    assert most_separating({"a": clear, "b": wider, "c": overlapping}, tie=0.005) == "b"
+    assert most_separating({"a": clear, "c": overlapping}, tie=0.005) == "a"
+    assert overlapping.separation > clear.separation  # the margin alone would have picked c
+    assert most_separating({"a": clear, "c": overlapping}, tie=0.5) == "c"  # tied: margin decides
+    assert most_separating({"a": clear, "none": validate(normal, [])}, tie=0.005) == "a"
+    with pytest.raises(ValueError, match="canaries"):
+        most_separating({"none": validate(normal, [])}, tie=0.005)
+    table = format_selection({"backbone x": selection_row(wider, None, True),
+                              "r=1": selection_row(clear, 9.5, False)})
+    assert "<- chosen" in table.splitlines()[1] and "-" in table.splitlines()[1].split()
+    assert "canary margin" in table.splitlines()[0]
 
 
 def test_canaries_change_only_the_region_and_repeat_with_the_seed() -> None:
