@@ -7,8 +7,8 @@ worse than production on frames neither of them trained on.
 * Scores: a frame neither model scores finitely (no valid pixel left in the ROI) is set aside;
   a NaN or infinite score of the candidate alone fails the gate.
 * False alarms: held-back confirmed-normal frames (never trained on), split by time. The
-  candidate keeps production's calibrated threshold, raised by the rise of its median score on
-  the older half; on the newer half it may not raise more alarms than production does.
+  candidate keeps production's calibrated threshold, moved by the change of its median score on
+  the older half (up or down); on the newer half it may not raise more alarms than production.
 * Defects: canaries (operator-confirmed defects and synthetic defects pasted on held-back normal
   frames). Recall at the threshold may not drop by more than `recall_tolerance` (on canaries
   whose frame both models accept), and the AUROC of canaries against held-back normals
@@ -131,11 +131,13 @@ class Gate:
         cand_normal, prod_normal = cand_all[: len(normals)], prod_all[: len(normals)]
         cand_def, prod_def = cand_all[len(normals) :], prod_all[len(normals) :]
         # Production's threshold was calibrated to a false-alarm rate on many more frames than
-        # the few held back here; the candidate keeps it, moved up by how much higher the
-        # candidate scores the older half's normals (never down: a smaller sample cannot
-        # justify more alarms' worth of risk).
+        # the few held back here; the candidate keeps that rate by moving the threshold with its
+        # scores: by the change of its median score on the older half's normals, up or down. A
+        # candidate that explains normal parts better scores defects lower too, and a threshold
+        # never moved down cost recall on 3 of the 7 real categories (bench_online_real,
+        # bsdata_ballscrew 0.38 -> 0.31); the newer half's false alarms check the move.
         shift = float(np.median(cand_normal[:half]) - np.median(prod_normal[:half]))
-        threshold = float(production.threshold_) + max(0.0, shift)
+        threshold = float(production.threshold_) + shift
         record["threshold_shift"] = shift
         far = {"candidate": int((cand_normal[half:] > threshold).sum()),
                "production": int((prod_normal[half:] > production.threshold_).sum()),

@@ -59,6 +59,18 @@ def test_production_against_itself_passes(production, frames) -> None:
     assert record["unscorable"] == [] and threshold >= production.threshold_
 
 
+def test_the_threshold_follows_the_candidates_scores_down_as_well_as_up(production,
+                                                                        frames) -> None:
+    """A candidate that scores every frame lower (here: a higher image-score quantile) gets a
+    threshold lowered by the fall of its median held-back score, so recall is not lost."""
+    candidate = copy.copy(production)
+    candidate.quantile = 0.05
+    threshold, record = gate_with(frames).evaluate(candidate, production,
+                                                   base_components(production))
+    assert record["threshold_shift"] < 0
+    assert threshold == pytest.approx(production.threshold_ + record["threshold_shift"])
+
+
 def test_a_candidate_that_scores_nan_fails_with_a_reason(production, frames) -> None:
     """Before, `image_auroc` raised "scores contain NaN" inside the gate (and the updater died)."""
     candidate = copy.copy(production)
