@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +159,18 @@ class GladModel:
         return twin
 
     def _layer_fitter(self) -> LayerFitter:
-        """How each layer's global mixture is fitted, under this model's parameters."""
-        return LayerFitter(self.mixture, self.n_components, self.max_components, self.init,
-                           self.max_iter, self.rel_tol, self.max_fit_samples, self.fit_budget,
-                           self.min_images, self.oas_formula, self.seed, self.progress)
+        """How each layer's global mixture is fitted, under this model's parameters (the
+        fitter's fields are named after them)."""
+        return LayerFitter(**self._params_named_like(LayerFitter))
 
     def _selector(self) -> Selector:
         """The fit-time model selection under this model's parameters and fitted ROI."""
-        return Selector(self.backbone_, self.roi_, self.quantile, self.batch_size, self.local,
-                        self.radius, self.select, self.n_candidates, self.neighbourhood,
-                        self.local_mode, self.seed, self.progress)
+        return Selector(backbone=self.backbone_, roi=self.roi_,
+                        **self._params_named_like(Selector, exclude=("backbone", "roi")))
+
+    def _params_named_like(self, helper: type, exclude: tuple[str, ...] = ()) -> dict:
+        """This model's parameters that a helper dataclass has fields of the same name for."""
+        return {f.name: getattr(self, f.name) for f in fields(helper) if f.name not in exclude}
 
     def _keep_alignment_or_not(self, aligned: Localisation, plain: Localisation) -> Localisation:
         """The localisation `glad.selection.aligned_or_plain` keeps; when it is the images as
