@@ -13,7 +13,7 @@ import torch
 
 from glad.features import feature_batches
 from glad.model import GladModel
-from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig, scores
+from online.gate import CANARY_SUFFIX, Example, Gate, GateConfig, _moved_threshold, scores
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,19 @@ def test_the_threshold_follows_the_candidates_scores_down_as_well_as_up(producti
                                                    base_components(production))
     assert record["threshold_shift"] < 0
     assert threshold == pytest.approx(production.threshold_ + record["threshold_shift"])
+
+
+@pytest.mark.parametrize(("candidate", "production", "expected_shift"), [
+    ([90, 95, 100], [100, 105, 110], -10.0),  # normals production accepts, re-scored lower: down
+    ([130, 140, 150], [100, 105, 110], 35.0),  # scored higher: up, as before
+    ([90, 95, 100], [300, 320, 340], 0.0),  # a new look production flags, now learned: kept
+    ([90, 95, 300], [100, 105, 340], -10.0),  # only the accepted frames move it down
+])
+def test_threshold_moves_down_only_by_frames_production_accepts(candidate, production,
+                                                                expected_shift) -> None:
+    threshold, shift = _moved_threshold(200.0, np.array(candidate, float),
+                                        np.array(production, float))
+    assert shift == expected_shift and threshold == 200.0 + expected_shift
 
 
 def test_a_candidate_that_scores_nan_fails_with_a_reason(production, frames) -> None:
