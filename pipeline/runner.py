@@ -1,13 +1,13 @@
 """The stage runner: read a batch from a consumer group, process it, write, acknowledge.
 
 Delivery is at least once. Outputs and acknowledgements go in one MULTI/EXEC transaction, so a
-worker that dies never leaves an entry both forwarded and pending; its pending entries are
-claimed by a peer (XAUTOCLAIM) once idle for `claim_idle_ms`. A message that cannot be used
-(bad msgpack, schema, image...) goes to the dead-letter stream with the reason at once; one
-that fails for another reason is retried until `max_deliveries`, then dead-lettered. Stages that
-declare idempotent outputs write each frame id once (a marker key set in the same Lua call).
-SIGTERM/SIGINT finish the batch in flight, acknowledge it and exit; heartbeats let
-`glad status` show every worker's health.
+worker that dies never leaves an entry both forwarded and pending; its pending entries are claimed
+by a peer (XPENDING + XCLAIM, `pipeline.pending`) once idle for `claim_idle_ms`. A message that
+cannot be used (bad msgpack, schema, image...) goes to the dead-letter stream with the reason at
+once; one that fails for another reason is retried until `max_deliveries`, then dead-lettered.
+Stages that declare idempotent outputs write each frame id once (a marker key set in the same Lua
+call). SIGTERM/SIGINT finish the batch in flight, acknowledge it and exit; heartbeats let `glad
+status` show every worker's health.
 """
 
 from __future__ import annotations
