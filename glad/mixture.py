@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,15 @@ class MixtureFactors:
     offsets: torch.Tensor  # float32 (K, d), b_k = W_k mu_k
     logdets: torch.Tensor  # float64 (K,), log |Sigma_k|
     log_weights: torch.Tensor  # float64 (K,), log pi_k
+    _expanded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def expanded(self, dtype: torch.dtype = torch.float32) -> ExpandedCosts:
+        """These factors' costs in the expanded form (`ExpandedCosts`), built once per dtype:
+        its coefficients cost K d^3 (3-5 ms on Lite0's first layers), which scoring a
+        global-weights model used to pay on every batch and layer."""
+        if dtype not in self._expanded:
+            self._expanded[dtype] = ExpandedCosts(self, dtype)
+        return self._expanded[dtype]
 
     @property
     def n_components(self) -> int:
@@ -308,7 +317,7 @@ def iter_costs(
     k, d = factors.n_components, factors.dim
     rows = max(1, budget // (k * d))
     if x.device.type == "cpu" and d <= EXACT_EXPANDED_MAX_DIM:
-        expanded = ExpandedCosts(factors, torch.float64)
+        expanded = factors.expanded(torch.float64)
         rows *= -(-EXACT_EXPANDED_ROWS // rows)
         for start in range(0, x.shape[0], rows):
             yield start, expanded(x[start : start + rows])
@@ -408,7 +417,7 @@ class ExpandedCosts:
 def rank_components(x: torch.Tensor, factors: MixtureFactors, width: int) -> torch.Tensor:
     """(N, width) int64: each row's `width` cheapest components by approximate total cost
     c_k - 2 log pi_k (`ExpandedCosts`), in no particular order."""
-    expanded = ExpandedCosts(factors)
+    expanded = factors.expanded()
     penalty = (-2.0 * factors.log_weights).to(device=x.device, dtype=torch.float32)
     width = min(width, factors.n_components)
     out = torch.empty(x.shape[0], width, dtype=torch.int64, device=x.device)
