@@ -8,7 +8,7 @@ worse than production on frames neither of them trained on.
   a NaN or infinite score of the candidate alone fails the gate.
 * False alarms: held-back confirmed-normal frames (never trained on), split by time. The
   candidate keeps production's calibrated threshold, moved by the change of its median score on
-  the older half (down only on the frames production accepts, `_moved_threshold`); on the newer
+  the older half (down only on the frames production accepts, `threshold_shift`); on the newer
   half it may not raise more alarms than production.
 * Defects: canaries (operator-confirmed defects and synthetic defects pasted on held-back normal
   frames). Recall at the threshold may not drop by more than `recall_tolerance` (on canaries
@@ -131,8 +131,9 @@ class Gate:
         prod_all = self._scores(production, normals + canaries)
         cand_normal, prod_normal = cand_all[: len(normals)], prod_all[: len(normals)]
         cand_def, prod_def = cand_all[len(normals) :], prod_all[len(normals) :]
-        threshold, shift = _moved_threshold(float(production.threshold_), cand_normal[:half],
-                                            prod_normal[:half])
+        shift = threshold_shift(float(production.threshold_), cand_normal[:half],
+                                prod_normal[:half])
+        threshold = float(production.threshold_) + shift
         record["threshold_shift"] = shift
         far = {"candidate": int((cand_normal[half:] > threshold).sum()),
                "production": int((prod_normal[half:] > production.threshold_).sum()),
@@ -201,10 +202,10 @@ def structural_problems(candidate: GladModel, production: GladModel, base_compon
     return problems
 
 
-def _moved_threshold(production_threshold: float, candidate: np.ndarray,
-                     production: np.ndarray) -> tuple[float, float]:
-    """The candidate's threshold from production's and both models' scores of the same held-back
-    normal frames, with the shift applied.
+def threshold_shift(production_threshold: float, candidate: np.ndarray,
+                    production: np.ndarray) -> float:
+    """How far the candidate's threshold lies from production's, from both models' scores of
+    the same held-back normal frames.
 
     Production's threshold was calibrated to a false-alarm rate on many more frames than the few
     held back here; the candidate keeps that rate by moving it with its scores. Down only by the
@@ -218,7 +219,5 @@ def _moved_threshold(production_threshold: float, candidate: np.ndarray,
     rise = float(np.median(candidate) - np.median(production))
     accepted = production <= production_threshold
     if rise > 0.0 or not accepted.any():
-        shift = max(rise, 0.0)
-    else:
-        shift = float(np.median(candidate[accepted]) - np.median(production[accepted]))
-    return production_threshold + shift, shift
+        return max(rise, 0.0)
+    return float(np.median(candidate[accepted]) - np.median(production[accepted]))
