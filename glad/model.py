@@ -37,7 +37,7 @@ from glad.registration import (
     register_training,
     to_frames,
 )
-from glad.scoring import build_roi, combine_layers, heatmaps, image_scores
+from glad.scoring import build_roi, combine_layers, fill_invalid_cells, heatmaps, image_scores
 from glad.selection import (
     SELECTION_TIE,
     UNALIGNED,
@@ -230,22 +230,27 @@ class GladModel:
     def score_features(self, features: list[torch.Tensor],
                        valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (B,) and heat maps (B, S, S) in the reference frame, from backbone
-        features (B, d, h, w) per layer of registered images and their pixel validity (B, S, S)."""
+        features (B, d, h, w) per layer of registered images and their pixel validity (B, S, S).
+        Scores leave out the cells of invalid features; heat maps fill them from their valid
+        neighbours (`fill_invalid_cells`) so that every valid pixel shows every layer."""
         self._check_fitted()
         grids = [f.shape[2:] for f in features]
-        total = self.loglik_map(features, layer_validity(valid, grids))
+        logliks = self.layer_logliks(features, layer_validity(valid, grids))
+        size = self.backbone_.spec.input_size
+        total = combine_layers(logliks, size)
+        holes = any(bool(torch.isnan(loglik).any()) for loglik in logliks)
+        shown = combine_layers([fill_invalid_cells(x) for x in logliks], size) if holes else total
         roi = self.roi_ & torch.from_numpy(np.asarray(valid, dtype=bool))
-        return image_scores(total, roi, self.quantile), heatmaps(total, roi)
+        return image_scores(total, roi, self.quantile), heatmaps(shown, roi)
 
-    def loglik_map(self, features: list[torch.Tensor],
-                   valid: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Summed log-likelihood map (B, S, S) of backbone features (B, d, h, w) per layer;
+    def layer_logliks(self, features: list[torch.Tensor],
+                      valid: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per layer, the log-likelihood map (B, h, w) of backbone features (B, d, h, w);
         `valid` (B, h*w) per layer marks the cells to score (others are NaN)."""
         flat = [f.flatten(2).transpose(1, 2).contiguous() for f in features]
         valid = valid or [None] * len(flat)
-        logliks = [layer.loglik(f, v) for f, v, layer in zip(flat, valid, self._scoring_layers(),
-                                                              strict=True)]
-        return combine_layers(logliks, self.backbone_.spec.input_size)
+        return [layer.loglik(f, v) for f, v, layer in zip(flat, valid, self._scoring_layers(),
+                                                            strict=True)]
 
     def _scoring_layers(self) -> list[LayerModel]:
         """The layers with their factors on the backbone's device (cached per device)."""

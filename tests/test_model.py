@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import glad.errors
 import glad.layer_fit
@@ -21,10 +22,12 @@ import glad.selection
 from glad.backbones import create_backbone
 from glad.datasets import MVTecCategory, image_folder
 from glad.errors import DatasetError, GladError, ModelFileError, ModelMismatchError
+from glad.features import iter_features, layer_validity
 from glad.images import read_image
 from glad.metrics import image_auroc
 from glad.model import GladModel
 from glad.modelfile import ARRAYS, MANIFEST
+from glad.scoring import combine_layers, image_scores
 from glad.validation import Validation
 
 SETTINGS = dict(max_components=16, max_iter=10)
@@ -100,6 +103,29 @@ def test_heatmaps_shape(scored, test_set) -> None:
     assert scored.heatmaps.dtype == np.float32
     assert np.isfinite(scored.heatmaps).all()
     assert len(scored) == len(images)
+
+
+def test_heat_maps_show_the_pixels_under_invalid_coarse_cells(fitted: GladModel, test_set) -> None:
+    """A band of invalid pixels (out of the registered frame) invalidates the coarse layers'
+    cells around it; the valid pixels under those cells still get a heat value from every
+    layer, while the image score leaves them out and the invalid pixels stay at the floor."""
+    registered, valid, _ = fitted.register(test_set[0][:2])
+    valid = valid.copy()
+    valid[:, 120:136] = False
+    features = next(iter_features(fitted.backbone_, registered, 2))
+    scores, maps = fitted.score_features(features, valid)
+    floor = maps.reshape(2, -1).min(1)[:, None, None]
+    assert np.all(maps[:, 120:136] == floor)
+    roi = fitted.roi_.numpy()
+    near = np.zeros_like(roi)
+    near[96:120], near[136:160] = True, True  # valid, under the deepest layer's invalid cells
+    assert (near & roi).sum() > 500
+    assert (maps[:, near & roi] > floor[:, :, 0]).mean() > 0.95
+    logliks = fitted.layer_logliks(features, layer_validity(valid, [f.shape[2:] for f in features]))
+    assert all(torch.isnan(x).any() for x in logliks[1:])  # the holes the heat maps filled
+    total = combine_layers(logliks, maps.shape[-1])
+    roi_valid = fitted.roi_ & torch.from_numpy(valid)
+    np.testing.assert_allclose(scores, image_scores(total, roi_valid, fitted.quantile))
 
 
 def test_score_accepts_any_image_size(fitted: GladModel, test_set) -> None:

@@ -15,6 +15,7 @@ from glad.model import LayerModel
 from glad.scoring import (
     choose_method,
     combine_layers,
+    fill_invalid_cells,
     heatmaps,
     image_scores,
     layer_loglik_dense,
@@ -334,3 +335,25 @@ def test_combine_layers_of_constants_is_constant_sum() -> None:
     total = combine_layers(layers, 20)
     assert total.shape == (1, 20, 20)
     np.testing.assert_allclose(total.numpy(), -10.5, rtol=1e-6)
+
+
+def test_invalid_cells_take_their_valid_neighbours_values() -> None:
+    grid = torch.arange(25.0).view(1, 5, 5)
+    grid[0, 0, :] = math.nan  # a border ring, as erosion leaves it on a registered frame
+    grid[0, :, 0] = math.nan
+    filled = fill_invalid_cells(grid)
+    assert torch.isfinite(filled).all()
+    np.testing.assert_array_equal(filled[0, 1:, 1:].numpy(), grid[0, 1:, 1:].numpy())
+    assert filled[0, 0, 2].item() == pytest.approx((6.0 + 7.0 + 8.0) / 3)
+    assert filled[0, 0, 0].item() == pytest.approx(6.0)  # reached through its diagonal
+    nothing_valid = torch.full((1, 3, 3), math.nan)
+    assert torch.isnan(fill_invalid_cells(nothing_valid)).all()
+
+
+def test_filled_coarse_cells_let_every_pixel_show_every_layer() -> None:
+    fine = torch.zeros(1, 16, 16)
+    coarse = torch.full((1, 4, 4), -5.0)
+    coarse[0, 0, :] = math.nan  # the coarse layer's top row reaches out of the frame
+    assert torch.isnan(combine_layers([fine, coarse], 16)[0, :4]).all()
+    total = combine_layers([fine, fill_invalid_cells(coarse)], 16)
+    np.testing.assert_allclose(total.numpy(), -5.0, rtol=1e-6)
