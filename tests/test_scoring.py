@@ -337,14 +337,14 @@ def test_combine_layers_of_constants_is_constant_sum() -> None:
     np.testing.assert_allclose(total.numpy(), -10.5, rtol=1e-6)
 
 
-def test_invalid_cells_take_their_valid_neighbours_values() -> None:
+def test_invalid_cells_take_their_most_normal_valid_neighbour() -> None:
     grid = torch.arange(25.0).view(1, 5, 5)
     grid[0, 0, :] = math.nan  # a border ring, as erosion leaves it on a registered frame
     grid[0, :, 0] = math.nan
     filled = fill_invalid_cells(grid)
     assert torch.isfinite(filled).all()
     np.testing.assert_array_equal(filled[0, 1:, 1:].numpy(), grid[0, 1:, 1:].numpy())
-    assert filled[0, 0, 2].item() == pytest.approx((6.0 + 7.0 + 8.0) / 3)
+    assert filled[0, 0, 2].item() == pytest.approx(8.0)  # the highest of 6, 7, 8 below it
     assert filled[0, 0, 0].item() == pytest.approx(6.0)  # reached through its diagonal
     nothing_valid = torch.full((1, 3, 3), math.nan)
     assert torch.isnan(fill_invalid_cells(nothing_valid)).all()
