@@ -116,7 +116,7 @@ class GladModel:
         self.reference_ = reference if self._aligning() else None
         self.align_gates_ = dict(PERMISSIVE_GATES)
         training = register_training(originals, size, self._build_aligner(), self.reference_,
-                                     auto=self.align == "auto")
+                                     auto=self.align == "auto", far=self.far)
         self.reference_, self.align_gates_ = training.reference, training.gates
         self.aligner_ = self._build_aligner()
         images, pixel_valid, m = training.images, training.valid, len(training.images)

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # rotation) and min(default, 0.95 x the lowest training correlation), within these bounds.
 PERMISSIVE_GATES = {"max_rotation_deg": 45.0, "min_correlation": 0.5}
 DEFAULT_GATES = {"max_rotation_deg": 20.0, "min_correlation": 0.8}
-AUTO_ALIGN_MAX_FAILURES = 0.1  # share of training images; above it align="auto" turns alignment off
 
 Registered = tuple[list[np.ndarray], np.ndarray, list[Alignment | None]]
 
@@ -50,15 +49,18 @@ def register_images(images: Sequence[np.ndarray], size: int, aligner: Aligner | 
     return out, np.stack(valid), alignments
 
 
-def _fails_too_often(alignments: list[Alignment | None]) -> bool:
-    """Whether more than AUTO_ALIGN_MAX_FAILURES of the training frames failed alignment: their
-    pose varies beyond the gates (e.g. parts swinging on a hook), so align="auto" gives it up."""
+def _fails_too_often(alignments: list[Alignment | None], budget: float) -> bool:
+    """Whether more than `budget` (the model's false-alarm rate) of the training frames failed
+    alignment. A frame that fails alignment is flagged as anomalous, so normal frames failing as
+    often would spend more than the false-alarm budget on alignment alone: a part whose pose
+    varies beyond the gates (swinging on a hook), or a rotation-symmetric part registered to a
+    wrong angle (turned 180°). align="auto" then gives alignment up."""
     failed = [a.reason for a in alignments if a is not None and not a.ok]
-    if not failed or len(failed) <= AUTO_ALIGN_MAX_FAILURES * len(alignments):
+    if not failed or len(failed) <= budget * len(alignments):
         return False
-    log.warning("%d of %d training images failed alignment (e.g. %s): the pose varies "
-                "beyond the gates, so this model does not align", len(failed),
-                len(alignments), failed[0])
+    log.warning("%d of %d training images failed alignment (e.g. %s): normal parts would be "
+                "flagged more often than the false-alarm rate %.3g for that alone, so this model "
+                "does not align", len(failed), len(alignments), failed[0], budget)
     return True
 
 
@@ -106,12 +108,13 @@ class TrainingFrames:
 
 
 def register_training(images: Sequence[np.ndarray], size: int, aligner: Aligner | None,
-                      reference: np.ndarray | None, auto: bool) -> TrainingFrames:
+                      reference: np.ndarray | None, auto: bool, far: float) -> TrainingFrames:
     """Training images (at the input size `size`) registered by `aligner` (built with
     PERMISSIVE_GATES) on `reference`. With `auto` (align="auto"), a product whose frames fail
-    alignment too often is modelled without alignment instead (reference None)."""
+    alignment more often than the false-alarm rate `far` is modelled without alignment instead
+    (reference None)."""
     registered = register_images(images, size, aligner, reference)
-    if auto and _fails_too_often(registered[2]):
+    if auto and _fails_too_often(registered[2], far):
         reference = None
         registered = register_images(images, size, None, None)
     return TrainingFrames(*_kept_frames(registered), reference, _calibrated_gates(registered[2]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -280,6 +281,41 @@ def test_auto_alignment_turns_itself_off_when_poses_vary_beyond_the_gates() -> N
     assert model.reference_ is None and model.aligner_ is None
     assert model.n_train_images_ == len(images)
     assert model.score(images[:2]).status == ["ok", "ok"]
+
+
+def _round_part(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A round part with concentric rings and grains strewn at random (a biscuit, a washer):
+    the same at every angle, with nothing that tells one angle from another."""
+    centre = size / 2 + rng.normal(0, 1.5, 2)
+    rows, cols = np.mgrid[:size, :size].astype(float)
+    radius = np.hypot(rows - centre[0], cols - centre[1])
+    grey = np.full((size, size), 45.0)
+    grey[radius < 92] = (150 + 25 * np.cos(radius / 3.0))[radius < 92]
+    grey[(radius >= 92) & (radius < 98)] = 95
+    for angle, distance in zip(rng.uniform(0, 2 * np.pi, 12), rng.uniform(10, 85, 12), strict=True):
+        grain = np.hypot(rows - centre[0] - distance * np.sin(angle),
+                         cols - centre[1] - distance * np.cos(angle)) < 2.5
+        grey[grain] = 210
+    grey += rng.normal(0, 3, grey.shape)
+    return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_auto_alignment_is_given_up_on_a_rotation_symmetric_part(caplog) -> None:
+    """Registered on the reference, a few such parts come out turned by 180° and fail the gates:
+    each would be flagged at test time, more often than the false-alarm budget (0.005), so the
+    model does not align even though most frames align (the former rule kept alignment up to
+    10 % of failures; forced alignment flagged 2 of 30 normal parts and scored AUROC 0.93
+    against 1.00 in an ad-hoc check)."""
+    rng = np.random.default_rng(0)
+    images = [_round_part(rng) for _ in range(24)]
+    with caplog.at_level("WARNING", logger="glad.registration"):
+        model = GladModel(**SETTINGS).fit(images)
+    assert model.reference_ is None and model.aligner_ is None
+    assert model.n_train_images_ == len(images)
+    counts = [re.search(r"(\d+) of (\d+) training images failed alignment", r.getMessage())
+              for r in caplog.records]
+    failed, total = next(map(int, c.groups()) for c in counts if c)
+    assert total == len(images) and 0 < failed <= 0.1 * total
 
 
 def test_layer_validity_follows_the_pixel_mask_per_stride() -> None:
