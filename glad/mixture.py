@@ -110,6 +110,12 @@ class MixtureFactors:
         return MixtureFactors(*(t.to(device) for t in
                                 (self.whiteners, self.offsets, self.logdets, self.log_weights)))
 
+    def select(self, components: np.ndarray) -> MixtureFactors:
+        """The factors of the given components (indices or a boolean mask), in that order."""
+        index = torch.from_numpy(np.asarray(components))
+        return MixtureFactors(*(t[index] for t in
+                                (self.whiteners, self.offsets, self.logdets, self.log_weights)))
+
 
 @dataclass
 class ComponentStats:
@@ -146,6 +152,17 @@ class ComponentStats:
         weight = counts.astype(np.float64)
         support = _distinct_images(labels, image_ids, k) if len(labels) else np.zeros(k, np.int64)
         return cls(weight, weight.copy(), mean, scatter, support, np.zeros(k))
+
+    def refreshed(self, x: torch.Tensor, labels: np.ndarray, image_ids: np.ndarray,
+                  moved: np.ndarray) -> ComponentStats:
+        """These unit-weight statistics with the `moved` components (a boolean mask) recomputed
+        from their members under `labels`, as `of_members` would; the others keep theirs, which
+        is exact for components whose members did not change (a K-MLE iteration moves few)."""
+        rows = np.flatnonzero(moved[labels])
+        fresh = ComponentStats.of_members(x[torch.from_numpy(rows)], labels[rows], image_ids[rows],
+                                          self.n_components)
+        return ComponentStats(*(np.where(_expand(moved, getattr(self, f.name)), getattr(fresh, f.name),
+                                         getattr(self, f.name)) for f in fields(self)))
 
     @property
     def n_components(self) -> int:
@@ -243,11 +260,12 @@ class GaussianMixture:
     stats: ComponentStats | None = None
 
     @classmethod
-    def from_stats(cls, stats: ComponentStats, oas_formula: str = "sklearn") -> GaussianMixture:
+    def from_stats(cls, stats: ComponentStats, oas_formula: str = "sklearn",
+                   covariances: np.ndarray | None = None) -> GaussianMixture:
         """The K-MLE M-step's parameters from sufficient statistics: pi = A / sum A, mu = m,
-        Sigma = OAS(M2 / A, n_eff)."""
+        Sigma = OAS(M2 / A, n_eff) (or `covariances`, when the caller has them already)."""
         return cls(weights=stats.weight / stats.weight.sum(), means=stats.mean.copy(),
-                   covariances=stats.covariances(oas_formula),
+                   covariances=stats.covariances(oas_formula) if covariances is None else covariances,
                    counts=np.rint(stats.weight).astype(np.int64),
                    image_support=stats.support.astype(np.int64), stats=stats)
 
@@ -255,12 +273,36 @@ class GaussianMixture:
     def n_components(self) -> int:
         return len(self.weights)
 
-    def factors(self) -> MixtureFactors:
-        """Cholesky-based whitening factors; raises if a covariance is not positive definite."""
-        chol, ok = cholesky_with_jitter(self.covariances)
+    def factors(self, known: MixtureFactors | None = None,
+                unchanged: np.ndarray | None = None) -> MixtureFactors:
+        """Cholesky-based whitening factors; raises if a covariance is not positive definite.
+
+        Components flagged `unchanged` (a boolean mask) take theirs from `known` (factors of the
+        same components, by index) instead of a new factorisation; log-weights are always new.
+        """
+        if known is None or unchanged is None:
+            return self._factors_of(slice(None))
+        redo = np.flatnonzero(~unchanged)
+        if not len(redo):
+            return replace(known, log_weights=self._log_weights())
+        fresh = self._factors_of(redo)
+        index = torch.from_numpy(redo)
+        parts = []
+        for old, new in ((known.whiteners, fresh.whiteners), (known.offsets, fresh.offsets),
+                         (known.logdets, fresh.logdets)):
+            merged = old.clone()
+            merged[index] = new
+            parts.append(merged)
+        return MixtureFactors(*parts, log_weights=self._log_weights())
+
+    def _factors_of(self, components: slice | np.ndarray) -> MixtureFactors:
+        chol, ok = cholesky_with_jitter(self.covariances[components])
         if not ok.all():
             raise FeatureError(f"{int((~ok).sum())} mixture covariances are not positive definite")
-        return factors_from_cholesky(chol, self.means, self.weights)
+        return factors_from_cholesky(chol, self.means[components], self.weights[components])
+
+    def _log_weights(self) -> torch.Tensor:
+        return torch.log(torch.from_numpy(np.asarray(self.weights, dtype=np.float64)))
 
 
 def cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -444,7 +486,8 @@ class CandidateGroups:
     whitened values): evaluating every pair is then one batched GEMM per slice (W_k u - b_k, the
     form of §2.6), with no Python loop over Gaussians. K-MLE builds the groups at a full pass
     and reuses them in the candidate iterations until the next one, when only the whiteners
-    change (`costs` takes the components' current ids).
+    change (`costs` takes the components' current ids). The groups also keep the last costs,
+    so an iteration can re-cost only the components whose parameters moved.
     """
 
     def __init__(self, x: torch.Tensor, candidates: torch.Tensor, n_components: int,
@@ -453,6 +496,7 @@ class CandidateGroups:
         flat = candidates.flatten()
         self.slots = torch.nonzero(flat >= 0).flatten()  # table cells that hold a candidate
         self.slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._last_costs: torch.Tensor | None = None
         if not len(self.slots):
             return
         rows, components = self.slots // width, flat[self.slots]
@@ -473,15 +517,25 @@ class CandidateGroups:
                 pairs = order[slots]  # (K_b, length); padding repeats the component's first pair
                 self.slices.append((comps, pairs, used, x[rows[pairs]]))
 
-    def costs(self, factors: MixtureFactors, current: torch.Tensor | None = None) -> torch.Tensor:
+    def costs(self, factors: MixtureFactors, current: torch.Tensor | None = None,
+              unchanged: torch.Tensor | None = None) -> torch.Tensor:
         """D_k + logdet_k of every pair, float32, in the order of `slots`; `current` maps the
-        ids the groups were built with to the factors' ids (-1: pruned since, cost +inf)."""
-        out = torch.full((len(self.slots),), math.inf)
+        ids the groups were built with to the factors' ids (-1: pruned since, cost +inf).
+
+        `unchanged` (bool, by the factors' ids) flags components whose factors are those of the
+        previous call: their pairs keep the previous costs instead of being computed again.
+        """
+        reuse = unchanged is not None and self._last_costs is not None
+        out = self._last_costs.clone() if reuse else torch.full((len(self.slots),), math.inf)
         for comps, pairs, used, features in self.slices:
             ids = comps if current is None else current[comps]
-            alive = ids >= 0
-            if not alive.all():
-                ids, pairs, used, features = ids[alive], pairs[alive], used[alive], features[alive]
+            todo = ids >= 0
+            if reuse:
+                gone = ~todo
+                out[pairs[gone][used[gone]]] = math.inf
+                todo &= ~unchanged[ids.clamp_min(0)]
+            if not todo.all():
+                ids, pairs, used, features = ids[todo], pairs[todo], used[todo], features[todo]
             if not len(ids):
                 continue
             y = torch.bmm(features, factors.whiteners[ids].transpose(1, 2))
@@ -489,17 +543,20 @@ class CandidateGroups:
             costs = torch.linalg.vector_norm(y, dim=-1).square_()
             costs += factors.logdets[ids, None].to(costs.dtype)
             out[pairs[used]] = costs[used]
+        self._last_costs = out
         return out
 
 
 def assign_among(
     x: torch.Tensor, factors: MixtureFactors, candidates: torch.Tensor,
     groups: CandidateGroups | None = None, current: torch.Tensor | None = None,
+    unchanged: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Assignment restricted to each row's candidate components (-1 = none); Gaussian-grouped.
 
     `groups` (built from the same table) saves regrouping between full passes; `current` then
-    maps the table's ids to the factors' (see `CandidateGroups.costs`). Rows whose candidates
+    maps the table's ids to the factors' and `unchanged` flags the components whose factors did
+    not move since the groups' last use (see `CandidateGroups.costs`). Rows whose candidates
     were all pruned fall back to the full assignment.
     """
     n, width = candidates.shape
@@ -510,7 +567,7 @@ def assign_among(
         ids = current[ids]
     penalty = torch.where(ids >= 0, -2.0 * factors.log_weights[ids.clamp_min(0)], math.inf)
     totals = torch.full((n * width,), math.inf)
-    totals[groups.slots] = groups.costs(factors, current) + penalty.to(torch.float32)
+    totals[groups.slots] = groups.costs(factors, current, unchanged) + penalty.to(torch.float32)
     best, slot = torch.min(totals.view(n, width), dim=1)
     labels = torch.gather(candidates, 1, slot[:, None])[:, 0]
     if current is not None:
@@ -590,21 +647,26 @@ def fit_kmle(
     # candidates keep the ids of the pass that chose them; `current` maps those to today's ids
     # (pruning renumbers), so their grouped features are gathered once per full pass
     groups, current = None, None
+    # Components whose members an iteration did not change keep their statistics, factors and
+    # candidate costs: late iterations move a few hundred of 50 000 labels.
+    factors, moved, kept = None, None, None
     history: list[int] = []
     stop_reason = "max_iter"
     for iteration in range(max_iter):
         k = mixture.n_components
-        factors = None if iteration == 0 else mixture.factors()
         if iteration == 0:
             labels, best, candidates = _seed_assignment(x, mixture, mean, base_cov, CANDIDATES)
             groups, current = None, None
         else:
+            unchanged = None if moved is None else ~moved
+            factors = mixture.factors(None if factors is None else factors.select(kept), unchanged)
             if full_pass:  # every component ranked again, the cheapest re-costed exactly
                 candidates = rank_components(x, factors, CANDIDATES)
                 groups, current = None, None
             if groups is None:
                 groups = CandidateGroups(x, candidates, k if current is None else len(current) - 1)
-            labels, best = assign_among(x, factors, candidates, groups, current)
+            labels, best = assign_among(x, factors, candidates, groups, current,
+                                        None if unchanged is None else torch.from_numpy(unchanged))
         ll = -0.5 * float(best.double().sum() + n * d * LOG_2PI)
         history.append(k)
         stop = None
@@ -621,8 +683,10 @@ def fit_kmle(
             stop, full_pass = None, True  # confirm convergence against every component
         else:
             full_pass = (iteration + 1) % FULL_PASS_EVERY == 0
-        mixture, kept = _m_step(x, labels, image_ids, k, n_min, min_images, oas_formula,
-                                global_trace)
+        touched = None if previous_labels is None else _moved(labels, previous_labels, k)
+        mixture, kept = _m_step(x, labels, image_ids, mixture, touched, n_min, min_images,
+                                oas_formula, global_trace)
+        moved = None if touched is None else touched[kept]
         renumbered = _renumbering(kept, k)
         current = renumbered if current is None else renumbered[current]
         log.debug("K-MLE iteration %d: ll=%.8g K=%d", iteration, ll, mixture.n_components)
@@ -631,7 +695,7 @@ def fit_kmle(
         if stop is not None:
             stop_reason = stop
             break
-        previous_ll, previous_labels = ll, labels
+        previous_ll, previous_labels = ll, renumbered[labels]
     report = FitReport(len(history), history, ll, stop_reason)
     return mixture, report
 
@@ -760,18 +824,42 @@ def _initial_means(
     return x[pool[chosen]].double().numpy()
 
 
+def _moved(labels: torch.Tensor, previous: torch.Tensor, k: int) -> np.ndarray:
+    """(k,) bool: the components that gained or lost a member between two assignments (the
+    previous one's labels in today's ids, -1 for components pruned since)."""
+    changed = labels != previous
+    moved = np.zeros(k, dtype=bool)
+    moved[labels[changed].numpy()] = True
+    before = previous[changed]
+    moved[before[before >= 0].numpy()] = True
+    return moved
+
+
 def _m_step(
-    x: torch.Tensor, labels: torch.Tensor, image_ids: np.ndarray, k: int, n_min: int,
-    min_images: int, oas_formula: str, global_trace: float,
+    x: torch.Tensor, labels: torch.Tensor, image_ids: np.ndarray, previous: GaussianMixture,
+    moved: np.ndarray | None, n_min: int, min_images: int, oas_formula: str, global_trace: float,
 ) -> tuple[GaussianMixture, np.ndarray]:
-    """Cluster statistics, pruning (§2.5), means, MLE scatter, OAS; also the ids of kept components."""
-    stats = ComponentStats.of_members(x, labels.numpy(), image_ids, k)
+    """Cluster statistics, pruning (§2.5), means, MLE scatter, OAS; also the ids of kept components.
+
+    Only the `moved` components (None: all) are recomputed; the others keep their statistics
+    and covariances from `previous`, the mixture the labels were assigned under.
+    """
+    k = previous.n_components
+    if moved is None or previous.stats is None:
+        stats = ComponentStats.of_members(x, labels.numpy(), image_ids, k)
+        moved = np.ones(k, dtype=bool)
+    else:
+        stats = previous.stats.refreshed(x, labels.numpy(), image_ids, moved)
     keep = (stats.weight >= n_min) & (stats.support >= min_images)
     keep &= np.trace(stats.scatter, axis1=1, axis2=2) > 1e-12 * global_trace * stats.weight
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise FeatureError("every mixture component was pruned: features are constant or too few")
-    return GaussianMixture.from_stats(stats.select(kept), oas_formula), kept
+    stats = stats.select(kept)
+    covariances = previous.covariances[kept]
+    redo = moved[kept]
+    covariances[redo] = stats.select(redo).covariances(oas_formula)
+    return GaussianMixture.from_stats(stats, oas_formula, covariances), kept
 
 
 def _distinct_images(labels: np.ndarray, image_ids: np.ndarray, k: int) -> np.ndarray:

@@ -10,11 +10,13 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import glad.mixture
 from glad.errors import FeatureError
 from glad.mixture import (
     EXACT_EXPANDED_MAX_DIM,
     EXACT_EXPANDED_ROWS,
     CandidateGroups,
+    ComponentStats,
     GaussianMixture,
     assign,
     fit_em,
@@ -235,6 +237,83 @@ def test_candidate_groups_give_each_pair_its_naive_cost(budget: int) -> None:
     out = groups.costs(mixture.factors())
     expected = naive_costs(x, mixture)[rows, components]
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_candidate_groups_recost_only_the_components_that_moved() -> None:
+    """After an M-step that changed components 1 and 4 and pruned component 6, costs computed
+    with the unchanged components' previous values equal a recount from scratch."""
+    rng = np.random.default_rng(32)
+    before = random_mixture(rng, 7, 5)
+    x = torch.from_numpy(rng.normal(scale=3.0, size=(120, 5)).astype(np.float32))
+    candidates = torch.from_numpy(rng.integers(0, 7, size=(120, 3)))
+    groups = CandidateGroups(x, candidates, 7, budget=60)
+    first = groups.costs(before.factors())
+    after = random_mixture(rng, 7, 5)
+    kept = np.array([0, 1, 2, 3, 4, 5])
+    for k in (0, 2, 3, 5):  # unchanged: same parameters under their new ids
+        after.means[k], after.covariances[k] = before.means[k], before.covariances[k]
+    after = GaussianMixture(after.weights[kept] / after.weights[kept].sum(), after.means[kept],
+                            after.covariances[kept], after.counts[kept], after.image_support[kept])
+    current = torch.tensor([0, 1, 2, 3, 4, 5, -1, -1])
+    unchanged = torch.tensor([True, False, True, True, False, True])
+    reused = groups.costs(after.factors(), current, unchanged)
+    fresh = CandidateGroups(x, candidates, 7, budget=60).costs(after.factors(), current)
+    np.testing.assert_array_equal(reused.numpy(), fresh.numpy())
+    pruned = candidates.flatten()[groups.slots] == 6
+    assert torch.isinf(reused[pruned]).all() and torch.isfinite(first[pruned]).all()
+    moved = (candidates.flatten()[groups.slots] == 1) | (candidates.flatten()[groups.slots] == 4)
+    assert not torch.equal(reused[moved], first[moved])  # the moved ones were re-costed
+
+
+def test_refreshed_statistics_equal_a_recount() -> None:
+    """Statistics refreshed for the components whose members changed equal those of every
+    component counted again; a component left out of the refresh keeps its stale values."""
+    rng = np.random.default_rng(33)
+    x = torch.from_numpy(rng.normal(size=(300, 4)).astype(np.float32))
+    ids = rng.integers(0, 9, size=300)
+    labels = rng.integers(0, 6, size=300)
+    stats = ComponentStats.of_members(x, labels, ids, 6)
+    relabelled = labels.copy()
+    relabelled[:20] = np.where(labels[:20] == 2, 5, 2)  # rows move between 2 and 5 (and 0..4 -> 2)
+    moved = np.zeros(6, dtype=bool)
+    moved[np.unique(np.concatenate([labels[:20], relabelled[:20]]))] = True
+    refreshed = stats.refreshed(x, relabelled, ids, moved)
+    recount = ComponentStats.of_members(x, relabelled, ids, 6)
+    for name in ("weight", "weight_sq", "mean", "scatter", "support"):
+        np.testing.assert_array_equal(getattr(refreshed, name), getattr(recount, name))
+    partial = moved.copy()
+    partial[5] = False
+    stale = stats.refreshed(x, relabelled, ids, partial)
+    assert stale.weight[5] == stats.weight[5] != recount.weight[5]
+
+
+def test_factors_keep_the_unchanged_components_factors() -> None:
+    rng = np.random.default_rng(34)
+    mixture = random_mixture(rng, 5, 4)
+    known = mixture.factors()
+    mixture.covariances[3] = 2.0 * mixture.covariances[3]
+    mixture.means[3] += 1.0
+    mixture.weights = np.array([0.1, 0.2, 0.3, 0.25, 0.15])
+    unchanged = np.array([True, True, True, False, True])
+    reused, fresh = mixture.factors(known, unchanged), mixture.factors()
+    for name in ("whiteners", "offsets", "logdets", "log_weights"):
+        torch.testing.assert_close(getattr(reused, name), getattr(fresh, name), rtol=0, atol=0)
+    assert not torch.equal(known.whiteners[3], fresh.whiteners[3])
+
+
+def test_kmle_incremental_iterations_equal_full_recomputation(monkeypatch) -> None:
+    """K-MLE recomputes only the components whose members moved (statistics, covariances,
+    factors, candidate costs); with pruning and renumbering on the way, the fit equals one that
+    treats every component as moved in every iteration."""
+    x, ids, _ = with_single_image_cluster()
+    incremental, report = fit_kmle(x, ids, 40, min_images=2, max_iter=25)
+    assert report.n_components[-1] < report.n_components[0]  # pruning renumbered components
+    monkeypatch.setattr(glad.mixture, "_moved",
+                        lambda labels, previous, k: np.ones(k, dtype=bool))
+    full, full_report = fit_kmle(x, ids, 40, min_images=2, max_iter=25)
+    assert report == full_report
+    for name in ("weights", "means", "covariances", "counts", "image_support"):
+        np.testing.assert_array_equal(getattr(incremental, name), getattr(full, name))
 
 
 def test_assign_uses_weighted_cost_with_corrected_sign() -> None:
