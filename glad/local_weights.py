@@ -20,7 +20,7 @@ from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
 log = logging.getLogger(__name__)
 
 DEFAULT_CANDIDATES = 32
-PREFIX = 4  # cheapest candidates every local assignment tries first (see _argmin_candidates)
+PREFIX = 4  # cheapest candidates every local assignment tries first (see _PrefixSearch)
 
 
 @dataclass
@@ -45,7 +45,7 @@ def top_candidates(
     n_candidates: int = DEFAULT_CANDIDATES, loglik_images: np.ndarray | None = None,
 ) -> Candidates:
     """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L,
-    sorted by c_k (as `_argmin_candidates` needs them).
+    sorted by c_k (as `_PrefixSearch` needs them).
 
     The same pass gives the global log-likelihood of the vectors of `loglik_images` (indices
     into the M images; their `loglik` rows, NaN for the others).
@@ -292,9 +292,10 @@ def fit_local_weights(
     log_pi = global_log_weights.to(torch.float32).expand(hw, k).contiguous()
     global_pi = torch.exp(log_pi[0])
     previous, previous_labels = None, None
+    search = _PrefixSearch.of(candidates.cost, candidates.index) if mode == "blur" else None
     for iteration in range(max_iter):
         if mode == "blur":
-            counts, labels, objective = _blur_counts(candidates, log_pi, grid, offsets)
+            counts, labels, objective = _blur_counts(candidates, search, log_pi, grid, offsets)
         else:
             counts, labels, objective = _pooled_counts(candidates, log_pi, grid, offsets)
         weights = weights_from_counts(counts, global_pi)
@@ -326,22 +327,40 @@ def pool_counts(counts: torch.Tensor, grid: tuple[int, int],
     return F.conv2d(maps, kernel.expand(k, 1, -1, -1), padding=r, groups=k).reshape(k, -1).t()
 
 
-def _argmin_candidates(cost: torch.Tensor, index: torch.Tensor, log_pi_rows: torch.Tensor):
-    """Eq. 10 restricted to candidates: argmin_k c_k - 2 log pi_k(x); -inf weights never win.
+@dataclass(frozen=True)
+class _PrefixSearch:
+    """A candidate table laid out for repeated local assignments, Eq. 10 restricted to
+    candidates: argmin_k c_k - 2 log pi_k(x), where -inf weights never win.
 
     Candidates come sorted by cost and -2 log pi_k(x) >= 0, so no candidate beyond the first
     PREFIX can beat their best total when it costs more than that total: only the vectors where
     it does not are searched in full (under 2% of them on real layers, none after the first
-    iterations), so an iteration reads PREFIX of the L candidates instead of all L.
+    iterations), so an iteration reads PREFIX of the L candidates instead of all L. The prefix
+    is copied out once, as gathers through a strided slice of the table cost twice as much.
     """
-    width = min(PREFIX, cost.shape[-1])
-    labels, best = _argmin_among(cost[..., :width], index[..., :width], log_pi_rows)
-    if width < cost.shape[-1]:
-        unsure = cost[..., width] <= best
-        if unsure.any():
-            labels[unsure], best[unsure] = _argmin_among(cost[unsure], index[unsure],
-                                                         log_pi_rows[unsure])
-    return labels, best
+
+    cost: torch.Tensor  # (..., L), sorted ascending
+    index: torch.Tensor  # (..., L)
+    head_cost: torch.Tensor  # (..., PREFIX), contiguous
+    head_index: torch.Tensor
+    next_cost: torch.Tensor | None  # (...,) the cost of candidate PREFIX + 1; None: L <= PREFIX
+
+    @classmethod
+    def of(cls, cost: torch.Tensor, index: torch.Tensor) -> _PrefixSearch:
+        width = min(PREFIX, cost.shape[-1])
+        after = cost[..., width].contiguous() if width < cost.shape[-1] else None
+        return cls(cost, index, cost[..., :width].contiguous(), index[..., :width].contiguous(),
+                   after)
+
+    def argmin(self, log_pi_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and totals under the log-weights `log_pi_rows` (..., K) of each vector."""
+        labels, best = _argmin_among(self.head_cost, self.head_index, log_pi_rows)
+        if self.next_cost is not None:
+            unsure = self.next_cost <= best
+            if unsure.any():
+                labels[unsure], best[unsure] = _argmin_among(self.cost[unsure], self.index[unsure],
+                                                             log_pi_rows[unsure])
+        return labels, best
 
 
 def _argmin_among(cost: torch.Tensor, index: torch.Tensor, log_pi_rows: torch.Tensor):
@@ -352,11 +371,10 @@ def _argmin_among(cost: torch.Tensor, index: torch.Tensor, log_pi_rows: torch.Te
     return labels, best
 
 
-def _blur_counts(candidates, log_pi, grid, offsets):
+def _blur_counts(candidates, search, log_pi, grid, offsets):
     m, hw, _ = candidates.index.shape
     k = log_pi.shape[1]
-    labels, best = _argmin_candidates(candidates.cost, candidates.index,
-                                      log_pi.unsqueeze(0).expand(m, hw, k))
+    labels, best = search.argmin(log_pi.unsqueeze(0).expand(m, hw, k))
     ok = candidates.valid & torch.isfinite(best)
     positions = torch.arange(hw).expand(m, hw)
     counts = torch.bincount((positions * k + labels)[ok], minlength=hw * k).float().view(hw, k)
@@ -375,9 +393,8 @@ def _pooled_counts(candidates, log_pi, grid, offsets):
         inside = ((ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)).flatten()
         target = torch.nonzero(inside).flatten()
         source = target + dy * w + dx
-        labels, best = _argmin_candidates(
-            candidates.cost[:, source], candidates.index[:, source],
-            log_pi[target].unsqueeze(0).expand(m, -1, -1))
+        search = _PrefixSearch.of(candidates.cost[:, source], candidates.index[:, source])
+        labels, best = search.argmin(log_pi[target].unsqueeze(0).expand(m, -1, -1))
         ok = candidates.valid[:, source] & torch.isfinite(best)
         counts += torch.bincount((target * k + labels)[ok], minlength=hw * k).float()
         all_labels.append(labels)

@@ -12,7 +12,7 @@ from glad.local_weights import (
     PREFIX,
     LocalWeights,
     _argmin_among,
-    _argmin_candidates,
+    _PrefixSearch,
     fit_local_weights,
     neighbourhood,
     top_candidates,
@@ -132,7 +132,7 @@ def test_local_assignment_searching_a_prefix_equals_the_full_search() -> None:
     log_pi[rng.random((hw, k)) < 0.3] = -math.inf
     log_pi[0] = -math.inf  # position 0: no candidate has any weight
     rows = log_pi.unsqueeze(0).expand(m, hw, k)
-    labels, best = _argmin_candidates(cost, index, rows)
+    labels, best = _PrefixSearch.of(cost, index).argmin(rows)
     full_labels, full_best = _argmin_among(cost, index, rows)
     assert width > PREFIX
     torch.testing.assert_close(best, full_best)
