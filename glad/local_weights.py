@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
+from glad.mixture import LOG_2PI, MixtureFactors, iter_costs, logsumexp_
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def top_candidates(
             group_cost[chunk], order = torch.sort(torch.gather(costs, 1, idx), dim=1)
             group_index[chunk] = torch.gather(idx, 1, order)
             if with_loglik:
-                group_loglik[chunk] = torch.logsumexp(total.mul_(-0.5), dim=1).sub_(0.5 * d * LOG_2PI)
+                group_loglik[chunk] = logsumexp_(total.mul_(-0.5), dim=1).sub_(0.5 * d * LOG_2PI)
         index[rows], cost[rows] = group_index.view(len(images), hw, -1), group_cost.view(
             len(images), hw, -1)
         if with_loglik:

@@ -137,7 +137,7 @@ class GladModel:
                 np.ones_like(pixel_valid), layers, held, fitting, UNALIGNED)
             chosen = self._keep_alignment_or_not(chosen, unaligned)
         self.radius_, self.selection_ = chosen.radius, chosen.selection
-        layers = selector.localized(layers, chosen.candidates, self.radius_, np.arange(m))
+        layers = selector.localized(layers, chosen.candidates, self.radius_)
         self.calibration_, self.validation_ = selector.calibration(chosen, layers, self.far)
         self.threshold_ = self.calibration_.threshold
         unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from glad.align import object_mask
 from glad.local_weights import LocalWeights
-from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
+from glad.mixture import LOG_2PI, MixtureFactors, iter_costs, logsumexp_
 
 # Floats of whitened features (B x rows x d) materialised at once. CPU: 2 MB, so a chunk and its
 # gathered inputs stay near a core's L2 (of 0.5-16 MB chunks, 1-2 MB measured fastest); GPU: few,
@@ -23,10 +23,6 @@ from glad.mixture import LOG_2PI, MixtureFactors, iter_costs
 CPU_BUDGET = 1 << 19
 GPU_BUDGET = 1 << 26
 METHODS = ("auto", "sparse", "dense")
-# Terms more than this below a position's largest are raised to it before exp: exp(-80) is still a
-# normal float32, whereas underflowing and denormal results take a slow path on x86 (about 20x
-# slower here), and a raised term shifts the sum by under 1e-33 relative.
-LSE_FLOOR = 80.0
 
 
 def budget_for(device: torch.device) -> int:
@@ -83,7 +79,7 @@ def layer_loglik_sparse(
                       out=values[offset : offset + n * tile].view(n, tile, b))
             offset += n * tile
     terms = values.index_select(0, tiles.slots.view(-1)).view(-1, hw, b)
-    return _logsumexp_(terms, dim=0).t().contiguous()
+    return logsumexp_(terms, dim=0).t().contiguous()
 
 
 @torch.no_grad()
@@ -109,19 +105,8 @@ def layer_loglik_dense(
         rows = slice(start // b, (start + len(costs)) // b)
         weights = log_weights if log_weights.ndim == 1 else log_weights[rows, None]
         terms = weights - 0.5 * (costs.view(-1, b, k) + d * LOG_2PI)
-        out[rows] = _logsumexp_(terms, dim=-1)
+        out[rows] = logsumexp_(terms, dim=-1)
     return out.t().contiguous()
-
-
-def _logsumexp_(terms: torch.Tensor, dim: int) -> torch.Tensor:
-    """log sum exp over `dim` (§4.1), overwriting `terms`; exact up to the LSE_FLOOR clamp.
-
-    The shift is the maximum where it is finite, so all -inf terms (no active Gaussian) still
-    give -inf, as `torch.logsumexp` does.
-    """
-    peak = terms.amax(dim, keepdim=True)
-    terms.sub_(torch.where(torch.isfinite(peak), peak, 0.0)).clamp_min_(-LSE_FLOOR).exp_()
-    return terms.sum(dim).log_().add_(peak.squeeze(dim))
 
 
 def combine_layers(logliks: list[torch.Tensor], size: int) -> torch.Tensor:

@@ -124,13 +124,14 @@ class Selector:
             layers, candidates, held_features, canary_features, held, fitting, prefix))
 
     def localized(self, layers: list[LayerModel], candidates: list[Candidates] | None,
-                  radius: int | None, images: np.ndarray) -> list[LayerModel]:
-        """The layers with local weights learned from the given training images (None: global)."""
+                  radius: int | None) -> list[LayerModel]:
+        """The layers with local weights at `radius` (None: global) learned from the training
+        images whose candidates are given."""
         if radius is None:
             return [replace(layer, local=None) for layer in layers]
         out = []
         for layer, cand in zip(layers, candidates, strict=True):
-            local = fit_local_weights(cand.of_images(images), layer.factors.log_weights, layer.grid, radius,
+            local = fit_local_weights(cand, layer.factors.log_weights, layer.grid, radius,
                                       self.neighbourhood, self.local_mode)
             out.append(replace(layer, local=local))
         return out
@@ -186,9 +187,10 @@ class Selector:
         if not len(held):
             return radii[0], None, np.zeros(0), {}, None
         scored = {}
+        fitted = None if candidates is None else [c.of_images(fitting) for c in candidates]
         for radius in tqdm(radii, desc=f"{prefix}localisation radius", unit="radius",
                            disable=not self.progress or len(radii) == 1):
-            localized = self.localized(layers, candidates, radius, fitting)
+            localized = self.localized(layers, fitted, radius)
             if radius is None and candidates is not None:  # the candidates' pass scored them
                 normal = self._global_scores(candidates, held_features, held, layers)
             else:
