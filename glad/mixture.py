@@ -499,11 +499,12 @@ class CandidateGroups:
         width = candidates.shape[1]
         flat = candidates.flatten()
         self.slots = torch.nonzero(flat >= 0).flatten()  # table cells that hold a candidate
+        self.components = flat[self.slots]  # the component of each slot
         self.slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._last_costs: torch.Tensor | None = None
         if not len(self.slots):
             return
-        rows, components = self.slots // width, flat[self.slots]
+        rows, components = self.slots // width, self.components
         d = x.shape[1]
         order = torch.argsort(components, stable=True)
         counts = torch.bincount(components, minlength=n_components)
@@ -530,18 +531,21 @@ class CandidateGroups:
         previous call: their pairs keep the previous costs instead of being computed again.
         """
         reuse = unchanged is not None and self._last_costs is not None
-        out = self._last_costs.clone() if reuse else torch.full((len(self.slots),), math.inf)
+        if reuse:
+            out = self._last_costs.clone()
+            if current is not None:
+                out[current[self.components] < 0] = math.inf
+        else:
+            out = torch.full((len(self.slots),), math.inf)
         for comps, pairs, used, features in self.slices:
             ids = comps if current is None else current[comps]
             todo = ids >= 0
             if reuse:
-                gone = ~todo
-                out[pairs[gone][used[gone]]] = math.inf
                 todo &= ~unchanged[ids.clamp_min(0)]
+            if not todo.any():
+                continue
             if not todo.all():
                 ids, pairs, used, features = ids[todo], pairs[todo], used[todo], features[todo]
-            if not len(ids):
-                continue
             y = torch.bmm(features, factors.whiteners[ids].transpose(1, 2))
             y -= factors.offsets[ids, None, :]
             costs = torch.linalg.vector_norm(y, dim=-1).square_()
