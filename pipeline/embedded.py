@@ -75,7 +75,8 @@ class EmbeddedRedis:
     def __init__(self, run_dir: str | Path | None = None, persist: bool = False, port: int = 0,
                  maxmemory: str | None = None, extra: list[str] | None = None):
         self._owns_dir = run_dir is None
-        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="glad-redis-"))
+        # absolute: redis-server changes into its --dir before it binds the socket path
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="glad-redis-")).resolve()
         self.persist = persist
         self.port = port
         self.maxmemory = maxmemory

@@ -20,9 +20,10 @@ from app.cli import main
 pytestmark = pytest.mark.cli
 
 
-def glad(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def glad(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}  # embedded Redis
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -56,6 +57,21 @@ def test_glad_run_scores_a_folder_and_writes_results(pipeline_model, tiny_datase
     assert summary["dashboard"].startswith("http://127.0.0.1:")
     assert "glad dashboard: http://127.0.0.1:" in (out / "logs" / "dashboard.log").read_text()
     assert json.loads((out / "summary.json").read_text())["scored"] == len(expected)
+
+
+def test_glad_run_keeps_its_line_in_the_default_relative_folders(pipeline_model, tiny_dataset,
+                                                                 tmp_path) -> None:
+    """As a new user runs it: no --out or --models, so the line lives in ./glad-data. The
+    embedded Redis changed into its relative folder before binding its relative socket path
+    and exited, so `glad run` on a fresh machine stopped at once."""
+    source = tiny_dataset / "nut" / "test" / "hole"
+    done = glad("run", "--model", pipeline_model, "--source", source, "--no-dashboard",
+                "--no-updater", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scored"] == len(list(source.iterdir()))
+    data = tmp_path / "glad-data"
+    assert (data / "redis" / "redis.log").is_file() and (data / "run" / "scores.jsonl").is_file()
+    assert (data / "models").is_dir()
 
 
 def test_glad_run_refuses_a_missing_model_and_source(pipeline_model, tmp_path) -> None:
