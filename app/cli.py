@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
+
 from app.dashboard_command import add_command as add_dashboard_command
 from app.line_commands import add_commands
 from app.updater_command import add_command as add_updater_command
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # our error lines name broken image files; OpenCV's own warnings about them are noise
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     if args.max_pixels is not None:  # through the environment, so child workers see it too
         os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)
     try:
@@ -283,7 +287,10 @@ def _add_score(commands) -> None:
 
 
 def _score(args) -> int:
+    """Scores every readable image; unreadable ones (corrupt, truncated, missing) get a row with
+    their reason and no verdict, and the command ends with one error line and exit status 2."""
     from glad.datasets import image_folder
+    from glad.errors import ImageError
     from glad.heatmap import save_overlay
     from glad.images import read_image
     from glad.model import GladModel
@@ -293,17 +300,29 @@ def _score(args) -> int:
     paths = []
     for item in args.images:
         paths += image_folder(item) if item.is_dir() else [item]
-    images = [read_image(p) for p in paths]
-    result = model.score(images)
+    images, problems = {}, {}
+    for index, path in enumerate(paths):
+        try:
+            images[index] = read_image(path)
+        except ImageError as error:
+            problems[index] = str(error)
+    readable = list(images)
+    position = {index: at for at, index in enumerate(readable)}
+    result = model.score([images[i] for i in readable])
     anomalous = model.decide(result.scores)
     rows = []
     for index, path in enumerate(paths):
-        score = float(result.scores[index])
+        if index in problems:
+            rows.append({"image": str(path), "score": None, "anomalous": None,
+                         "status": f"unreadable: {problems[index]}"})
+            continue
+        at = position[index]
+        score = float(result.scores[at])
         row = {"image": str(path), "score": score if math.isfinite(score) else None,
-               "anomalous": bool(anomalous[index]), "status": result.status[index]}
+               "anomalous": bool(anomalous[at]), "status": result.status[at]}
         if args.heatmaps:
             row["heatmap"] = str(save_overlay(args.heatmaps / f"{index:04d}_{path.stem}.png",
-                                              images[index], result.heatmaps[index],
+                                              images[index], result.heatmaps[at],
                                               model.threshold_))
         rows.append(row)
     if args.json:
@@ -311,11 +330,16 @@ def _score(args) -> int:
                           "results": rows}))
     else:
         for row in rows:
-            verdict = "ANOMALOUS" if row["anomalous"] else "normal"
+            verdict = {True: "ANOMALOUS", False: "normal", None: "UNREADABLE"}[row["anomalous"]]
             score = "-" if row["score"] is None else f"{row['score']:.3f}"
             note = "" if row["status"] == "ok" else f"  ({row['status']})"
             print(f"{score:>10s}  {verdict:9s}  {row['image']}{note}")
-        print(f"threshold {model.threshold_:.3f}: {int(anomalous.sum())} of {len(rows)} anomalous")
+        print(f"threshold {model.threshold_:.3f}: {int(anomalous.sum())} of {len(readable)} "
+              "anomalous")
+    if problems:
+        first = next(iter(problems.values()))
+        raise ImageError(f"{len(problems)} of {len(paths)} images could not be read and have no "
+                         f"verdict (first: {first})")
     return 0
 
 

@@ -202,12 +202,27 @@ def test_fit_bad_components(nut_root: Path, tmp_path: Path,
     assert "--components" in one_error_line(capsys, code)
 
 
-def test_score_corrupt_image(fitted_model, tmp_path: Path,
+def test_score_corrupt_image(fitted_model, nut_root: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A corrupt or truncated file among good ones: the good ones are still scored, the bad ones
+    listed without a verdict, and the command ends with one error line and status 2."""
     model, _ = fitted_model
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
-    assert "corrupt.png" in one_error_line(capsys, main(["score", str(model), str(corrupt)]))
+    good = sorted((nut_root / "test" / "good").glob("*.png"))[0]
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    code = main(["score", str(model), str(corrupt), str(good), str(truncated), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    rows = {Path(row["image"]).name: row for row in report["results"]}
+    assert list(rows) == ["corrupt.png", good.name, "truncated.png"]
+    for name in ("corrupt.png", "truncated.png"):
+        assert rows[name]["score"] is None and rows[name]["anomalous"] is None
+        assert rows[name]["status"].startswith("unreadable: ") and name in rows[name]["status"]
+    assert isinstance(rows[good.name]["score"], float) and rows[good.name]["status"] == "ok"
+    assert code == 2
+    error = one_error_line(capsys, main(["score", str(model), str(corrupt)]))
+    assert "1 of 1 images could not be read" in error and "corrupt.png" in error
 
 
 def test_score_missing_image(fitted_model, tmp_path: Path,
