@@ -224,13 +224,16 @@ def _fit(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        from glad.validation import format_validation
+        from glad.validation import format_selection, format_validation
 
         print(f"fitted on {len(images)} images in {summary['fit_s']} s: {summary['backbone']}, "
-              f"K per layer "
+              f"{'aligned' if summary['aligned'] else 'not aligned'}, K per layer "
               f"{summary['components']}, radius {model.radius_ or 'global'}, threshold "
               f"{model.threshold_:.2f}, {summary['model_mb']} MB -> {args.out}")
         print(format_validation(summary["calibration"], summary["validation"]))
+        if model.selection_:
+            print("chosen on held-back normal images and synthetic defects pasted on them:")
+            print(format_selection(model.selection_))
     return 0
 
 

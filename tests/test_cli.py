@@ -100,6 +100,19 @@ def test_fit_writes_a_model(fitted_model) -> None:
     assert summary["validation"]["n_canaries"] > 0 and "r=1" in summary["selection"]
 
 
+def test_fit_prints_what_it_chose(nut_root: Path, tmp_path: Path) -> None:
+    """Without --json, the summary says whether the model aligns and prints the table of the
+    localisation candidates it chose among (the radius search), with the chosen one marked."""
+    code, stdout = run(["fit", nut_root, "--out", tmp_path / "m", "--components", "4"])
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].startswith("fitted on ") and "aligned" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("candidate"))
+    rows = lines[header + 1:]
+    assert {"r=1", "r=2", "r=4", "global"} <= {row.split()[0] for row in rows if row.strip()}
+    assert sum(row.endswith("<- chosen") for row in rows) == 1
+
+
 def test_fit_keeps_the_backbone_that_separates_canaries_best(nut_root: Path,
                                                                 tmp_path: Path) -> None:
     """Several backbones: each is fitted, the chosen one is saved, both rows are reported."""
