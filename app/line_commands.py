@@ -19,8 +19,9 @@ import msgpack
 from app.options import add_connection, line_url, required_url, resolve_device
 from glad.errors import GladError
 from pipeline.connection import connect, redact
-from pipeline.errors import PipelineError
+from pipeline.errors import MessageError, PipelineError
 from pipeline.runner import RunnerConfig, StageRunner
+from pipeline.schema import decode
 from pipeline.streams import DEFAULT_MAXLEN, PIPELINE_GROUPS, STALE_AFTER_S, Streams, heartbeats
 
 log = logging.getLogger(__name__)
@@ -255,8 +256,20 @@ def line_status(client, streams: Streams) -> dict:
     current = client.get(streams.model("current"))
     return {"line": streams.line, "model_version": int(current) if current else None,
             "workers": workers, "streams": hops,
-            "last_deadletter": msgpack.unpackb(last_dead[0][1][b"m"], raw=False)["reason"]
-            if last_dead else None}
+            "last_deadletter": _dead_letter(last_dead[0][1][b"m"]) if last_dead else None}
+
+
+def _dead_letter(packed: bytes) -> dict:
+    """What an operator needs of a dead letter: the stage that parked it, why, and which frame
+    (its id and file name) when its payload is a readable message (a poison entry is not)."""
+    record = msgpack.unpackb(packed, raw=False)
+    out = {"stage": record.get("stage"), "reason": record.get("reason"), "frame_id": None,
+           "name": None}
+    try:
+        message = decode(record.get("payload") or b"")
+    except MessageError:
+        return out
+    return out | {"frame_id": message.frame_id, "name": message.meta.get("name")}
 
 
 def _status(args) -> int:
@@ -279,8 +292,10 @@ def _status(args) -> int:
     print(f"{'stream':12s} {'length':>8s} {'lag':>6s} {'pending':>8s}")
     for hop, info in status["streams"].items():
         print(f"{hop:12s} {info['length']:8d} {info.get('lag', ''):>6} {info.get('pending', ''):>8}")
-    if status["last_deadletter"]:
-        print(f"last dead letter: {status['last_deadletter']}")
+    dead = status["last_deadletter"]
+    if dead:
+        frame = " ".join(str(part) for part in (dead["frame_id"], dead["name"]) if part)
+        print(f"last dead letter ({dead['stage']}): {frame or 'unreadable entry'}: {dead['reason']}")
     return 0
 
 

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,15 +64,25 @@ def test_glad_run_keeps_its_line_in_the_default_relative_folders(pipeline_model,
                                                                  tmp_path) -> None:
     """As a new user runs it: no --out or --models, so the line lives in ./glad-data. The
     embedded Redis changed into its relative folder before binding its relative socket path
-    and exited, so `glad run` on a fresh machine stopped at once."""
-    source = tiny_dataset / "nut" / "test" / "hole"
+    and exited, so `glad run` on a fresh machine stopped at once. A corrupt file in the folder
+    is dead-lettered, and `glad status` names it."""
+    source = tmp_path / "inbox"
+    shutil.copytree(tiny_dataset / "nut" / "test" / "hole", source)
+    good = len(list(source.iterdir()))
+    (source / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
     done = glad("run", "--model", pipeline_model, "--source", source, "--no-dashboard",
                 "--no-updater", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["scored"] == len(list(source.iterdir()))
+    summary = json.loads(done.stdout)
+    assert summary["scored"] == good and summary["deadletter"] == 1
     data = tmp_path / "glad-data"
     assert (data / "redis" / "redis.log").is_file() and (data / "run" / "scores.jsonl").is_file()
     assert (data / "models").is_dir()
+    status = glad("status", "--json", timeout=60, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    dead = json.loads(status.stdout)["last_deadletter"]
+    assert dead["name"] == "zz_broken.png" and dead["stage"] == "align" and dead["frame_id"]
+    assert "not a readable image" in dead["reason"]
 
 
 def test_glad_run_refuses_a_missing_model_and_source(pipeline_model, tmp_path) -> None:
