@@ -34,6 +34,9 @@ class Candidates:
     # float32 (M, HW): each vector's log-likelihood under the global mixture, a by-product of
     # the same pass for the images asked for (NaN elsewhere); None for subsets
     loglik: torch.Tensor | None = None
+    # float32 (U, HW, K): those images' costs against every Gaussian, in increasing image index,
+    # when kept (model selection scores each localisation candidate from them); else None
+    full_costs: torch.Tensor | None = None
 
     def of_images(self, images: np.ndarray) -> Candidates:
         """The candidates of the given training images only."""
@@ -43,12 +46,14 @@ class Candidates:
 def top_candidates(
     features: torch.Tensor, valid: torch.Tensor, factors: MixtureFactors,
     n_candidates: int = DEFAULT_CANDIDATES, loglik_images: np.ndarray | None = None,
+    keep_costs: bool = False,
 ) -> Candidates:
     """Rank components per vector by the global cost c_k - 2 log pi_k and keep the best L,
     sorted by c_k (as `_PrefixSearch` needs them).
 
     The same pass gives the global log-likelihood of the vectors of `loglik_images` (indices
-    into the M images; their `loglik` rows, NaN for the others).
+    into the M images; their `loglik` rows, NaN for the others) and, with `keep_costs`, their
+    costs against every Gaussian (`full_costs`).
     """
     m, hw, d = features.shape
     n_candidates = min(n_candidates, factors.n_components)
@@ -59,6 +64,7 @@ def top_candidates(
     if loglik_images is not None:
         wanted[loglik_images] = True
     penalty = (-2.0 * factors.log_weights).to(torch.float32)
+    full_costs = None
     for images, with_loglik in ((np.flatnonzero(wanted), True), (np.flatnonzero(~wanted), False)):
         if not len(images):
             continue
@@ -67,8 +73,12 @@ def top_candidates(
         group_index = torch.empty(len(flat), n_candidates, dtype=torch.int64)
         group_cost = torch.empty(len(flat), n_candidates, dtype=torch.float32)
         group_loglik = torch.empty(len(flat))
+        if with_loglik and keep_costs:
+            full_costs = torch.empty(len(flat), factors.n_components)
         for start, costs in iter_costs(flat, factors):
             chunk = slice(start, start + len(costs))
+            if with_loglik and keep_costs:
+                full_costs[chunk] = costs
             total = costs + penalty
             _, idx = torch.topk(total, n_candidates, dim=1, largest=False, sorted=False)
             group_cost[chunk], order = torch.sort(torch.gather(costs, 1, idx), dim=1)
@@ -79,7 +89,9 @@ def top_candidates(
             len(images), hw, -1)
         if with_loglik:
             loglik[rows] = group_loglik.view(len(images), hw)
-    return Candidates(index, cost, valid.bool(), loglik)
+    if full_costs is not None:
+        full_costs = full_costs.view(int(wanted.sum()), hw, -1)
+    return Candidates(index, cost, valid.bool(), loglik, full_costs)
 
 
 MAX_TILE = 256  # positions per tile of the batched sparse scoring (a bmm entry has B x tile rows)
@@ -240,6 +252,20 @@ class LocalWeights:
         slots = np.full((max(1, int(support.max(initial=0))), self.n_positions), offset, np.int64)
         slots[_ranks(support), positions[order]] = pair_slot[order]
         return ScoringTiles(tuple(buckets), torch.from_numpy(slots).to(device), offset)
+
+    def pair_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat, slots): each stored pair's index into a position-major (HW * K) array, and each
+        position's pairs as a column of `slots` (S_max, HW), padded with `nnz`: how a table of
+        costs against every Gaussian is read under these weights
+        (`glad.scoring.loglik_from_costs`). Built once."""
+        key = ("pairs", "cpu")
+        if key not in self._cache:
+            flat = self._rows() * self.n_components + self.components.astype(np.int64)
+            support = np.diff(self.indptr)
+            rank = np.arange(max(1, int(support.max(initial=0))))[:, None]
+            slots = np.where(rank < support, self.indptr[:-1] + rank, self.nnz)
+            self._cache[key] = (torch.from_numpy(flat), torch.from_numpy(slots))
+        return self._cache[key]
 
     def mean_support(self) -> float:
         """Average number of active Gaussians per position."""

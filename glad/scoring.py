@@ -109,6 +109,35 @@ def layer_loglik_dense(
     return out.t().contiguous()
 
 
+def layer_costs(features: torch.Tensor, factors: MixtureFactors) -> torch.Tensor:
+    """(B, HW, K) float32 costs D_k + logdet_k of features (B, HW, d) against every Gaussian
+    (`iter_costs`): computed once, they give the log-likelihood under any weighting of the same
+    mixture (`loglik_from_costs`), as model selection needs for each localisation candidate."""
+    b, hw, d = features.shape
+    out = torch.empty(b * hw, factors.n_components)
+    for start, costs in iter_costs(features.reshape(b * hw, d), factors):
+        out[start : start + len(costs)] = costs
+    return out.view(b, hw, -1)
+
+
+def loglik_from_costs(costs: torch.Tensor, weights: torch.Tensor | LocalWeights,
+                      dim: int) -> torch.Tensor:
+    """(B, HW) log p(u(x) | x) from `layer_costs` (B, HW, K) of `dim`-dimensional features
+    (§4.1): under global log-weights (K,), or under local weights over each position's active
+    Gaussians only, as `layer_loglik_dense` and `layer_loglik_sparse` give it."""
+    b, hw, k = costs.shape
+    half_const = 0.5 * dim * LOG_2PI
+    if not isinstance(weights, LocalWeights):
+        terms = costs * -0.5 + (weights.to(torch.float32) - half_const)
+        return logsumexp_(terms, dim=-1)
+    flat, slots = weights.pair_layout()
+    values = costs.view(b, hw * k).index_select(1, flat).mul_(-0.5)
+    values += torch.from_numpy(weights.log_weights) - half_const
+    sentinel = values.new_full((b, 1), -math.inf)  # pads every position's slots
+    terms = torch.cat([values, sentinel], dim=1).index_select(1, slots.view(-1))
+    return logsumexp_(terms.view(b, -1, hw), dim=1)
+
+
 def combine_layers(logliks: list[torch.Tensor], size: int) -> torch.Tensor:
     """Upsample each layer's (B, h, w) log-likelihood bilinearly to size x size and sum (E8)."""
     total = None

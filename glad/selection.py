@@ -23,7 +23,7 @@ from glad.features import layer_features, layer_validity
 from glad.layer_fit import LayerModel
 from glad.local_weights import Candidates, fit_local_weights, top_candidates
 from glad.mixture import global_loglik
-from glad.scoring import combine_layers, image_scores
+from glad.scoring import combine_layers, image_scores, layer_costs, loglik_from_costs
 from glad.validation import (
     Calibration,
     Validation,
@@ -47,6 +47,8 @@ NOVELTY_QUANTILE = 1e-3  # see novelty_thresholds
 
 # Per layer (features (B, HW, d), validity (B, HW)) of some images.
 LayerFeatures = list[tuple[torch.Tensor, torch.Tensor]]
+# Per layer (costs against every Gaussian (B, HW, K), validity (B, HW)) of some images.
+LayerCosts = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def holdout_indices(m: int, holdout: float, seed: int) -> np.ndarray:
@@ -114,14 +116,21 @@ class Selector:
         candidates = None
         unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on
         if self.local:
-            candidates = [top_candidates(f, v, layer.factors, self.n_candidates, unseen)
+            candidates = [top_candidates(f, v, layer.factors, self.n_candidates, unseen,
+                                         keep_costs=len(held) > 0)
                           for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
                                                   desc=f"{prefix}local candidates", unit="layer",
                                                   disable=not self.progress)]
-        held_features = [(f[held], v[held]) for f, v in zip(flat, valid, strict=True)]
-        canary_features = self._canary_features(images, pixel_valid, held, valid)
+        held_costs = None
+        if len(held):
+            costs = ([c.full_costs for c in candidates] if candidates is not None else
+                     [layer_costs(f[held], layer.factors) for f, layer in zip(flat, layers, strict=True)])
+            held_costs = list(zip(costs, [v[held] for v in valid], strict=True))
+        if candidates is not None:  # the held-back costs are only needed until the radius is chosen
+            candidates = [replace(c, full_costs=None) for c in candidates]
+        canary_costs = self._canary_costs(images, pixel_valid, held, valid, layers)
         return Localisation(flat, valid, candidates, *self._select_radius(
-            layers, candidates, held_features, canary_features, held, fitting, prefix))
+            layers, candidates, held_costs, canary_costs, held, fitting, prefix))
 
     def localized(self, layers: list[LayerModel], candidates: list[Candidates] | None,
                   radius: int | None) -> list[LayerModel]:
@@ -151,10 +160,12 @@ class Selector:
                  _share(validation.recall), _share(validation.canary_auroc))
         return calibration, validation
 
-    def _canary_features(self, images: Sequence[np.ndarray], pixel_valid: np.ndarray,
-                         held: np.ndarray, valid: list[torch.Tensor]) -> LayerFeatures | None:
-        """Per layer, features (B, HW, d) and validity of the held-back images with one synthetic
-        defect pasted on each inside the ROI (`glad.validation.make_canaries`)."""
+    def _canary_costs(self, images: Sequence[np.ndarray], pixel_valid: np.ndarray,
+                      held: np.ndarray, valid: list[torch.Tensor],
+                      layers: list[LayerModel]) -> LayerCosts | None:
+        """Per layer, the costs against every Gaussian (B, HW, K) and the validity of the
+        held-back images with one synthetic defect pasted on each inside the ROI
+        (`glad.validation.make_canaries`)."""
         if not len(held):
             return None
         regions = [self.roi.numpy() & np.asarray(pixel_valid[i], bool) for i in held]
@@ -163,11 +174,11 @@ class Selector:
             return None
         features = layer_features(self.backbone, canaries, self.batch_size, self.progress,
                                   "canaries")
-        return [(f.reshape(len(canaries), -1, f.shape[-1]), v[held[used]])
-                for f, v in zip(features, valid, strict=True)]
+        return [(layer_costs(f.reshape(len(canaries), -1, f.shape[-1]), layer.factors),
+                 v[held[used]]) for f, v, layer in zip(features, valid, layers, strict=True)]
 
     def _select_radius(self, layers: list[LayerModel], candidates: list[Candidates] | None,
-                       held_features: LayerFeatures, canary_features: LayerFeatures | None,
+                       held_costs: LayerCosts | None, canary_costs: LayerCosts | None,
                        held: np.ndarray, fitting: np.ndarray, prefix: str = ""):
         """The localisation radius (None = global weights), chosen on held-back normal images
         and their canaries (`select=True`: the best canary AUROC; among the candidates within
@@ -191,12 +202,9 @@ class Selector:
         for radius in tqdm(radii, desc=f"{prefix}localisation radius", unit="radius",
                            disable=not self.progress or len(radii) == 1):
             localized = self.localized(layers, fitted, radius)
-            if radius is None and candidates is not None:  # the candidates' pass scored them
-                normal = self._global_scores(candidates, held_features, held, layers)
-            else:
-                normal = self._scores_of(held_features, localized)
-            canary = (self._scores_of(canary_features, localized) if canary_features is not None
-                      else np.zeros(0))
+            normal = self._scores_from_costs(held_costs, localized)
+            canary = (self._scores_from_costs(canary_costs, localized)
+                      if canary_costs is not None else np.zeros(0))
             scored[radius] = (normal, canary, validate(normal, canary))
         best = self._best_localisation(scored)
         table = {prefix + radius_name(r): selection_row(v, float(np.mean(normal)), r == best)
@@ -215,13 +223,14 @@ class Selector:
             return min(scored, key=lambda r: float(np.mean(scored[r][0])))
         return most_separating(judged, SELECTION_TIE)
 
-    def _global_scores(self, candidates: list[Candidates], held_features: LayerFeatures,
-                       held: np.ndarray, layers: list[LayerModel]) -> np.ndarray:
-        """Image scores of the held-back images under the global mixtures, from the global
-        log-likelihoods the candidates' pass computed (no second pass over every Gaussian)."""
+    def _scores_from_costs(self, costs: LayerCosts, layers: list[LayerModel]) -> np.ndarray:
+        """Image scores from per-layer costs against every Gaussian (`layer_costs`) and validity,
+        under each layer's local weights, or its global ones when it has none: every
+        localisation candidate reads the same costs."""
         return self._image_scores([
-            torch.where(v, c.loglik[held], math.nan).view(len(held), *layer.grid)
-            for c, (_, v), layer in zip(candidates, held_features, layers, strict=True)])
+            loglik_from_costs(c, layer.factors.log_weights if layer.local is None else layer.local,
+                              layer.factors.dim).masked_fill(~v, math.nan).view(-1, *layer.grid)
+            for (c, v), layer in zip(costs, layers, strict=True)])
 
     def _scores_of(self, features: LayerFeatures, layers: list[LayerModel]) -> np.ndarray:
         """Image scores of (features (B, HW, d), validity (B, HW)) per layer."""

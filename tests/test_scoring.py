@@ -18,8 +18,10 @@ from glad.scoring import (
     fill_invalid_cells,
     heatmaps,
     image_scores,
+    layer_costs,
     layer_loglik_dense,
     layer_loglik_sparse,
+    loglik_from_costs,
     roi_mask,
 )
 
@@ -98,10 +100,11 @@ def test_dense_with_global_weights_matches_reference() -> None:
     mixture = random_mixture(rng, 6, 5)
     factors = mixture.factors()
     features = features_near(rng, mixture, 2, 9)
-    out = layer_loglik_dense(features, factors, factors.log_weights)
     everywhere = np.repeat(mixture.weights[None], 9, axis=0)
-    np.testing.assert_allclose(out.numpy(), reference_loglik(features.numpy(), mixture, everywhere),
-                               rtol=1e-4, atol=2e-3)
+    reference = reference_loglik(features.numpy(), mixture, everywhere)
+    for out in (layer_loglik_dense(features, factors, factors.log_weights),
+                loglik_from_costs(layer_costs(features, factors), factors.log_weights, 5)):
+        np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4, atol=2e-3)
 
 
 def test_sparse_is_stable_far_from_every_gaussian() -> None:
@@ -174,7 +177,10 @@ def test_sparse_and_dense_masked_match_dense_reference(d, k, grid, batch) -> Non
 
     sparse = layer_loglik_sparse(features, factors, local)
     dense = layer_loglik_dense(features, factors, local.dense_log())
-    for out in (sparse, dense):
+    costs = layer_costs(features, factors)  # once, then read under any weighting
+    assert costs.shape == (batch, hw, k)
+    from_costs = loglik_from_costs(costs, local, d)
+    for out in (sparse, dense, from_costs):
         assert out.shape == (batch, hw) and out.dtype == torch.float32
         np.testing.assert_allclose(out.numpy(), reference, rtol=1e-4, atol=1e-4)
 
@@ -224,7 +230,8 @@ def test_position_without_active_gaussian_is_minus_infinity() -> None:
     local = LocalWeights.from_dense(weights, (1, 3))
     features = features_near(rng, mixture, 2, 3)
     for out in (layer_loglik_sparse(features, mixture.factors(), local),
-                layer_loglik_dense(features, mixture.factors(), local.dense_log())):
+                layer_loglik_dense(features, mixture.factors(), local.dense_log()),
+                loglik_from_costs(layer_costs(features, mixture.factors()), local, 2)):
         assert torch.isneginf(out[:, 1]).all() and torch.isfinite(out[:, [0, 2]]).all()
 
 
