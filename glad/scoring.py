@@ -127,9 +127,9 @@ def loglik_from_costs(costs: torch.Tensor, weights: torch.Tensor | LocalWeights,
     Gaussians only, as `layer_loglik_dense` and `layer_loglik_sparse` give it."""
     b, hw, k = costs.shape
     half_const = 0.5 * dim * LOG_2PI
-    if not isinstance(weights, LocalWeights):
-        terms = costs * -0.5 + (weights.to(torch.float32) - half_const)
-        return logsumexp_(terms, dim=-1)
+    if not isinstance(weights, LocalWeights):  # image by image: no second (B, HW, K) table
+        shifted = weights.to(torch.float32) - half_const
+        return torch.stack([logsumexp_(image * -0.5 + shifted, dim=-1) for image in costs])
     flat, slots = weights.pair_layout()
     values = costs.view(b, hw * k).index_select(1, flat).mul_(-0.5)
     values += torch.from_numpy(weights.log_weights) - half_const
