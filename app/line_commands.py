@@ -351,14 +351,14 @@ def _add_confirm(commands) -> None:
                          help="the part is defective")
     parser.add_argument("--by", default="operator", help="who confirms (kept with the feedback)")
     parser.add_argument("--note", default="")
-    add_connection(parser, models=False)
+    add_connection(parser)
     parser.set_defaults(handler=_confirm, verdict="normal")
 
 
 def _confirm(args) -> int:
     from pipeline.feedback import confirm
 
-    url = required_url(args)
+    url = line_url(args)  # like status: `glad run`'s own line needs no --redis-url
     client = connect(url, wait=5.0)
     for frame_id in args.frame_ids:
         entry = confirm(client, args.line, frame_id, args.verdict, args.by, args.note)

@@ -83,6 +83,11 @@ def test_glad_run_keeps_its_line_in_the_default_relative_folders(pipeline_model,
     dead = json.loads(status.stdout)["last_deadletter"]
     assert dead["name"] == "zz_broken.png" and dead["stage"] == "align" and dead["frame_id"]
     assert "not a readable image" in dead["reason"]
+    scored = json.loads((data / "run" / "scores.jsonl").read_text().splitlines()[0])["frame_id"]
+    confirmed = glad("confirm", scored, "--by", "tester", timeout=60, cwd=tmp_path)
+    assert confirmed.returncode == 0, confirmed.stderr  # no --redis-url: the run's own line
+    status = glad("status", "--json", timeout=60, cwd=tmp_path)
+    assert json.loads(status.stdout)["streams"]["feedback"]["length"] == 1
 
 
 def test_glad_run_refuses_a_missing_model_and_source(pipeline_model, tmp_path) -> None:
