@@ -39,11 +39,14 @@ def resolve_device(device: str) -> str:
 
 
 def required_url(args) -> str:
-    """The Redis URL of a command that needs a running Redis (only `glad run` embeds one)."""
-    url = redis_url(args.redis_url)
+    """The Redis URL of a command that needs a running Redis: --redis-url or $REDIS_URL, else the
+    server of a `glad run` going on beside the model folders (only `glad run` embeds one)."""
+    from pipeline.registry import DEFAULT_ROOT
+
+    url = redis_url(args.redis_url) or answering(line_store(getattr(args, "models", DEFAULT_ROOT)))
     if url is None:
-        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL (`glad run` starts an "
-                            "embedded one)")
+        raise PipelineError("no Redis: pass --redis-url or set REDIS_URL, or start `glad run` "
+                            "(it embeds one, which the other commands then find)")
     return url
 
 

@@ -36,8 +36,9 @@ def line_store(models: Path) -> Path:
 
 
 def answering(run_dir: Path) -> str | None:
-    """The URL of an embedded Redis serving `run_dir` right now (a running `glad run`), else None."""
-    socket_path = Path(run_dir) / "redis.sock"
+    """The URL of an embedded Redis serving `run_dir` right now (a running `glad run`), else None;
+    the socket's path is absolute, since a relative one reads as a host name in a URL."""
+    socket_path = Path(run_dir).resolve() / "redis.sock"
     if not socket_path.exists():
         return None
     client = redis.Redis(unix_socket_path=str(socket_path), socket_connect_timeout=2)

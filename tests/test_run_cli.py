@@ -3,6 +3,7 @@ Redis, one worker process per stage), `glad status`, `glad models`, and their cl
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -17,6 +18,10 @@ import pytest
 from streaming import REPO, wait_for
 
 from app.cli import main
+from app.options import required_url
+from pipeline.connection import connect
+from pipeline.embedded import EmbeddedRedis, line_store
+from pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.cli
 
@@ -88,6 +93,21 @@ def test_glad_run_keeps_its_line_in_the_default_relative_folders(pipeline_model,
     assert confirmed.returncode == 0, confirmed.stderr  # no --redis-url: the run's own line
     status = glad("status", "--json", timeout=60, cwd=tmp_path)
     assert json.loads(status.stdout)["streams"]["feedback"]["length"] == 1
+
+
+def test_commands_find_the_embedded_line_of_a_run_going_on(tmp_path, monkeypatch) -> None:
+    """Workers, the updater and the dashboard need a running Redis: without --redis-url they use
+    the server of a `glad run` going on in ./glad-data (relative, as by default), and say how to
+    get one when there is none."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    args = argparse.Namespace(redis_url=None, models=Path("glad-data/models"))
+    with pytest.raises(PipelineError, match="start `glad run`"):
+        required_url(args)
+    with EmbeddedRedis(line_store(args.models)):
+        url = required_url(args)
+        assert url == f"unix://{tmp_path / 'glad-data' / 'redis' / 'redis.sock'}"
+        assert connect(url, wait=5.0).ping()
 
 
 def test_glad_run_refuses_a_missing_model_and_source(pipeline_model, tmp_path) -> None:
