@@ -23,7 +23,7 @@ def add_command(commands) -> None:
                     "letters; serve a live page (charts, model versions, the latest anomalies "
                     "with heat maps and buttons to confirm them), a JSON API under /api/ and "
                     "Prometheus metrics at /metrics.")
-    add_connection(parser, models=False)
+    add_connection(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s, this machine only); any "
                              "other address needs --token")

@@ -13,20 +13,19 @@ from pipeline.errors import PipelineError
 DEFAULT_DASHBOARD_PORT = 8765
 
 
-def add_connection(parser: argparse.ArgumentParser, models: bool = True) -> None:
+def add_connection(parser: argparse.ArgumentParser) -> None:
+    from pipeline.registry import DEFAULT_ROOT
+
     parser.add_argument("--line", default="line1",
                         help="production line: namespaces every stream and model (default: "
                              "%(default)s)")
     parser.add_argument("--redis-url", default=None,
                         help="redis://[:password@]host:port/db, rediss:// for TLS, unix:///path "
                              "(default: $REDIS_URL)")
-    if models:
-        from pipeline.registry import DEFAULT_ROOT
-
-        parser.add_argument("--models", type=Path, default=DEFAULT_ROOT,
-                            help="model registry folder, shared by every worker of the line; "
-                                 "`glad run`'s embedded line is kept beside it "
-                                 "(default: $GLAD_MODELS or %(default)s)")
+    parser.add_argument("--models", type=Path, default=DEFAULT_ROOT,
+                        help="model registry folder, shared by every worker of the line; "
+                             "`glad run`'s embedded line is kept beside it "
+                             "(default: $GLAD_MODELS or %(default)s)")
 
 
 def resolve_device(device: str) -> str:
@@ -38,12 +37,15 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def required_url(args) -> str:
-    """The Redis URL of a command that needs a running Redis: --redis-url or $REDIS_URL, else the
-    server of a `glad run` going on beside the model folders (only `glad run` embeds one)."""
-    from pipeline.registry import DEFAULT_ROOT
+def _running_url(args) -> str | None:
+    """--redis-url or $REDIS_URL, else the server of a `glad run` going on beside the model
+    folders (only `glad run` embeds one), else None."""
+    return redis_url(args.redis_url) or answering(line_store(args.models))
 
-    url = redis_url(args.redis_url) or answering(line_store(getattr(args, "models", DEFAULT_ROOT)))
+
+def required_url(args) -> str:
+    """The Redis URL of a command that needs a running Redis (`_running_url`)."""
+    url = _running_url(args)
     if url is None:
         raise PipelineError("no Redis: pass --redis-url or set REDIS_URL, or start `glad run` "
                             "(it embeds one, which the other commands then find)")
@@ -51,14 +53,14 @@ def required_url(args) -> str:
 
 
 def line_url(args) -> str:
-    """The Redis URL of a command that reads or edits a line's records (status, models): as
-    `required_url`, else the line `glad run` keeps beside the model folders (its server while a
-    run goes on, else one started on its data for the life of this command)."""
-    url = redis_url(args.redis_url)
+    """The Redis URL of a command that reads or edits a line's records (status, models,
+    confirm): `_running_url`, else the line `glad run` keeps beside the model folders, on a
+    server started on its data for the life of this command."""
+    url = _running_url(args)
     if url is not None:
         return url
     store = line_store(args.models)
     if not store.is_dir():
         raise PipelineError(f"no Redis: pass --redis-url or set REDIS_URL (no line of `glad run` "
                             f"in {store} either)")
-    return answering(store) or EmbeddedRedis(store, persist=True).start().url
+    return EmbeddedRedis(store, persist=True).start().url
