@@ -303,31 +303,28 @@ def _score(args) -> int:
     paths = []
     for item in args.images:
         paths += image_folder(item) if item.is_dir() else [item]
-    images, problems = {}, {}
-    for index, path in enumerate(paths):
+    images, problems = [], {}  # problems: unreadable path -> why
+    for path in paths:
         try:
-            images[index] = read_image(path)
+            images.append(read_image(path))
         except ImageError as error:
-            problems[index] = str(error)
-    readable = list(images)
-    position = {index: at for at, index in enumerate(readable)}
-    result = model.score([images[i] for i in readable])
+            problems[path] = str(error)
+    result = model.score(images)
     anomalous = model.decide(result.scores)
-    rows = []
+    rows, at = [], 0  # at: the next readable image's row in `result`
     for index, path in enumerate(paths):
-        if index in problems:
+        if path in problems:
             rows.append({"image": str(path), "score": None, "anomalous": None,
-                         "status": f"unreadable: {problems[index]}"})
+                         "status": f"unreadable: {problems[path]}"})
             continue
-        at = position[index]
         score = float(result.scores[at])
         row = {"image": str(path), "score": score if math.isfinite(score) else None,
                "anomalous": bool(anomalous[at]), "status": result.status[at]}
         if args.heatmaps:
             row["heatmap"] = str(save_overlay(args.heatmaps / f"{index:04d}_{path.stem}.png",
-                                              images[index], result.heatmaps[at],
-                                              model.threshold_))
+                                              images[at], result.heatmaps[at], model.threshold_))
         rows.append(row)
+        at += 1
     if args.json:
         print(json.dumps({"model": str(args.model), "threshold": model.threshold_,
                           "results": rows}))
@@ -337,7 +334,7 @@ def _score(args) -> int:
             score = "-" if row["score"] is None else f"{row['score']:.3f}"
             note = "" if row["status"] == "ok" else f"  ({row['status']})"
             print(f"{score:>10s}  {verdict:9s}  {row['image']}{note}")
-        print(f"threshold {model.threshold_:.3f}: {int(anomalous.sum())} of {len(readable)} "
+        print(f"threshold {model.threshold_:.3f}: {int(anomalous.sum())} of {len(images)} "
               "anomalous")
     if problems:
         first = next(iter(problems.values()))
