@@ -288,7 +288,7 @@ class GaussianMixture:
             return self._factors_of(slice(None))
         redo = np.flatnonzero(~unchanged)
         if not len(redo):
-            return replace(known, log_weights=self._log_weights())
+            return replace(known, log_weights=_log(self.weights))
         fresh = self._factors_of(redo)
         index = torch.from_numpy(redo)
         parts = []
@@ -297,16 +297,13 @@ class GaussianMixture:
             merged = old.clone()
             merged[index] = new
             parts.append(merged)
-        return MixtureFactors(*parts, log_weights=self._log_weights())
+        return MixtureFactors(*parts, log_weights=_log(self.weights))
 
     def _factors_of(self, components: slice | np.ndarray) -> MixtureFactors:
         chol, ok = cholesky_with_jitter(self.covariances[components])
         if not ok.all():
             raise FeatureError(f"{int((~ok).sum())} mixture covariances are not positive definite")
         return factors_from_cholesky(chol, self.means[components], self.weights[components])
-
-    def _log_weights(self) -> torch.Tensor:
-        return torch.log(torch.from_numpy(np.asarray(self.weights, dtype=np.float64)))
 
 
 def cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -327,6 +324,11 @@ def cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return chol.numpy(), ok.numpy()
 
 
+def _log(weights: np.ndarray) -> torch.Tensor:
+    """float64 log pi_k of mixture weights, as the factors carry them."""
+    return torch.log(torch.from_numpy(np.asarray(weights, dtype=np.float64)))
+
+
 def factors_from_cholesky(chol: np.ndarray, means: np.ndarray, weights: np.ndarray) -> MixtureFactors:
     """Scoring factors (whiteners W = L^-1, offsets W mu, log-determinants, log-weights) of a
     mixture from its covariances' Cholesky factors L (see `cholesky_with_jitter`)."""
@@ -339,7 +341,7 @@ def factors_from_cholesky(chol: np.ndarray, means: np.ndarray, weights: np.ndarr
         whiteners=whiteners.float().contiguous(),
         offsets=offsets.float().contiguous(),
         logdets=logdets,
-        log_weights=torch.log(torch.from_numpy(np.asarray(weights, dtype=np.float64))),
+        log_weights=_log(weights),
     )
 
 
