@@ -672,7 +672,7 @@ def fit_kmle(
     groups, current = None, None
     # Components whose members an iteration did not change keep their statistics, factors and
     # candidate costs: late iterations move a few hundred of 50 000 labels.
-    factors, moved, kept = None, None, None
+    factors, unchanged, kept = None, None, None
     history: list[int] = []
     stop_reason = "max_iter"
     for iteration in range(max_iter):
@@ -681,7 +681,6 @@ def fit_kmle(
             labels, best, candidates = _seed_assignment(x, mixture, mean, base_cov, CANDIDATES)
             groups, current = None, None
         else:
-            unchanged = None if moved is None else ~moved
             factors = mixture.factors(None if factors is None else factors.select(kept), unchanged)
             if full_pass:  # every component ranked again, the cheapest re-costed exactly
                 candidates = rank_components(x, factors, CANDIDATES)
@@ -709,7 +708,7 @@ def fit_kmle(
         touched = None if previous_labels is None else _moved(labels, previous_labels, k)
         mixture, kept = _m_step(x, labels, image_ids, mixture, touched, n_min, min_images,
                                 oas_formula, global_trace)
-        moved = None if touched is None else touched[kept]
+        unchanged = None if touched is None else ~touched[kept]
         renumbered = _renumbering(kept, k)
         current = renumbered if current is None else renumbered[current]
         log.debug("K-MLE iteration %d: ll=%.8g K=%d", iteration, ll, mixture.n_components)
