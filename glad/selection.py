@@ -121,11 +121,7 @@ class Selector:
                           for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
                                                   desc=f"{prefix}local candidates", unit="layer",
                                                   disable=not self.progress)]
-        held_costs = None
-        if len(held):
-            costs = ([c.full_costs for c in candidates] if candidates is not None else
-                     [layer_costs(f[held], layer.factors) for f, layer in zip(flat, layers, strict=True)])
-            held_costs = list(zip(costs, [v[held] for v in valid], strict=True))
+        held_costs = self._held_costs(flat, valid, layers, candidates, held)
         if candidates is not None:  # the held-back costs are only needed until the radius is chosen
             candidates = [replace(c, full_costs=None) for c in candidates]
         canary_costs = self._canary_costs(images, pixel_valid, held, valid, layers)
@@ -159,6 +155,17 @@ class Selector:
                  calibration.method, calibration.n_scores,
                  _share(validation.recall), _share(validation.canary_auroc))
         return calibration, validation
+
+    def _held_costs(self, flat: list[torch.Tensor], valid: list[torch.Tensor],
+                    layers: list[LayerModel], candidates: list[Candidates] | None,
+                    held: np.ndarray) -> LayerCosts | None:
+        """Per layer, the held-back images' costs against every Gaussian (kept by the candidates'
+        pass when there is one) and their validity; None when nothing is held back."""
+        if not len(held):
+            return None
+        costs = ([c.full_costs for c in candidates] if candidates is not None else
+                 [layer_costs(f[held], layer.factors) for f, layer in zip(flat, layers, strict=True)])
+        return list(zip(costs, [v[held] for v in valid], strict=True))
 
     def _canary_costs(self, images: Sequence[np.ndarray], pixel_valid: np.ndarray,
                       held: np.ndarray, valid: list[torch.Tensor],
