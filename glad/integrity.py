@@ -224,6 +224,8 @@ def check_arrays(arrays: dict[str, np.ndarray], manifest: dict, where: Path) -> 
                 raise ModelFileError(f"{where}: local weights of layer {index + 1} exceed one")
             if prefix + "local.counts" in arrays:
                 array(prefix + "local.counts", (nnz,))
+        if prefix + "covered" in arrays:
+            array(prefix + "covered", (h * w,))
 
 
 def check_probe(manifest: dict, score: float, where: Path) -> None:

@@ -51,10 +51,14 @@ class LayerModel:
     grid: tuple[int, int]
     local: LocalWeights | None  # None: global mixture weights at every position
     report: FitReport | None = None
+    # cells (HW,) scored; the others were valid in too few training images (`covered_cells`).
+    # None: every cell
+    covered: torch.Tensor | None = None
 
     def loglik(self, features: torch.Tensor, valid: torch.Tensor | None = None,
                method: str = "auto") -> torch.Tensor:
-        """(B, HW, d) features -> (B, h, w) log-likelihood map, NaN where `valid` is False.
+        """(B, HW, d) features -> (B, h, w) log-likelihood map, NaN where `valid` is False and
+        at cells the model does not cover.
 
         `method` picks how local weights are evaluated (§4.6): "sparse" (active pairs only),
         "dense" (all K, masked) or "auto" (`glad.scoring.choose_method`).
@@ -66,9 +70,16 @@ class LayerModel:
             out = layer_loglik_dense(features, self.factors, self.local.dense_log(features.device))
         else:
             out = layer_loglik_sparse(features, self.factors, self.local)
+        return self.masked(out, valid)
+
+    def masked(self, loglik: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """A (B, HW) log-likelihood as a (B, h, w) map, NaN where `valid` (B, HW) is False and at
+        the cells the model does not cover."""
         if valid is not None:
-            out = out.masked_fill(~valid.to(out.device), math.nan)
-        return out.view(-1, *self.grid)
+            loglik = loglik.masked_fill(~valid.to(loglik.device), math.nan)
+        if self.covered is not None:
+            loglik = loglik.masked_fill(~self.covered.to(loglik.device), math.nan)
+        return loglik.view(-1, *self.grid)
 
     @property
     def nbytes(self) -> int:

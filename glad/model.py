@@ -44,6 +44,7 @@ from glad.selection import (
     Localisation,
     Selector,
     aligned_or_plain,
+    covering,
     holdout_indices,
     judges_alignment,
     novelty_thresholds,
@@ -137,7 +138,8 @@ class GladModel:
                 np.ones_like(pixel_valid), layers, held, fitting, UNALIGNED)
             chosen = self._keep_alignment_or_not(chosen, unaligned)
         self.radius_, self.selection_ = chosen.radius, chosen.selection
-        layers = selector.localized(layers, chosen.candidates, self.radius_)
+        layers = covering(selector.localized(layers, chosen.candidates, self.radius_),
+                          [v[fitting] for v in chosen.valid], self.min_images)
         self.calibration_, self.validation_ = selector.calibration(chosen, layers, self.far)
         self.threshold_ = self.calibration_.threshold
         unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on

@@ -71,6 +71,8 @@ def save_model(model, path: Path) -> Path:
             }
             if layer.local.counts is not None:
                 arrays[prefix + "local.counts"] = layer.local.counts
+        if layer.covered is not None:
+            arrays[prefix + "covered"] = layer.covered.numpy().astype(np.uint8)
         layers.append({"index": index + 1, "n_components": mix.n_components,
                        "dim": int(mix.means.shape[1]), "grid": list(layer.grid),
                        "local": layer.local is not None})
@@ -116,9 +118,9 @@ class ModelFile:
     arrays: dict[str, np.ndarray]
     backbone: FeatureExtractor
 
-    def layer(self, index: int) -> tuple[GaussianMixture, MixtureFactors, tuple[int, int],
-                                         LocalWeights | None]:
-        """Layer `index`'s mixture, scoring factors, grid and local weights (None: global)."""
+    def layer(self, index: int) -> LayerModel:
+        """Layer `index`: its mixture, scoring factors, grid, local weights (None: global) and
+        covered cells (None: all)."""
         info = self.manifest["layers"][index]
         return _layer(self.arrays, f"layer{index}.", tuple(info["grid"]), info["local"])
 
@@ -158,7 +160,7 @@ def restore_model(model, file: ModelFile) -> None:
     model.roi_ = torch.from_numpy(file.arrays["roi"].astype(bool))
     model.reference_ = file.arrays.get("reference")
     model.align_gates_ = manifest.get("alignment", {}).get("gates", {})
-    model.layers_ = [LayerModel(*file.layer(index)) for index in range(len(manifest["layers"]))]
+    model.layers_ = [file.layer(index) for index in range(len(manifest["layers"]))]
     model.radius_ = manifest["radius"]
     model.threshold_ = manifest["threshold"]
     model.n_train_images_ = manifest["training"]["n_images"]
@@ -185,7 +187,7 @@ def _matching_backbone(spec: BackboneSpec, backbone, device: str, path: Path,
     return backbone
 
 
-def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool):
+def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool) -> LayerModel:
     try:
         weights = arrays[prefix + "weights"]
         means = arrays[prefix + "means"]
@@ -213,7 +215,9 @@ def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool):
                                   arrays.get(prefix + "local.counts"))
     except KeyError as error:
         raise ModelFileError(f"model arrays lack {error.args[0]}") from None
-    return mixture, factors, grid, sparse
+    covered = arrays.get(prefix + "covered")  # models fitted before it score every cell
+    return LayerModel(mixture, factors, grid, sparse,
+                      covered=None if covered is None else torch.from_numpy(covered.astype(bool)))
 
 
 def _covariances(whiteners: torch.Tensor) -> np.ndarray:

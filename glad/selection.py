@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glad.backbones import Backbone
-from glad.features import layer_features, layer_validity
+from glad.features import covered_cells, layer_features, layer_validity
 from glad.layer_fit import LayerModel
 from glad.local_weights import Candidates, fit_local_weights, top_candidates
 from glad.mixture import global_loglik
@@ -100,6 +100,7 @@ class Selector:
     radius: int | str
     select: bool
     n_candidates: int
+    min_images: int
     neighbourhood: str
     local_mode: str
     seed: int
@@ -121,6 +122,7 @@ class Selector:
                           for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
                                                   desc=f"{prefix}local candidates", unit="layer",
                                                   disable=not self.progress)]
+        layers = covering(layers, [v[fitting] for v in valid], self.min_images)
         held_costs = self._held_costs(flat, valid, layers, candidates, held)
         if candidates is not None:  # the held-back costs are only needed until the radius is chosen
             candidates = [replace(c, full_costs=None) for c in candidates]
@@ -235,8 +237,9 @@ class Selector:
         under each layer's local weights, or its global ones when it has none: every
         localisation candidate reads the same costs."""
         return self._image_scores([
-            loglik_from_costs(c, layer.factors.log_weights if layer.local is None else layer.local,
-                              layer.factors.dim).masked_fill(~v, math.nan).view(-1, *layer.grid)
+            layer.masked(loglik_from_costs(
+                c, layer.factors.log_weights if layer.local is None else layer.local,
+                layer.factors.dim), v)
             for (c, v), layer in zip(costs, layers, strict=True)])
 
     def _scores_of(self, features: LayerFeatures, layers: list[LayerModel]) -> np.ndarray:
@@ -248,6 +251,17 @@ class Selector:
         """Image scores from per-layer log-likelihood maps (B, h, w), NaN where invalid (§4.3-4.5)."""
         total = combine_layers(logliks, self.backbone.spec.input_size)
         return image_scores(total, self.roi, self.quantile)
+
+
+def covering(layers: list[LayerModel], valid: list[torch.Tensor],
+             min_images: int) -> list[LayerModel]:
+    """The layers scoring only the cells valid in at least `min_images` of the images whose
+    validity (M, HW) per layer is given (`glad.features.covered_cells`); all of them (None) when
+    every cell is. The images are those the mixtures were fitted on, in the radius selection
+    and in the model alike, so that held-back scores are the model's."""
+    covered = covered_cells(valid, min_images)
+    return [replace(layer, covered=None if bool(c.all()) else c)
+            for layer, c in zip(layers, covered, strict=True)]
 
 
 def judges_alignment(select: bool, align: bool | str, roi: str | np.ndarray, aligning: bool,

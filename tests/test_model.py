@@ -331,6 +331,44 @@ def test_layer_validity_follows_the_pixel_mask_per_stride() -> None:
         assert not grid[:, :first_valid].any() and grid[:, first_valid:].all()
 
 
+def test_covered_cells_need_min_images_valid_images() -> None:
+    from glad.features import covered_cells
+
+    valid = torch.ones(10, 6, dtype=torch.bool)
+    valid[2:, 0] = False  # valid in 2 of 10 images
+    valid[3:, 1] = False  # in 3 of 10
+    valid[:, 2] = False  # in none
+    covered = covered_cells([valid], 3)[0]
+    assert covered.tolist() == [False, True, False, True, True, True]
+    few = covered_cells([valid[:2]], 3)[0]  # fewer images than min_images: valid in all of them
+    assert few.tolist() == valid[:2].all(0).tolist()
+
+
+def test_uncovered_cells_are_not_scored_and_travel_with_the_model(fitted: GladModel, test_set,
+                                                                  tmp_path: Path) -> None:
+    """Cells the training frames rarely covered (`LayerModel.covered`) score NaN like invalid
+    ones: image scores leave them out, heat maps show their neighbours; saved and loaded."""
+    from dataclasses import replace
+
+    assert any(layer.covered is not None for layer in fitted.layers_)  # the nut moves
+    deepest = fitted.layers_[-1]
+    hole = torch.ones(deepest.grid[0] * deepest.grid[1], dtype=torch.bool)
+    hole[: deepest.grid[1]] = False  # the top row
+    model = copy.copy(fitted)
+    model.layers_ = [*fitted.layers_[:-1], replace(deepest, covered=hole)]
+    images, _ = test_set
+    aligned, valid, _ = model.register(images[:3])
+    features = model.backbone_.extract(np.stack(aligned))
+    logliks = model.layer_logliks(features, layer_validity(valid, [f.shape[2:] for f in features]))
+    assert torch.isnan(logliks[-1][:, 0]).all() and torch.isfinite(logliks[-1][:, 4:12, 4:12]).all()
+    result = model.score(images[:3])
+    roi = model.roi_.numpy() & valid
+    assert np.isfinite(result.scores).all() and np.isfinite(result.heatmaps[roi]).all()
+    loaded = GladModel.load(model.save(tmp_path / "holed"))
+    assert torch.equal(loaded.layers_[-1].covered, hole)
+    np.testing.assert_allclose(loaded.score(images[:3]).scores, result.scores, rtol=1e-5)
+
+
 def test_polygon_roi_is_rasterised_in_reference_pixels(nut: MVTecCategory) -> None:
     images = [read_image(p) for p in nut.train_paths()[:6]]
     square = [(64, 64), (192, 64), (192, 192), (64, 192)]
