@@ -674,17 +674,23 @@ def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, in
     """Pixels of the reference frame whose bilinear sample lies inside the source (spec §6.4).
 
     An all-ones image warped with nearest interpolation and a zero border, eroded by `margin` px:
-    the 1 px support of bilinear interpolation, plus any motion the warp may still make. The mask
-    is made on the reference frame grown by `margin` px per side, so that the source's edge
-    erodes the reference's own border too: cropped first, a border pixel whose sample lies less
-    than a pixel outside the source kept the zero border blended in, a dark line along the edge
-    that the model scored as a defect.
+    the 1 px support of bilinear interpolation, plus any motion the warp may still make. Erosion
+    sees nothing beyond the reference's own border, so the pixels there must also have their
+    whole bilinear support inside the source (an all-255 image warped bilinearly stays 255 there):
+    a frame off by a fraction of a pixel kept the zero border blended into its first row or
+    column, a dark line that the model scored as a defect.
     """
-    grown = (shape[0] + 2 * margin, shape[1] + 2 * margin)
-    outward = np.array([[1.0, 0.0, -margin], [0.0, 1.0, -margin], [0.0, 0.0, 1.0]])
-    mask = _warp(np.ones(source_shape[:2], np.uint8), warp @ outward, grown, cv2.INTER_NEAREST)
-    eroded = cv2.erode(mask, np.ones((2 * margin + 1,) * 2, np.uint8))
-    return eroded[margin : margin + shape[0], margin : margin + shape[1]].astype(bool)
+    ones = np.ones(source_shape[:2], np.uint8)
+    inside = _erode(_warp(ones, warp, shape, cv2.INTER_NEAREST), margin)
+    return inside & (_warp(ones * 255, warp, shape, cv2.INTER_LINEAR) == 255)
+
+
+def _erode(mask: np.ndarray, margin: int) -> np.ndarray:
+    """A boolean or 0/1 uint8 mask eroded by `margin` px (square kernel; successive erosions add
+    up, so a `_valid` mask eroded by m more equals one computed with margin + m, but along the
+    reference's border)."""
+    kernel = np.ones((2 * margin + 1,) * 2, np.uint8)
+    return cv2.erode(mask.view(np.uint8), kernel).astype(bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -854,8 +860,8 @@ def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi:
 
     Inverse compositional Gauss-Newton (spec §6.1) on ECC's objective (§6.2): each iteration warps
     the (pre-blurred) frame once, solves with the template's steepest-descent images (`_step`) and
-    composes the inverse increment; `view`, the frame already warped by `warp` (and its `_valid`
-    mask), saves the first warp. The counted pixels (`roi`, inside the frame by VALIDITY_SLACK px
+    composes the inverse increment; `view`, the frame already warped by `warp` and its `_valid`
+    mask, saves the first warp. The counted pixels (`roi`, inside the frame by VALIDITY_SLACK px
     more than bilinear sampling needs) and with them the template side (`_fit`) are renewed only
     once the warp has moved that far. Stops when no corner moves by more than GN_TOLERANCE px, and
     keeps the previous warp when the correlation drops (an overshoot). None when the problem is
@@ -867,7 +873,8 @@ def _gauss_newton(template: _Template, frame: np.ndarray, warp: np.ndarray, roi:
     fit, moved, best, previous = None, math.inf, -math.inf, warp
     for _ in range(iterations):
         if moved > VALIDITY_SLACK:
-            inside = _valid(frame.shape, warp, shape, 1 + VALIDITY_SLACK)
+            inside = (_valid(frame.shape, warp, shape, 1 + VALIDITY_SLACK) if view is None
+                      else _erode(view[1], VALIDITY_SLACK))
             fit, moved, best = _fit(template, counted & inside, fit), 0.0, -math.inf
             if fit is None:
                 return None

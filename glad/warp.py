@@ -2,8 +2,8 @@
 
 `glad.align.Aligner.align` ends by warping each frame with OpenCV (`cv2.warpPerspective`, bilinear,
 zero border) and deriving its validity mask from an all-ones image warped with nearest
-interpolation and eroded by 1 px (on the reference frame grown by that pixel, so that the
-frame's edge erodes the reference's border too). `warp_batch` does the same for a whole batch in one
+interpolation and eroded by 1 px, and whose bilinear support lies inside the frame (which the
+erosion misses along the reference's border). `warp_batch` does the same for a whole batch in one
 `torch.nn.functional.grid_sample` call, so that a GPU worker that already holds the frames on the
 device can warp them there once the warps are known (estimation stays on the CPU).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
+
+COORDINATE_STEP = 1 / 32  # px: OpenCV rounds sampling coordinates to this grid
 
 
 def warp_batch(images: torch.Tensor, warps: torch.Tensor,
@@ -24,7 +26,8 @@ def warp_batch(images: torch.Tensor, warps: torch.Tensor,
     (B, h, w, 3), bilinear with a zero border like `cv2.warpPerspective` (within a grey level or
     two: OpenCV rounds coordinates to 1/32 px), and `valid`, bool (B, h, w): the pixel's nearest
     source pixel lies inside the frame, eroded by the 1 px support of bilinear interpolation
-    (spec §6.4), the reference's border included. Runs on the device of `images`.
+    (spec §6.4), and that support lies inside the frame (the erosion misses it along the
+    reference's border). Runs on the device of `images`.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
@@ -33,27 +36,25 @@ def warp_batch(images: torch.Tensor, warps: torch.Tensor,
     if warps.shape != (batch, 3, 3) or min(height, width) < 2:
         raise ValueError(f"warps must be ({batch}, 3, 3) and frames at least 2x2 px, got "
                          f"{tuple(warps.shape)} for {width}x{height} frames")
-    points, ahead = _source_points(warps, out_size, 1)
+    points, ahead = _source_points(warps, out_size)
     size = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=images.device)
-    nearest = points.round()
-    inside = _erode(ahead & (nearest >= 0).all(-1) & (nearest <= size).all(-1))
-    points, ahead = points[:, 1:-1, 1:-1], ahead[:, 1:-1, 1:-1]
     grid = torch.where(ahead[..., None], 2 * points / size - 1, torch.full_like(points, -2.0))
     frames = images.permute(0, 3, 1, 2).float()
     sampled = F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     aligned = sampled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return aligned, inside[:, 1:-1, 1:-1]
+    nearest = points.round()
+    inside = ahead & (nearest >= 0).all(-1) & (nearest <= size).all(-1)
+    slack = COORDINATE_STEP / 2  # OpenCV samples a point this close outside on the edge pixel
+    supported = ahead & (points >= -slack).all(-1) & (points <= size + slack).all(-1)
+    return aligned, _erode(inside) & supported
 
 
-def _source_points(warps: torch.Tensor, out_size: tuple[int, int],
-                   margin: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frame pixel coordinates (x, y) of every reference pixel, (B, h + 2 margin, w + 2 margin, 2)
-    on the reference grown by `margin` px per side, and whether the homogeneous scale is positive
-    there (a point behind the camera of a homography has no image)."""
+def _source_points(warps: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame pixel coordinates (x, y) of every reference pixel, (B, h, w, 2), and whether the
+    homogeneous scale is positive there (a point behind the camera of a homography has no image)."""
     h, w = out_size
-    rows, cols = torch.meshgrid(
-        torch.arange(-margin, h + margin, dtype=torch.float32, device=warps.device),
-        torch.arange(-margin, w + margin, dtype=torch.float32, device=warps.device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=warps.device),
+                                torch.arange(w, dtype=torch.float32, device=warps.device), indexing="ij")
     reference = torch.stack([cols, rows, torch.ones_like(cols)], dim=-1)  # (h, w, 3)
     mapped = torch.einsum("bij,hwj->bhwi", warps, reference)
     scale = mapped[..., 2:]
@@ -62,5 +63,5 @@ def _source_points(warps: torch.Tensor, out_size: tuple[int, int],
 
 
 def _erode(mask: torch.Tensor) -> torch.Tensor:
-    """3x3 erosion of a (B, h, w) boolean mask; outside the mask does not erode (as cv2.erode)."""
+    """3x3 erosion of a (B, h, w) boolean mask; outside the image does not erode (as cv2.erode)."""
     return -F.max_pool2d(-mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0.5
