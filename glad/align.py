@@ -63,6 +63,7 @@ GN_FINE_ITERATIONS = 5
 GN_TOLERANCE = 0.05
 VALIDITY_SLACK = 2  # px: the counted pixels keep this far inside the frame, renewed after such a move
 CORRELATION_SLACK = 1e-5  # a drop this small is rounding (float32 sums), not an overshoot
+COORDINATE_STEP = 1 / 32  # px: OpenCV rounds the coordinates it samples at to this grid
 GRADIENT_MARGIN = 2  # px at each level's border, where the blur and gradient see the padding
 BLUR = 5  # Gaussian pre-blur of both images at every level (ECC's gaussFiltSize), also for the NCC
 OUTLIER_SIGMAS = 3.0
@@ -675,14 +676,31 @@ def _valid(source_shape: tuple[int, ...], warp: np.ndarray, shape: tuple[int, in
 
     An all-ones image warped with nearest interpolation and a zero border, eroded by `margin` px:
     the 1 px support of bilinear interpolation, plus any motion the warp may still make. Erosion
-    sees nothing beyond the reference's own border, so the pixels there must also have their
-    whole bilinear support inside the source (an all-255 image warped bilinearly stays 255 there):
-    a frame off by a fraction of a pixel kept the zero border blended into its first row or
-    column, a dark line that the model scored as a defect.
+    sees nothing beyond the reference's own border, so the pixels there must also sample inside
+    the source (`_border_outside`): a frame off by a fraction of a pixel kept the zero border
+    blended into its first row or column, a dark line that the model scored as a defect.
     """
-    ones = np.ones(source_shape[:2], np.uint8)
-    inside = _erode(_warp(ones, warp, shape, cv2.INTER_NEAREST), margin)
-    return inside & (_warp(ones * 255, warp, shape, cv2.INTER_LINEAR) == 255)
+    valid = _erode(_warp(np.ones(source_shape[:2], np.uint8), warp, shape, cv2.INTER_NEAREST),
+                   margin)
+    rows, cols = _border_outside(source_shape, warp, shape)
+    valid[rows, cols] = False
+    return valid
+
+
+def _border_outside(source_shape: tuple[int, ...], warp: np.ndarray,
+                    shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the reference's border pixels whose bilinear sample point lies
+    outside the source (beyond OpenCV's 1/32 px rounding of coordinates), or has no image."""
+    h, w = shape
+    cols = np.concatenate([np.arange(w), np.arange(w), np.zeros(h), np.full(h, w - 1)])
+    rows = np.concatenate([np.zeros(w), np.full(w, h - 1), np.arange(h), np.arange(h)])
+    x, y, z = warp @ np.stack([cols, rows, np.ones_like(cols)])
+    ahead = z > 0
+    x, y = x / np.where(ahead, z, 1.0), y / np.where(ahead, z, 1.0)
+    slack = COORDINATE_STEP / 2
+    outside = ~ahead | (x < -slack) | (y < -slack)
+    outside |= (x > source_shape[1] - 1 + slack) | (y > source_shape[0] - 1 + slack)
+    return rows[outside].astype(int), cols[outside].astype(int)
 
 
 def _erode(mask: np.ndarray, margin: int) -> np.ndarray:

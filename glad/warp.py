@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-COORDINATE_STEP = 1 / 32  # px: OpenCV rounds sampling coordinates to this grid
+from glad.align import COORDINATE_STEP
 
 
 def warp_batch(images: torch.Tensor, warps: torch.Tensor,
