@@ -47,6 +47,7 @@ from glad.selection import (
     covering,
     holdout_indices,
     judges_alignment,
+    log_coverage,
     novelty_thresholds,
 )
 from glad.validation import DEFAULT_FAR, format_selection, most_separating, selection_row
@@ -140,6 +141,7 @@ class GladModel:
         self.radius_, self.selection_ = chosen.radius, chosen.selection
         layers = covering(selector.localized(layers, chosen.candidates, self.radius_),
                           [v[fitting] for v in chosen.valid], self.min_images)
+        log_coverage(layers, self.min_images)
         self.calibration_, self.validation_ = selector.calibration(chosen, layers, self.far)
         self.threshold_ = self.calibration_.threshold
         unseen = held if len(held) else np.arange(m)  # images the mixtures were not fitted on

@@ -264,6 +264,15 @@ def covering(layers: list[LayerModel], valid: list[torch.Tensor],
             for layer, c in zip(layers, covered, strict=True)]
 
 
+def log_coverage(layers: list[LayerModel], min_images: int) -> None:
+    """Say how many cells per layer go unscored for want of training images that covered them."""
+    left_out = [0 if layer.covered is None else int((~layer.covered).sum()) for layer in layers]
+    if any(left_out):
+        log.info("cells not scored, valid in fewer than %d training images: %s", min_images,
+                 ", ".join(f"layer {i + 1}: {n} of {layer.grid[0] * layer.grid[1]}"
+                           for i, (n, layer) in enumerate(zip(left_out, layers, strict=True))))
+
+
 def judges_alignment(select: bool, align: bool | str, roi: str | np.ndarray, aligning: bool,
                      held: np.ndarray) -> bool:
     """Whether the fit also judges the training images without alignment: when it chose to
