@@ -413,8 +413,10 @@ def test_alignment_is_judged_against_the_images_as_they_are(fitted: GladModel) -
     assert not any(row["chosen"] for name, row in rows.items() if "unaligned" in name)
 
 
-def _localisation(auroc: float, normal_mean: float, prefix: str) -> glad.selection.Localisation:
-    normal = np.full(8, normal_mean)
+def _localisation(auroc: float, normal_mean: float, prefix: str,
+                  jitter: float = 0.0) -> glad.selection.Localisation:
+    """Held-back normals at `normal_mean`, alternately `jitter` above and below it."""
+    normal = normal_mean + jitter * np.array([1.0, -1.0] * 4)
     validation = Validation(auroc, None, None, normal_mean, 1.0, normal_mean, normal_mean + 5,
                             8, 8)
     return glad.selection.Localisation([], [], None, 1, normal, np.zeros(8),
@@ -426,11 +428,13 @@ def _localisation(auroc: float, normal_mean: float, prefix: str) -> glad.selecti
     ((1.0, 460.0), (1.0, 450.0), False),  # normals less well explained: dropped
     ((0.80, 400.0), (0.99, 450.0), False),  # canaries less separable beyond the error: dropped
     ((0.97, 400.0), (0.98, 450.0), True),  # within the canary AUROC's error: kept
+    ((1.0, 450.03, 3.0), (1.0, 450.0), True),  # a part that barely moves: the same normals
+    ((1.0, 452.0, 3.0), (1.0, 450.0), False),  # worse beyond the error of their difference
 ])
 def test_alignment_is_dropped_when_it_hurts_on_held_back_images(fitted: GladModel, aligned,
                                                                 plain, keep: bool) -> None:
     model = copy.copy(fitted)
-    chosen = model._keep_alignment_or_not(_localisation(*aligned, ""),
+    chosen = model._keep_alignment_or_not(_localisation(*aligned[:2], "", *aligned[2:]),
                                           _localisation(*plain, "unaligned "))
     assert (model.reference_ is not None) == keep and (model.aligner_ is not None) == keep
     assert chosen.selection["r=1"]["chosen"] == keep
