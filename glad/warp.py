@@ -1,9 +1,9 @@
 """Batched resampling of frames onto the reference on torch (spec §6.3 step 6 and §6.4).
 
-`glad.align.Aligner.align` ends by warping each frame with OpenCV (`cv2.warpPerspective`, bilinear,
-zero border) and deriving its validity mask from an all-ones image warped with nearest
-interpolation and eroded by 1 px, and whose bilinear support lies inside the frame (which the
-erosion misses along the reference's border). `warp_batch` does the same for a whole batch in one
+`glad.align.Aligner.align` ends by warping each frame with OpenCV (`cv2.warpPerspective`,
+bilinear, the frame's edge continued beyond it) and deriving its validity mask from an all-ones
+image warped with nearest interpolation and eroded by 1 px. `warp_batch` does the same for a
+whole batch in one
 `torch.nn.functional.grid_sample` call, so that a GPU worker that already holds the frames on the
 device can warp them there once the warps are known (estimation stays on the CPU).
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from glad.align import COORDINATE_STEP
-
 
 def warp_batch(images: torch.Tensor, warps: torch.Tensor,
                out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,11 +21,10 @@ def warp_batch(images: torch.Tensor, warps: torch.Tensor,
     `images` are uint8 (B, H, W, 3) frames; `warps` (B, 3, 3) map reference pixel coordinates to
     frame pixel coordinates (`Alignment.warp`: frame(W x) ≈ reference(x), pixel centres at
     integers); `out_size` is the reference's (height, width). Returns the aligned frames, uint8
-    (B, h, w, 3), bilinear with a zero border like `cv2.warpPerspective` (within a grey level or
-    two: OpenCV rounds coordinates to 1/32 px), and `valid`, bool (B, h, w): the pixel's nearest
-    source pixel lies inside the frame, eroded by the 1 px support of bilinear interpolation
-    (spec §6.4), and that support lies inside the frame (the erosion misses it along the
-    reference's border). Runs on the device of `images`.
+    (B, h, w, 3), bilinear with the frame's edge continued beyond it as the aligner's
+    `cv2.warpPerspective` (within a grey level or two: OpenCV rounds coordinates to 1/32 px),
+    and `valid`, bool (B, h, w): the pixel's nearest source pixel lies inside the frame, eroded
+    by the 1 px support of bilinear interpolation (spec §6.4). Runs on the device of `images`.
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
@@ -40,13 +37,11 @@ def warp_batch(images: torch.Tensor, warps: torch.Tensor,
     size = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=images.device)
     grid = torch.where(ahead[..., None], 2 * points / size - 1, torch.full_like(points, -2.0))
     frames = images.permute(0, 3, 1, 2).float()
-    sampled = F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    sampled = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=True)
     aligned = sampled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     nearest = points.round()
     inside = ahead & (nearest >= 0).all(-1) & (nearest <= size).all(-1)
-    slack = COORDINATE_STEP / 2  # OpenCV samples a point this close outside on the edge pixel
-    supported = ahead & (points >= -slack).all(-1) & (points <= size + slack).all(-1)
-    return aligned, _erode(inside) & supported
+    return aligned, _erode(inside)
 
 
 def _source_points(warps: torch.Tensor, out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
