@@ -140,7 +140,7 @@ class GladModel:
             chosen = self._keep_alignment_or_not(chosen, unaligned)
         self.radius_, self.selection_ = chosen.radius, chosen.selection
         layers = covering(selector.localized(layers, chosen.candidates, self.radius_),
-                          [v[fitting] for v in chosen.valid], self.min_images)
+                          chosen.covered)
         log_coverage(layers, self.min_images)
         self.calibration_, self.validation_ = selector.calibration(chosen, layers, self.far)
         self.threshold_ = self.calibration_.threshold

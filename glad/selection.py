@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -84,6 +84,9 @@ class Localisation:
     canary_scores: np.ndarray
     selection: dict  # the radius candidates' table
     validation: Validation | None  # at the chosen radius
+    # per layer, the cells scored (`glad.features.covered_cells` of the images the mixtures
+    # were fitted on; None: every cell), the same in the selection and in the model
+    covered: list[torch.Tensor | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,13 +125,15 @@ class Selector:
                           for f, v, layer in tqdm(list(zip(flat, valid, layers, strict=True)),
                                                   desc=f"{prefix}local candidates", unit="layer",
                                                   disable=not self.progress)]
-        layers = covering(layers, [v[fitting] for v in valid], self.min_images)
+        covered = [None if bool(c.all()) else c
+                   for c in covered_cells([v[fitting] for v in valid], self.min_images)]
+        layers = covering(layers, covered)
         held_costs = self._held_costs(flat, valid, layers, candidates, held)
         if candidates is not None:  # the held-back costs are only needed until the radius is chosen
             candidates = [replace(c, full_costs=None) for c in candidates]
         canary_costs = self._canary_costs(images, pixel_valid, held, valid, layers)
         return Localisation(flat, valid, candidates, *self._select_radius(
-            layers, candidates, held_costs, canary_costs, held, fitting, prefix))
+            layers, candidates, held_costs, canary_costs, held, fitting, prefix), covered=covered)
 
     def localized(self, layers: list[LayerModel], candidates: list[Candidates] | None,
                   radius: int | None) -> list[LayerModel]:
@@ -253,15 +258,9 @@ class Selector:
         return image_scores(total, self.roi, self.quantile)
 
 
-def covering(layers: list[LayerModel], valid: list[torch.Tensor],
-             min_images: int) -> list[LayerModel]:
-    """The layers scoring only the cells valid in at least `min_images` of the images whose
-    validity (M, HW) per layer is given (`glad.features.covered_cells`); all of them (None) when
-    every cell is. The images are those the mixtures were fitted on, in the radius selection
-    and in the model alike, so that held-back scores are the model's."""
-    covered = covered_cells(valid, min_images)
-    return [replace(layer, covered=None if bool(c.all()) else c)
-            for layer, c in zip(layers, covered, strict=True)]
+def covering(layers: list[LayerModel], covered: list[torch.Tensor | None]) -> list[LayerModel]:
+    """The layers scoring only their `covered` cells (`Localisation.covered`)."""
+    return [replace(layer, covered=c) for layer, c in zip(layers, covered, strict=True)]
 
 
 def log_coverage(layers: list[LayerModel], min_images: int) -> None:

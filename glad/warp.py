@@ -35,7 +35,7 @@ def warp_batch(images: torch.Tensor, warps: torch.Tensor,
                          f"{tuple(warps.shape)} for {width}x{height} frames")
     points, ahead = _source_points(warps, out_size)
     size = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=images.device)
-    grid = torch.where(ahead[..., None], 2 * points / size - 1, torch.full_like(points, -2.0))
+    grid = 2 * points / size - 1  # beyond the frame (or behind a homography's camera): its edge
     frames = images.permute(0, 3, 1, 2).float()
     sampled = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=True)
     aligned = sampled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
