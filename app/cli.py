@@ -175,6 +175,11 @@ def _add_fit(commands) -> None:
                         help="on: choose the localisation radius by how well held-back normals "
                              "and synthetic defects pasted on them separate (default); off: by "
                              "the lowest held-back normal score (the former rule)")
+    parser.add_argument("--jpeg-noise", type=_jpeg_quality, default=95, metavar="QUALITY",
+                        help="no Gaussian is narrower than the feature change of a JPEG round "
+                             "trip at this quality, measured on the training images, so frames "
+                             "that a camera, a video stream or the line's JPEG transport "
+                             "compressed score as their originals (default: %(default)s; 0: off)")
     _add_fit_budget_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -204,7 +209,8 @@ def _fit(args) -> int:
         mixture=args.mixture, roi=_roi(args.roi, texture), seed=args.seed,
         max_components=args.max_components, max_iter=args.max_iter,
         align="auto" if args.align is None else args.align, motion=args.motion,
-        far=_rate(args.far, "--far"), select=args.select == "on", progress=_progress(args),
+        far=_rate(args.far, "--far"), select=args.select == "on", jpeg_noise=args.jpeg_noise,
+        progress=_progress(args),
     )
     model.save(args.out)
     summary = {
@@ -235,6 +241,12 @@ def _fit(args) -> int:
             print("chosen on held-back normal images and synthetic defects pasted on them:")
             print(format_selection(model.selection_))
     return 0
+
+
+def _jpeg_quality(value: str) -> int:
+    if not value.isdigit() or int(value) > 100:
+        raise argparse.ArgumentTypeError(f"a JPEG quality is 1-100 (0: off), got {value!r}")
+    return int(value)
 
 
 def _rate(value: float, flag: str) -> float:

@@ -226,6 +226,11 @@ def check_arrays(arrays: dict[str, np.ndarray], manifest: dict, where: Path) -> 
                 array(prefix + "local.counts", (nnz,))
         if prefix + "covered" in arrays:
             array(prefix + "covered", (h * w,))
+        if prefix + "noise" in arrays:
+            noise = array(prefix + "noise", (d, d))
+            if not np.allclose(noise, noise.T) or np.diagonal(noise).min() < 0:
+                raise ModelFileError(f"{where}: the acquisition noise of layer {index + 1} is "
+                                     "not a covariance (symmetric, non-negative diagonal)")
 
 
 def check_probe(manifest: dict, score: float, where: Path) -> None:

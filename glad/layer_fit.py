@@ -81,6 +81,12 @@ class LayerModel:
             loglik = loglik.masked_fill(~self.covered.to(loglik.device), math.nan)
         return loglik.view(-1, *self.grid)
 
+    def with_noise(self, noise: np.ndarray) -> LayerModel:
+        """This layer with no Gaussian narrower than the acquisition noise (d, d) in any
+        direction (`glad.acquisition`), its whitening factors made anew."""
+        mixture = self.mixture.with_noise(noise)
+        return replace(self, mixture=mixture, factors=mixture.factors())
+
     @property
     def nbytes(self) -> int:
         """Bytes of the scoring parameters: whitening factors and sparse local weights."""

@@ -258,10 +258,12 @@ class GaussianMixture:
 
     weights: np.ndarray  # (K,)
     means: np.ndarray  # (K, d)
-    covariances: np.ndarray  # (K, d, d)
+    covariances: np.ndarray  # (K, d, d), `noise` included
     counts: np.ndarray  # (K,) training vectors assigned
     image_support: np.ndarray  # (K,) distinct training images among them
     stats: ComponentStats | None = None
+    # (d, d) acquisition noise added to every covariance (`glad.acquisition`); None: none
+    noise: np.ndarray | None = None
 
     @classmethod
     def from_stats(cls, stats: ComponentStats, oas_formula: str = "sklearn",
@@ -276,6 +278,19 @@ class GaussianMixture:
     @property
     def n_components(self) -> int:
         return len(self.weights)
+
+    def with_noise(self, noise: np.ndarray) -> GaussianMixture:
+        """This mixture with no component narrower than acquisition noise of covariance `noise`
+        (d, d) in any direction (`noise_floored`)."""
+        if self.noise is not None:
+            raise ValueError("this mixture already has an acquisition noise floor")
+        return replace(self, covariances=noise_floored(self.covariances, noise), noise=noise)
+
+    def shrunk(self, stats: ComponentStats, oas_formula: str) -> np.ndarray:
+        """The covariances of `stats`' components as this mixture's are made: OAS-shrunk, and
+        floored by the acquisition noise when it has one (the online updater's new parameters)."""
+        covariances = stats.covariances(oas_formula)
+        return covariances if self.noise is None else noise_floored(covariances, self.noise)
 
     def factors(self, known: MixtureFactors | None = None,
                 unchanged: np.ndarray | None = None) -> MixtureFactors:
@@ -304,6 +319,21 @@ class GaussianMixture:
         if not ok.all():
             raise FeatureError(f"{int((~ok).sum())} mixture covariances are not positive definite")
         return factors_from_cholesky(chol, self.means[components], self.weights[components])
+
+
+def noise_floored(covariances: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Covariances (K, d, d) raised to at least `noise` (d, d) in every direction, unchanged
+    where they are wider already: with noise = L Lᵀ, each Σ becomes L max(L⁻¹ Σ L⁻ᵀ, I) Lᵀ, its
+    eigenvalues in noise-whitened space floored at one. Adding the noise instead (the exact
+    likelihood of a noisy observation) also widened every Gaussian that was wide enough and cost
+    detail: image AUROC on two real categories fell by about half a point more."""
+    d = noise.shape[-1]
+    chol = np.linalg.cholesky(noise + 1e-6 * np.trace(noise) / d * np.eye(d))  # dead channels
+    inverse = np.linalg.inv(chol)
+    values, vectors = np.linalg.eigh(inverse @ covariances @ inverse.T)
+    floored = (vectors * np.maximum(values, 1.0)[..., None, :]) @ np.swapaxes(vectors, -1, -2)
+    raised = chol @ floored @ chol.T
+    return (raised + np.swapaxes(raised, -1, -2)) / 2
 
 
 def cholesky_with_jitter(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

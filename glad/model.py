@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glad.acquisition import jpeg_noise
 from glad.align import Aligner, select_reference
 from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
@@ -71,6 +72,9 @@ class GladModel:
     over-sharp local weights. The threshold is calibrated to `far` false alarms per normal part
     on the held-back scores (`glad.validation.calibrate_threshold`); `calibration_` says how,
     `validation_` gives the canary AUROC and recall at it, `selection_` the candidates' table.
+    No Gaussian is narrower than the feature change of a JPEG round trip at quality
+    `jpeg_noise` (0: no floor), measured on the training images (`glad.acquisition`), so frames
+    that a camera, a video stream or the line's transport compressed score as their originals.
     """
 
     backbone: str | Backbone = "efficientnet_lite0"
@@ -98,6 +102,7 @@ class GladModel:
     motion: str = "euclidean"
     holdout: float = 0.15
     far: float = DEFAULT_FAR
+    jpeg_noise: int = 95
     select: bool = True
     batch_size: int = 8
     seed: int = 0
@@ -129,6 +134,10 @@ class GladModel:
         fitter = self._layer_fitter()
         layers = [fitter.fit(f[fitting], v[fitting], index)
                   for index, (f, v) in enumerate(zip(features, valid, strict=True))]
+        if self.jpeg_noise:
+            noise = jpeg_noise(self.backbone_, images, features, valid, fitting, self.jpeg_noise,
+                               self.batch_size, self.progress)
+            layers = [layer.with_noise(n) for layer, n in zip(layers, noise, strict=True)]
         selector = self._selector()
         chosen = selector.localisation(images, features, pixel_valid, layers, held, fitting)
         if judges_alignment(self.select, self.align, self.roi, self.reference_ is not None, held):

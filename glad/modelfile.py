@@ -73,6 +73,8 @@ def save_model(model, path: Path) -> Path:
                 arrays[prefix + "local.counts"] = layer.local.counts
         if layer.covered is not None:
             arrays[prefix + "covered"] = layer.covered.numpy().astype(np.uint8)
+        if mix.noise is not None:
+            arrays[prefix + "noise"] = mix.noise
         layers.append({"index": index + 1, "n_components": mix.n_components,
                        "dim": int(mix.means.shape[1]), "grid": list(layer.grid),
                        "local": layer.local is not None})
@@ -206,7 +208,8 @@ def _layer(arrays: dict, prefix: str, grid: tuple[int, int], local: bool) -> Lay
                                    mean=means, support=arrays[prefix + "image_support"])
         mixture = GaussianMixture(weights, means, covariances=_covariances(whiteners),
                                   counts=arrays[prefix + "counts"],
-                                  image_support=arrays[prefix + "image_support"], stats=stats)
+                                  image_support=arrays[prefix + "image_support"], stats=stats,
+                                  noise=arrays.get(prefix + "noise"))  # None in older models
         sparse = None
         if local:
             sparse = LocalWeights(grid, len(weights), arrays[prefix + "local.indptr"],

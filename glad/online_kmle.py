@@ -253,20 +253,19 @@ class OnlineGlad:
     def _refresh(self, index: int, touched: np.ndarray, spawned: int, pruned: int) -> None:
         """New parameters of layer `index`: OAS covariances of the touched components only
         (decay leaves the others' scatter and effective size, hence their OAS, unchanged)."""
-        state = self.states_[index]
+        state, old = self.states_[index], self.layers_[index]
+        shrunk = old.mixture.shrunk  # OAS, plus the acquisition noise the fit measured
         if len(touched) and not pruned:
-            state.covariances[touched] = state.stats.select(touched).covariances(
-                self.base_.oas_formula)
+            state.covariances[touched] = shrunk(state.stats.select(touched), self.base_.oas_formula)
         elif pruned:  # indices moved: recompute all
-            state.covariances = state.stats.covariances(self.base_.oas_formula)
-        mixture = GaussianMixture.from_stats(state.stats, self.base_.oas_formula)
-        mixture.covariances = state.covariances
+            state.covariances = shrunk(state.stats, self.base_.oas_formula)
+        mixture = replace(GaussianMixture.from_stats(state.stats, self.base_.oas_formula,
+                                                     state.covariances), noise=old.mixture.noise)
         chol, ok = cholesky_with_jitter(mixture.covariances)
         if not ok.all():
             raise UnsoundUpdateError(f"layer {index + 1}: the covariances of Gaussians "
                                      f"{np.flatnonzero(~ok).tolist()} are not positive definite")
         factors = factors_from_cholesky(chol, mixture.means, mixture.weights)
-        old = self.layers_[index]
         local = None
         if state.counts is not None:
             state.counts[state.counts < self.config.min_local_count] = 0.0

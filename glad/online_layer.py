@@ -140,7 +140,8 @@ class LayerState:
         k_old = self.stats.n_components
         new_stats = members.select(accepted)
         self.stats = self.stats.concat(new_stats)
-        self.covariances = np.concatenate([self.covariances, new_stats.covariances(oas_formula)])
+        self.covariances = np.concatenate([self.covariances,
+                                           layer.mixture.shrunk(new_stats, oas_formula)])
         if self.counts is not None:
             grown = torch.zeros(self.counts.shape[0], len(accepted))
             self.counts = torch.cat([self.counts, grown], dim=1)
