@@ -18,7 +18,6 @@ the originals plus one image. One table for all categories, then the targets as 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_online_real import REALDATA, categories  # noqa: E402
+from bench.bench_online_real import REALDATA, categories, print_targets  # noqa: E402
 from glad.acquisition import jpeg_round_trip  # noqa: E402
 from glad.backbones import create_backbone  # noqa: E402
 from glad.baselines import PaDiM  # noqa: E402
@@ -104,14 +103,7 @@ def main() -> None:
         print(f"{folder.name} ...", file=sys.stderr, flush=True)
         results.append(run_category(folder, args.qualities, backbone))
     print_table(results, args.qualities)
-    failed = 0
-    for result in results:
-        for name, ok in targets(result, args.qualities).items():
-            failed += not ok
-            print(f"{'PASS' if ok else 'FAIL'}  {result['category']}: {name}")
-    if args.json:
-        print(json.dumps(results))
-    print(f"{failed} target(s) missed" if failed else "all targets met")
+    print_targets(results, lambda result: targets(result, args.qualities), args.json)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,14 +132,20 @@ def main() -> None:
             traceback.print_exc()
             results.append({"category": folder.name, "error": f"{type(error).__name__}: {error}"})
     print_table(results)
+    print_targets(results, lambda result: {"ran without an exception": False}
+                  if "error" in result else targets(result), args.json)
+
+
+def print_targets(results: list[dict], checks: Callable[[dict], dict[str, bool]],
+                  as_json: bool) -> None:
+    """One PASS/FAIL line per category and target, the results as JSON when asked, and how
+    many targets were missed."""
     failed = 0
     for result in results:
-        checks = ({"ran without an exception": False} if "error" in result
-                  else targets(result))
-        for name, ok in checks.items():
+        for name, ok in checks(result).items():
             failed += not ok
             print(f"{'PASS' if ok else 'FAIL'}  {result['category']}: {name}")
-    if args.json:
+    if as_json:
         print(json.dumps(results))
     print(f"{failed} target(s) missed" if failed else "all targets met")
 
