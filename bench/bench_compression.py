@@ -2,7 +2,8 @@
 images still score normal parts as normal when the line's frames arrive JPEG-compressed?
 
 Per category, GLAD with its defaults (the acquisition noise floor, `glad fit --jpeg-noise 95`),
-GLAD without the floor (`--jpeg-noise 0`) and PaDiM fit on the training images as they are. Each
+GLAD without the floor (`--jpeg-noise 0`) and PaDiM fit on the training images as they are,
+as `glad eval` makes them. Each
 scores the test set as it is and re-encoded as JPEG at each `--qualities` (a camera's MJPEG, a
 video stream, the line's own JPEG transport at 95): image AUROC, and for GLAD the false alarms
 on the good test images at its calibrated threshold.
@@ -28,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_online_real import REALDATA, categories, print_targets  # noqa: E402
 from glad.acquisition import jpeg_round_trip  # noqa: E402
 from glad.backbones import create_backbone  # noqa: E402
-from glad.baselines import PaDiM  # noqa: E402
 from glad.datasets import MVTecCategory  # noqa: E402
-from glad.evaluation import load_category  # noqa: E402
+from glad.evaluation import load_category, make_detector  # noqa: E402
 from glad.images import as_rgb  # noqa: E402
 from glad.metrics import image_auroc  # noqa: E402
 from glad.model import GladModel  # noqa: E402
@@ -46,9 +46,10 @@ def run_category(folder: Path, qualities: list[int], backbone) -> dict:
     versions = {"original": data.test} | {
         f"q{q}": [jpeg_round_trip(as_rgb(image), q) for image in data.test] for q in qualities}
     good = data.labels == 0
-    models = {"glad": GladModel(backbone=backbone),
-              "glad, no floor": GladModel(backbone=backbone, jpeg_noise=0),
-              "padim": PaDiM(backbone=backbone)}
+    texture = data.is_texture
+    models = {"glad": make_detector("glad", backbone, texture, False),
+              "glad, no floor": make_detector("glad", backbone, texture, False, {"jpeg_noise": 0}),
+              "padim": make_detector("padim", backbone, texture, False)}
     rows = {}
     for name, model in models.items():
         model.fit(data.train)
