@@ -258,11 +258,11 @@ class GaussianMixture:
 
     weights: np.ndarray  # (K,)
     means: np.ndarray  # (K, d)
-    covariances: np.ndarray  # (K, d, d), `noise` included
+    covariances: np.ndarray  # (K, d, d), floored by `noise` when there is one
     counts: np.ndarray  # (K,) training vectors assigned
     image_support: np.ndarray  # (K,) distinct training images among them
     stats: ComponentStats | None = None
-    # (d, d) acquisition noise added to every covariance (`glad.acquisition`); None: none
+    # (d, d) acquisition noise no covariance is narrower than (`glad.acquisition`); None: no floor
     noise: np.ndarray | None = None
 
     @classmethod

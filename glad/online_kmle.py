@@ -254,7 +254,7 @@ class OnlineGlad:
         """New parameters of layer `index`: OAS covariances of the touched components only
         (decay leaves the others' scatter and effective size, hence their OAS, unchanged)."""
         state, old = self.states_[index], self.layers_[index]
-        shrunk = old.mixture.shrunk  # OAS, plus the acquisition noise the fit measured
+        shrunk = old.mixture.shrunk  # OAS, floored by the acquisition noise the fit measured
         if len(touched) and not pruned:
             state.covariances[touched] = shrunk(state.stats.select(touched), self.base_.oas_formula)
         elif pruned:  # indices moved: recompute all
