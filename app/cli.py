@@ -224,6 +224,7 @@ def _fit(args) -> int:
         "calibration": model.calibration_.to_dict(),
         "validation": model.validation_.to_dict(),
         "selection": model.selection_,
+        "jpeg_noise": model.jpeg_noise,
         "fit_s": round(model.fit_seconds_, 2),
         "model_mb": round(model.model_bytes() / 1e6, 3),
     }

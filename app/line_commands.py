@@ -396,6 +396,9 @@ def _models_show(args) -> int:
     print(f"  threshold {manifest['threshold']:.3f}  radius {manifest['radius']}  K per layer "
           f"{[layer['n_components'] for layer in manifest['layers']]}  trained on "
           f"{manifest['training']['n_images']} images")
+    quality = manifest["training"].get("jpeg_noise")
+    print(f"  Gaussians floored at the feature change of a JPEG round trip at quality {quality}"
+          if quality else "  no compression noise floor (glad fit --jpeg-noise)")
     print(f"  {format_validation(manifest.get('calibration'), manifest.get('validation'))}")
     selection = manifest["training"].get("selection") or {}
     if selection and all(isinstance(row, dict) for row in selection.values()):

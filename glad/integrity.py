@@ -167,6 +167,7 @@ def check_manifest(manifest: dict, where: Path) -> None:
     if fields.get("params.roi", str, optional=True) is not None:
         fields.choice("params.roi", ("full", "margin", "auto"))
     fields.number("training.n_images", 1, math.inf, integer=True)
+    fields.number("training.jpeg_noise", 0, 100, integer=True, optional=True)
     fields.number("probe.score", -MAX_ABS_SCORE, MAX_ABS_SCORE)
     novelty = fields.get("online.novelty_loglik", list, optional=True) or []
     if len(novelty) not in (0, len(layers)) or not all(

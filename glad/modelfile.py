@@ -95,7 +95,7 @@ def save_model(model, path: Path) -> Path:
         "params": {name: getattr(model, name) for name in _SCORING_PARAMS}
         | ({"roi": model.roi} if isinstance(model.roi, str) else {}),
         "training": {"n_images": model.n_train_images_, "fit_seconds": model.fit_seconds_,
-                     "selection": model.selection_},
+                     "selection": model.selection_, "jpeg_noise": model.jpeg_noise},
         "online": model.online_,
         "probe": {"score": model.probe_score()},
     }
@@ -168,6 +168,7 @@ def restore_model(model, file: ModelFile) -> None:
     model.n_train_images_ = manifest["training"]["n_images"]
     model.fit_seconds_ = manifest["training"]["fit_seconds"]
     model.selection_ = manifest["training"].get("selection", {})
+    model.jpeg_noise = manifest["training"].get("jpeg_noise", 0)  # older models have no floor
     model.calibration_ = record_of(Calibration, manifest.get("calibration"))
     model.validation_ = record_of(Validation, manifest.get("validation"))
     model.online_ = manifest.get("online") or {}

@@ -79,6 +79,7 @@ def test_the_noise_travels_with_the_model_and_through_online_updates(parts, nois
     """Every covariance is floored by the measured noise: after save and load, and for the
     Gaussians an online update refreshes from their statistics."""
     loaded = GladModel.load(noisy.save(tmp_path / "noisy"))
+    assert loaded.jpeg_noise == noisy.jpeg_noise == 95
     for fitted, back in zip(noisy.layers_, loaded.layers_, strict=True):
         np.testing.assert_array_equal(back.mixture.noise, fitted.mixture.noise)
     online = OnlineGlad(loaded)

@@ -58,6 +58,7 @@ def test_models_commands(line, pipeline_model, tmp_path) -> None:
     assert code == 0 and "looser" in out and "threshold" in out
     assert f"false alarms {manifest['calibration']['far']:.3g} per normal part" in out
     assert "canaries: recall" in out and "<- chosen" in out  # the selection table
+    assert "JPEG round trip at quality 95" in out  # the default compression noise floor
     assert glad("models", "rollback", *common) == (0, f"line {line.name}: rolled back to version 1\n")
     assert glad("models", "promote", "2", *common)[0] == 0
     assert line.registry().current() == 2
