@@ -20,7 +20,7 @@ from app.dashboard_command import add_command as add_dashboard_command
 from app.line_commands import add_commands
 from app.updater_command import add_command as add_updater_command
 from glad.errors import GladError
-from glad.images import MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
+from glad.images import LINE_JPEG_QUALITY, MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 
 EXIT_USAGE = 2
 
@@ -175,7 +175,8 @@ def _add_fit(commands) -> None:
                         help="on: choose the localisation radius by how well held-back normals "
                              "and synthetic defects pasted on them separate (default); off: by "
                              "the lowest held-back normal score (the former rule)")
-    parser.add_argument("--jpeg-noise", type=_jpeg_quality, default=95, metavar="QUALITY",
+    parser.add_argument("--jpeg-noise", type=_jpeg_quality, default=LINE_JPEG_QUALITY,
+                        metavar="QUALITY",
                         help="no Gaussian is narrower than the feature change of a JPEG round "
                              "trip at this quality, measured on the training images, so frames "
                              "that a camera, a video stream or the line's JPEG transport "

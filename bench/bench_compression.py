@@ -27,11 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_online_real import REALDATA, categories, print_targets  # noqa: E402
-from glad.acquisition import jpeg_round_trip  # noqa: E402
 from glad.backbones import create_backbone  # noqa: E402
 from glad.datasets import MVTecCategory  # noqa: E402
 from glad.evaluation import load_category, make_detector  # noqa: E402
-from glad.images import as_rgb  # noqa: E402
+from glad.images import as_rgb, jpeg_round_trip  # noqa: E402
 from glad.metrics import image_auroc  # noqa: E402
 from glad.model import GladModel  # noqa: E402
 

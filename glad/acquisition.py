@@ -14,23 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from glad.backbones import Backbone
 from glad.features import layer_features
+from glad.images import jpeg_round_trip
 
 NOISE_IMAGES = 16  # fitting images the noise is measured on (evenly spaced): one small feature pass
-
-
-def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    """An RGB uint8 image after JPEG encoding at `quality` (1-100) and decoding."""
-    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[:, :, ::-1]),
-                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
 
 
 def jpeg_noise(backbone: Backbone, images: Sequence[np.ndarray], features: Sequence[torch.Tensor],

@@ -10,6 +10,7 @@ import numpy as np
 
 from glad.errors import ImageError
 
+LINE_JPEG_QUALITY = 95  # the capture stage's JPEG frames; models' default noise floor covers it
 MIN_SIDE = 32
 # Images declaring more pixels than this are refused before decoding: a 2.6 MB PNG can declare
 # 30000 x 30000 and would take 2.7 GB once decoded (a decompression bomb).
@@ -162,3 +163,12 @@ def _looks_truncated(data: np.ndarray, suffix: str = "") -> bool:
     if suffix in (".jpg", ".jpeg") or data[:2].tobytes() == b"\xff\xd8":
         return b"\xff\xd9" not in data[-64:].tobytes()
     return False
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """An RGB uint8 image after JPEG encoding at `quality` (1-100) and decoding."""
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(image[:, :, ::-1]),
+                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].copy()

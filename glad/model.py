@@ -27,7 +27,7 @@ from glad.backbones import Backbone, resolve_backbone
 from glad.detector import ScoreResult
 from glad.errors import DatasetError, NotFittedError
 from glad.features import feature_batches, layer_features, layer_validity
-from glad.images import as_rgb, resize_square
+from glad.images import LINE_JPEG_QUALITY, as_rgb, resize_square
 from glad.integrity import check_probe, probe_image
 from glad.layer_fit import FIT_BUDGET, LayerFitter, LayerModel
 from glad.modelfile import read_model, restore_model, save_model
@@ -102,7 +102,7 @@ class GladModel:
     motion: str = "euclidean"
     holdout: float = 0.15
     far: float = DEFAULT_FAR
-    jpeg_noise: int = 95
+    jpeg_noise: int = LINE_JPEG_QUALITY
     select: bool = True
     batch_size: int = 8
     seed: int = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class Localisation:
     validation: Validation | None  # at the chosen radius
     # per layer, the cells scored (`glad.features.covered_cells` of the images the mixtures
     # were fitted on; None: every cell), the same in the selection and in the model
-    covered: list[torch.Tensor | None] = field(default_factory=list)
+    covered: list[torch.Tensor | None]
 
 
 @dataclass(frozen=True, eq=False)

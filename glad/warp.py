@@ -3,9 +3,9 @@
 `glad.align.Aligner.align` ends by warping each frame with OpenCV (`cv2.warpPerspective`,
 bilinear, the frame's edge continued beyond it) and deriving its validity mask from an all-ones
 image warped with nearest interpolation and eroded by 1 px. `warp_batch` does the same for a
-whole batch in one
-`torch.nn.functional.grid_sample` call, so that a GPU worker that already holds the frames on the
-device can warp them there once the warps are known (estimation stays on the CPU).
+whole batch in one `torch.nn.functional.grid_sample` call, so that a GPU worker that already
+holds the frames on the device can warp them there once the warps are known (estimation stays
+on the CPU).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import numpy as np
 import redis
 
 from glad.errors import GladError
+from glad.images import LINE_JPEG_QUALITY
 from pipeline.schema import FIELD, Message, pack_array, pack_image
 from pipeline.service import Service
 from pipeline.streams import (
@@ -45,11 +46,12 @@ TRIM_SLACK = 200  # entries approximate trimming may keep above maxlen (whole no
 
 
 def encode_frame(image: np.ndarray, encoding: str = "png") -> dict:
-    """An RGB uint8 image as a message payload: PNG (fast level), JPEG (quality 95) or raw."""
+    """An RGB uint8 image as a message payload: PNG (fast level), JPEG (`LINE_JPEG_QUALITY`,
+    which models' default noise floor covers) or raw."""
     if encoding == "raw":
         return pack_array(image)
     ext, params = (".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]) if encoding == "png" else \
-        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95])
+        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, LINE_JPEG_QUALITY])
     ok, data = cv2.imencode(ext, np.ascontiguousarray(image[:, :, ::-1]), params)
     if not ok:
         raise GladError(f"cannot encode a {image.shape} frame as {encoding}")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from glad.acquisition import jpeg_noise, jpeg_round_trip
+from glad.acquisition import jpeg_noise
 from glad.backbones import create_backbone
 from glad.errors import ModelFileError
 from glad.features import layer_features
+from glad.images import jpeg_round_trip
 from glad.mixture import noise_floored
 from glad.model import GladModel
 from glad.online_kmle import OnlineGlad

@@ -420,7 +420,7 @@ def _localisation(auroc: float, normal_mean: float, prefix: str,
     validation = Validation(auroc, None, None, normal_mean, 1.0, normal_mean, normal_mean + 5,
                             8, 8)
     return glad.selection.Localisation([], [], None, 1, normal, np.zeros(8),
-                                       {prefix + "r=1": {"chosen": True}}, validation)
+                                       {prefix + "r=1": {"chosen": True}}, validation, covered=[])
 
 
 @pytest.mark.parametrize(("aligned", "plain", "keep"), [
